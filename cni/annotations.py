@@ -86,9 +86,9 @@ def _items(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def parse_port(annotation: str, value: str) -> int:
-    """A TCP port number, 1..65535."""
-    text = value.strip()
+def parse_port(annotation: str, value: str, item: str | None = None) -> int:
+    """A TCP port number, 1..65535 (``item`` is one entry of a list ``value``, for the error)."""
+    text = (value if item is None else item).strip()
     if not text.isdigit():
         raise AnnotationError(annotation, value, f"{text!r} is not a port number")
     port = int(text)
@@ -108,7 +108,7 @@ def parse_ports(annotation: str, value: str, *, allow_all: bool = False) -> tupl
     for item in _items(text):
         if item == ALL:
             raise AnnotationError(annotation, value, "'*' must stand alone")
-        ports.add(parse_port(annotation, item))
+        ports.add(parse_port(annotation, value, item))
     return tuple(sorted(ports))
 
 
@@ -237,7 +237,9 @@ def _cidrs_text(cidrs: tuple[Network, ...] | None) -> str:
     return ALL if cidrs is None else ",".join(str(c) for c in cidrs)
 
 
-def resolve_traffic(annotations: Mapping[str, str], defaults: TrafficDefaults | None = None) -> ResolvedTraffic:
+def resolve_traffic(
+    annotations: Mapping[str, str], defaults: TrafficDefaults | None = None
+) -> ResolvedTraffic:
     """Validate the pod's traffic annotations over the defaults; raise AnnotationError on the first bad one.
 
     The returned ``annotations`` hold every traffic key in canonical form, so the plugin reading
@@ -300,7 +302,9 @@ def resolve_traffic(annotations: Mapping[str, str], defaults: TrafficDefaults | 
     return ResolvedTraffic(plan=plan, annotations=resolved)
 
 
-def plan_from_annotations(annotations: Mapping[str, str], defaults: TrafficDefaults | None = None) -> RedirectPlan:
+def plan_from_annotations(
+    annotations: Mapping[str, str], defaults: TrafficDefaults | None = None
+) -> RedirectPlan:
     """The CNI side: the plan for a pod from its (injector-resolved) annotations."""
     return resolve_traffic(annotations, defaults).plan
 

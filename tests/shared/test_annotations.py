@@ -1,0 +1,132 @@
+"""The shared traffic vocabulary: what the injector accepts is exactly what the plugin can program."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cni import annotations as a
+
+
+def test_defaults_redirect_everything_but_the_proxy_ports() -> None:
+    resolved = a.resolve_traffic({})
+    plan = resolved.plan
+    assert plan.redirects
+    assert plan.inbound_ports is None and plan.outbound_include_cidrs is None
+    assert set(a.PROXY_INBOUND_PORTS) <= set(plan.inbound_exclude_ports)
+    assert (plan.proxy_uid, plan.proxy_gid) == (1337, 1337)
+    assert resolved.annotations[a.INCLUDE_INBOUND_PORTS] == "*"
+    assert resolved.annotations[a.INCLUDE_OUTBOUND_IP_RANGES] == "*"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        (a.EXCLUDE_INBOUND_PORTS, "80,abc", "'abc' is not a port number"),
+        (a.EXCLUDE_OUTBOUND_PORTS, "70000", "outside 1-65535"),
+        (a.INCLUDE_INBOUND_PORTS, "80,*", "must stand alone"),
+        (a.EXCLUDE_INBOUND_PORTS, "*", "not allowed"),
+        (a.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33", "not an IP address or CIDR"),
+        (a.INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,bogus", "'bogus'"),
+        (a.INTERCEPTION_MODE, "TPROXY", "not supported"),
+        (a.INTERCEPTION_MODE, "MAGIC", "REDIRECT or NONE"),
+        (a.EXCLUDE_INTERFACES, "eth0,a/b", "not a valid interface name"),
+        (a.CAPTURE_DNS, "maybe", "true or false"),
+        (a.PROXY_UID, "-1", "uid"),
+        (a.STATUS_PORT, "0", "outside"),
+    ],
+)
+def test_bad_values_name_the_annotation_and_value(key: str, value: str, fragment: str) -> None:
+    with pytest.raises(a.AnnotationError) as caught:
+        a.resolve_traffic({key: value})
+    assert caught.value.annotation == key
+    assert caught.value.value == value
+    assert key in str(caught.value) and fragment in str(caught.value)
+
+
+def test_values_are_normalised_and_round_trip() -> None:
+    resolved = a.resolve_traffic(
+        {
+            a.EXCLUDE_OUTBOUND_IP_RANGES: " 10.1.2.3/8, fd00::1/64 ,10.0.0.0/8",
+            a.INCLUDE_INBOUND_PORTS: "9090, 80,80",
+            a.EXCLUDE_INTERFACES: "eth1,eth0",
+            a.INTERCEPTION_MODE: "redirect",
+            a.STATUS_PORT: "15999",
+        }
+    )
+    ann = resolved.annotations
+    assert ann[a.EXCLUDE_OUTBOUND_IP_RANGES] == "10.0.0.0/8,fd00::/64"
+    assert ann[a.INCLUDE_INBOUND_PORTS] == "80,9090"
+    assert ann[a.EXCLUDE_INTERFACES] == "eth0,eth1"
+    assert ann[a.INTERCEPTION_MODE] == "REDIRECT"
+    assert 15999 in resolved.plan.inbound_exclude_ports
+    # The plugin reading the resolved annotations, without the injector's defaults, gets the same plan.
+    assert a.plan_from_annotations(ann, a.TrafficDefaults(proxy_uid=1, capture_dns=True)) == resolved.plan
+
+
+def test_empty_include_means_none_not_all() -> None:
+    plan = a.resolve_traffic({a.INCLUDE_INBOUND_PORTS: "", a.INCLUDE_OUTBOUND_IP_RANGES: ""}).plan
+    assert plan.inbound_ports == () and plan.outbound_include_cidrs == ()
+
+
+def test_mesh_defaults_apply_only_where_the_pod_is_silent() -> None:
+    defaults = a.TrafficDefaults(exclude_outbound_ports="3306", capture_dns=True)
+    plan = a.resolve_traffic({a.CAPTURE_DNS: "false"}, defaults).plan
+    assert plan.outbound_exclude_ports == (3306,)
+    assert plan.capture_dns is False
+
+
+def test_redirect_decision_gates_on_status_optout_and_mode() -> None:
+    status = a.InjectionStatus(containers=("istio-proxy",)).to_json()
+    assert not a.redirect_decision({}).redirect
+    assert a.redirect_decision({a.STATUS: status}).redirect
+    assert a.redirect_decision({a.STATUS: status, a.INJECT: "false"}).reason == "InjectionDisabled"
+    assert a.redirect_decision({a.STATUS: status, a.INTERCEPTION_MODE: "none"}).reason == "InterceptionNone"
+
+
+def test_status_round_trips_and_rejects_garbage() -> None:
+    status = a.InjectionStatus(
+        init_containers=("istio-validation",), containers=("istio-proxy",), volumes=("istio-envoy",),
+        revision="canary", templates=("sidecar",), config_hash="abc",
+    )
+    assert a.parse_status(status.to_json()) == status
+    for bad in ("{", "[]", '{"containers": "istio-proxy"}'):
+        with pytest.raises(a.AnnotationError):
+            a.parse_status(bad)
+
+
+ports = st.lists(st.integers(1, 65535), max_size=6)
+cidrs = st.lists(st.one_of(st.ip_addresses(v=4).map(lambda ip: f"{ip}/{ip.max_prefixlen - 8}"),
+                           st.ip_addresses(v=6).map(lambda ip: f"{ip}/64")), max_size=4)
+
+
+@given(ports, ports, cidrs)
+def test_resolution_is_a_fixed_point(inbound: list[int], outbound: list[int], ranges: list[str]) -> None:
+    first = a.resolve_traffic({
+        a.EXCLUDE_INBOUND_PORTS: ",".join(map(str, inbound)),
+        a.INCLUDE_OUTBOUND_PORTS: ",".join(map(str, outbound)),
+        a.EXCLUDE_OUTBOUND_IP_RANGES: ",".join(ranges),
+    })
+    again = a.resolve_traffic(first.annotations)
+    assert again == first
+    for net in again.plan.outbound_exclude_cidrs:
+        assert any(net == ipaddress.ip_network(r, strict=False) for r in ranges)
+
+
+def test_module_is_stdlib_only_and_cheap_to_import() -> None:
+    """The CNI hot path imports this module: it must pull in nothing outside the standard library."""
+    code = (
+        "import sys; before = set(sys.modules); import cni.annotations; "
+        "print('\\n'.join(sorted(set(sys.modules) - before)))"
+    )
+    root = str(a.__file__).rsplit("/cni/", 1)[0]
+    script = f"import sys; sys.path.insert(0, {root!r}); {code}"
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, check=True)
+    tops = {m.split(".")[0] for m in out.stdout.split()}
+    third_party = sorted(t for t in tops if t not in sys.stdlib_module_names and t != "cni")
+    assert third_party == []
