@@ -1,0 +1,205 @@
+"""AdmissionReview in, AdmissionReview out: the webhook's protocol, with no HTTP in it.
+
+``review(body, ...)`` turns request bytes into response bytes and an ``Outcome`` that the shell
+logs, counts and turns into Events. Only the envelope is checked here (stdlib ``json``; no model
+validation of the whole pod on the hot path): the pod itself is the core's business. Whatever
+the core raises becomes ``allowed: false`` naming the problem, never an HTTP 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NotRequired, TypedDict
+
+from injector.result import Decision, InjectionResult, Reason, ReasonCode
+
+log = logging.getLogger("injector.admission")
+
+API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
+#: Reason code reported when the core failed on a pod (a bug or a pod shape it cannot handle).
+INTERNAL_ERROR = "InternalError"
+NOT_POD = "NotPod"
+NOT_CREATE = "NotCreate"
+SUBRESOURCE = "Subresource"
+
+
+class GroupVersionKind(TypedDict):
+    group: str
+    version: str
+    kind: str
+
+
+class AdmissionRequest(TypedDict, total=False):
+    uid: str
+    kind: GroupVersionKind
+    resource: dict[str, str]
+    subResource: str
+    name: str
+    namespace: str
+    operation: Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
+    userInfo: dict[str, Any]
+    object: dict[str, Any]
+    oldObject: dict[str, Any] | None
+    dryRun: bool
+    options: dict[str, Any] | None
+
+
+class AdmissionStatus(TypedDict, total=False):
+    code: int
+    reason: str
+    message: str
+
+
+class AdmissionResponse(TypedDict):
+    uid: str
+    allowed: bool
+    patchType: NotRequired[Literal["JSONPatch"]]
+    patch: NotRequired[str]  # base64 of the JSON Patch
+    status: NotRequired[AdmissionStatus]
+    warnings: NotRequired[list[str]]
+
+
+class AdmissionReview(TypedDict):
+    apiVersion: str
+    kind: Literal["AdmissionReview"]
+    request: NotRequired[AdmissionRequest]
+    response: NotRequired[AdmissionResponse]
+
+
+class BadReview(Exception):
+    """The body is not an AdmissionReview we can answer: HTTP 400 with this message."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one review, for logs, metrics and Events."""
+
+    uid: str = ""
+    namespace: str = ""
+    name: str = ""  # the pod's name, or its generateName when it has no name yet
+    operation: str = ""
+    dry_run: bool = False
+    decision: str = Decision.PASSTHROUGH.value
+    reason: str = ""
+    message: str = ""
+    warnings: list[Reason] = field(default_factory=list)
+    patched: bool = False
+    pod: Mapping[str, Any] | None = None  # for Events: owner references of a rejected/warned pod
+
+
+InjectFn = Callable[..., InjectionResult]
+
+
+def parse_review(body: bytes) -> tuple[str, AdmissionRequest]:
+    """Decode and check the envelope; return (apiVersion, request). Raises BadReview."""
+    if not body:
+        raise BadReview("empty request body: expected an AdmissionReview")
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadReview(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadReview("request body is not valid JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise BadReview("request body must be a JSON object (an AdmissionReview)")
+    api_version = doc.get("apiVersion")
+    if doc.get("kind") != "AdmissionReview" or api_version not in API_VERSIONS:
+        raise BadReview(
+            f"expected kind AdmissionReview with apiVersion {' or '.join(API_VERSIONS)}, "
+            f"got kind {doc.get('kind')!r} apiVersion {api_version!r}"
+        )
+    request = doc.get("request")
+    if not isinstance(request, dict):
+        raise BadReview("AdmissionReview has no request object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadReview("AdmissionReview request has no uid")
+    return api_version, request  # type: ignore[return-value]
+
+
+def encode_response(api_version: str, response: AdmissionResponse) -> bytes:
+    review: AdmissionReview = {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
+    return json.dumps(review, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _pod_name(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict):
+        return ""
+    name = meta.get("name") or meta.get("generateName") or ""
+    return name if isinstance(name, str) else ""
+
+
+def _is_pod(request: Mapping[str, Any]) -> bool:
+    kind = request.get("kind")
+    if isinstance(kind, dict):
+        return kind.get("kind") == "Pod" and kind.get("group", "") == "" and kind.get("version", "v1") == "v1"
+    resource = request.get("resource")
+    return isinstance(resource, dict) and resource.get("resource") == "pods" and not resource.get("group")
+
+
+def review(body: bytes, *, inject: InjectFn, config: Any) -> tuple[bytes, Outcome]:
+    """Answer one AdmissionReview body. Raises BadReview only for an unusable envelope."""
+    api_version, request = parse_review(body)
+    uid = request["uid"]
+    out = Outcome(uid=uid, operation=str(request.get("operation") or ""), dry_run=bool(request.get("dryRun")))
+    namespace = request.get("namespace")
+    out.namespace = namespace if isinstance(namespace, str) else ""
+    pod = request.get("object")
+    if isinstance(pod, dict):
+        out.name = _pod_name(pod) or str(request.get("name") or "")
+
+    def allow(reason: str) -> tuple[bytes, Outcome]:
+        out.reason = reason
+        return encode_response(api_version, {"uid": uid, "allowed": True}), out
+
+    if not _is_pod(request):
+        return allow(NOT_POD)
+    if request.get("subResource"):
+        return allow(SUBRESOURCE)
+    if out.operation != "CREATE":
+        return allow(NOT_CREATE)
+    if not isinstance(pod, dict):
+        raise BadReview("AdmissionReview request for a pod CREATE carries no pod object")
+
+    try:
+        result = inject(pod, config=config, namespace=out.namespace or None)
+    except Exception as exc:  # the core must not take the webhook down: refuse this one pod
+        log.exception("injection failed", extra={"uid": uid, "namespace": out.namespace, "pod": out.name})
+        out.decision, out.reason = Decision.REJECT.value, INTERNAL_ERROR
+        out.message = f"mesh-injector could not process this pod: {type(exc).__name__}: {exc}"
+        response: AdmissionResponse = {
+            "uid": uid,
+            "allowed": False,
+            "status": {"code": 500, "reason": INTERNAL_ERROR, "message": out.message},
+        }
+        return encode_response(api_version, response), out
+
+    reason = result.reasons[0] if result.reasons else Reason(ReasonCode.INJECTED, "")
+    out.decision, out.reason, out.message = result.decision.value, reason.code.value, reason.message
+    out.warnings = list(result.warnings)
+    response = {"uid": uid, "allowed": result.allowed}
+    if result.decision is Decision.REJECT:
+        message = f"{reason.code.value}: {reason.message}"
+        response["status"] = {"code": 400, "reason": "BadRequest", "message": message}
+        out.pod = pod
+    elif result.patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(
+            json.dumps(result.patch, separators=(",", ":"), ensure_ascii=False).encode()
+        ).decode()
+        out.patched = True
+    if result.warnings:
+        response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]
+        out.pod = pod
+    return encode_response(api_version, response), out
+
+
+def error_body(message: str, code: int = 400) -> bytes:
+    """The JSON body of a 4xx answer (a metav1.Status, which kubectl and curl users can read)."""
+    status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}
+    return json.dumps(status, separators=(",", ":")).encode()

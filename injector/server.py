@@ -1,0 +1,384 @@
+"""The webhook's HTTP shell: a FastAPI app around the injection core.
+
+``create_app(state)`` builds the app; the process wiring (flags, uvicorn, TLS socket) lives in
+``injector.commands.serve``. ``POST /inject`` is the hot path and is a plain ASGI endpoint: it
+reads the body with a size cap, hands the bytes to ``injector.admission.review`` and writes the
+answer, skipping FastAPI's request parsing and validation (which would cost more than the
+injection itself). Every other endpoint is ordinary FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from injector import admission
+from injector.configwatch import ConfigHolder
+from injector.events import EventRecorder, PendingEvent
+from injector.metrics import InjectorMetrics
+from injector.result import Decision
+from injector.tls import ReloadingCertificate
+
+log = logging.getLogger("injector.server")
+request_log = logging.getLogger("injector.requests")
+
+DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class ServerState:
+    """Everything the endpoints share; built by the serve command (or a test)."""
+
+    config: ConfigHolder
+    metrics: InjectorMetrics = field(default_factory=InjectorMetrics)
+    certificate: ReloadingCertificate | None = None
+    events: EventRecorder | None = None
+    api: Any = None  # kubernetes ApiClient for /audit and Events; None when there is no cluster
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    tls_reload_interval: float = 1.0
+    config_reload_interval: float = 2.0
+    inject: Callable[..., Any] | None = None  # the core's inject(); injectable for nothing but tests
+
+    def __post_init__(self) -> None:
+        if self.inject is None:
+            from injector.core import inject
+
+            self.inject = inject
+        if self.certificate is not None and self.certificate.current is not None:
+            self.metrics.cert_expiry.set(self.certificate.current.not_after.timestamp())
+
+
+# ---------------------------------------------------------------------------------------------
+# structured logs
+
+
+_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and every ``extra`` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                body[key] = value
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, default=str, separators=(",", ":"))
+
+
+def configure_logging(level: str = "info", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+# ---------------------------------------------------------------------------------------------
+# the admission hot path
+
+
+def _media_type(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+    return ""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, or BodyTooLarge as soon as it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+class InjectEndpoint:
+    """``POST /inject`` as a raw ASGI app (see the module docstring for why)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        metrics = state.metrics
+        if scope["method"] != "POST":
+            body = admission.error_body("use POST with an AdmissionReview", 405)
+            metrics.requests.inc("inject", "405")
+            await send({"type": "http.response.start", "status": 405,
+                        "headers": [(b"content-type", b"application/json"), (b"allow", b"POST"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        status, payload = await self._answer(scope, receive)
+        metrics.requests.inc("inject", str(status))
+        await _respond(send, status, payload)
+
+    async def _answer(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        state = self.state
+        media = _media_type(scope)
+        if media not in JSON_TYPES:
+            return 415, admission.error_body(
+                f"unsupported Content-Type {media or '(none)'!r}: send application/json", 415
+            )
+        declared = _content_length(scope)
+        if declared is not None and declared > state.max_body_bytes:
+            return 400, admission.error_body(
+                f"request body of {declared} bytes exceeds the limit of {state.max_body_bytes} bytes"
+            )
+        try:
+            body = await read_body(receive, state.max_body_bytes)
+        except BodyTooLarge:
+            limit = state.max_body_bytes
+            return 400, admission.error_body(f"request body exceeds the limit of {limit} bytes")
+        started = time.perf_counter()
+        try:
+            payload, outcome = admission.review(body, inject=state.inject, config=state.config.current)
+        except admission.BadReview as exc:
+            request_log.info("bad admission request", extra={"error": str(exc), "status": 400})
+            return 400, admission.error_body(str(exc))
+        except Exception as exc:  # a bug in our own envelope handling: answer, do not crash
+            log.exception("admission review failed")
+            return 400, admission.error_body(f"cannot process this AdmissionReview: {type(exc).__name__}")
+        elapsed = time.perf_counter() - started
+        self._account(outcome, elapsed)
+        return 200, payload
+
+    def _account(self, outcome: admission.Outcome, elapsed: float) -> None:
+        state = self.state
+        metrics = state.metrics
+        metrics.latency.observe(elapsed)
+        decision = outcome.decision
+        if decision == Decision.INJECT:
+            metrics.injections.inc(outcome.reason)
+        elif decision == Decision.SKIP:
+            metrics.skips.inc(outcome.reason)
+        elif decision == Decision.REJECT:
+            metrics.rejections.inc(outcome.reason)
+        else:
+            metrics.passthrough.inc(outcome.reason)
+        for warning in outcome.warnings:
+            metrics.warnings.inc(warning.code.value)
+        request_log.info(
+            "admission",
+            extra={
+                "uid": outcome.uid, "namespace": outcome.namespace, "pod": outcome.name,
+                "operation": outcome.operation, "dry_run": outcome.dry_run, "decision": decision,
+                "reason": outcome.reason, "patched": outcome.patched,
+                "latency_ms": round(elapsed * 1000, 3),
+                **({"detail": outcome.message} if decision == Decision.REJECT else {}),
+                **({"warnings": [w.code.value for w in outcome.warnings]} if outcome.warnings else {}),
+            },
+        )
+        if state.events is not None and outcome.pod is not None and not outcome.dry_run:
+            if decision == Decision.REJECT:
+                state.events.record(PendingEvent(outcome.namespace, outcome.pod, "Warning",
+                                                 f"InjectionRejected{outcome.reason}"[:128],
+                                                 f"pod refused by mesh-injector: {outcome.message}"))
+            for warning in outcome.warnings:
+                state.events.record(PendingEvent(outcome.namespace, outcome.pod, "Warning",
+                                                 warning.code.value,
+                                                 f"mesh-injector ({decision}): {warning.message}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# background work
+
+
+async def _poll_forever(interval: float, step: Callable[[], Awaitable[None]], what: str) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await step()
+        except Exception:  # a poller must outlive any one failure
+            log.exception("%s poll failed", what)
+
+
+def _pollers(state: ServerState) -> list[Callable[[], Awaitable[None]]]:
+    async def tls_step() -> None:
+        cert = state.certificate
+        assert cert is not None
+        # Runs on the event loop thread on purpose: the listening context is never seen
+        # half-updated by a handshake (handshakes run on this thread too). It takes ~1 ms.
+        try:
+            changed = cert.load()
+        except Exception:
+            state.metrics.cert_reloads.inc("failure")
+            raise
+        if changed:
+            state.metrics.cert_reloads.inc("success")
+            assert cert.current is not None
+            state.metrics.cert_expiry.set(cert.current.not_after.timestamp())
+        elif cert.last_error is not None:
+            state.metrics.cert_reloads.inc("failure")
+
+    async def config_step() -> None:
+        await asyncio.to_thread(state.config.poll)
+
+    out = []
+    if state.certificate is not None:
+        out.append(lambda: _poll_forever(state.tls_reload_interval, tls_step, "certificate"))
+    if state.config.config_dir is not None:
+        out.append(lambda: _poll_forever(state.config_reload_interval, config_step, "config"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+
+
+def readiness(state: ServerState) -> tuple[bool, dict[str, Any]]:
+    cert = state.certificate
+    cert_ok = cert is None or cert.current is not None
+    config_ok = state.config.current is not None
+    detail: dict[str, Any] = {
+        "ready": cert_ok and config_ok,
+        "config": {
+            "loaded": config_ok,
+            "hash": state.config.config_hash or None,
+            "dir": str(state.config.config_dir) if state.config.config_dir else None,
+            "lastError": state.config.last_error,
+        },
+    }
+    if cert is not None:
+        detail["certificate"] = {
+            "loaded": cert_ok,
+            "subject": cert.current.subject if cert.current else None,
+            "notAfter": cert.current.not_after.isoformat() if cert.current else None,
+            "lastError": cert.last_error,
+        }
+    return cert_ok and config_ok, detail
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The webhook application. Background pollers run for the app's lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(make()) for make in _pollers(state)]
+        if state.events is not None:
+            state.events.start()
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if state.events is not None:
+                await asyncio.to_thread(state.events.stop)
+
+    app = FastAPI(
+        title="mesh-injector",
+        summary="Istio-compatible sidecar injection webhook",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.injector = state
+    # First route: the hot path is matched before anything else.
+    app.router.routes.insert(0, Route("/inject", endpoint=InjectEndpoint(state), methods=["POST", "GET"]))
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        """Liveness: the process serves requests."""
+        state.metrics.requests.inc("healthz", "200")
+        return "ok\n"
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: a certificate and a configuration are loaded; reports the last reload errors."""
+        ready, detail = readiness(state)
+        code = 200 if ready else 503
+        state.metrics.requests.inc("readyz", str(code))
+        return JSONResponse(detail, status_code=code)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        state.metrics.requests.inc("metrics", "200")
+        return Response(state.metrics.render(), media_type=InjectorMetrics.CONTENT_TYPE)
+
+    @app.post("/dry-run")
+    async def dry_run(request: Request) -> Response:
+        """Run the core on a Pod/workload/List (YAML or JSON) and show decision, reasons, patch, result."""
+        from injector import dryrun
+
+        status, payload, media = await dryrun.handle(request, state)
+        state.metrics.requests.inc("dry-run", str(status))
+        return Response(payload, status_code=status, media_type=media)
+
+    @app.get("/audit")
+    async def audit(request: Request, namespace: str | None = None) -> Response:
+        """Report every pod's injection state; needs a bearer token allowed to list pods."""
+        from injector import audit as audit_mod
+
+        status, body = await audit_mod.handle(request, state, namespace)
+        state.metrics.requests.inc("audit", str(status))
+        return JSONResponse(body, status_code=status)
+
+    return app
