@@ -38,6 +38,7 @@ class ReasonCode(enum.StrEnum):
     POLICY_DISABLED = "PolicyDisabled"
     # warnings (injection proceeds or skips with the default)
     INVALID_INJECT_VALUE = "InvalidInjectValue"
+    UNRESOLVED_PROBE_PORT = "UnresolvedProbePort"  # a probe names a port no container declares
     # reject
     INVALID_TRAFFIC_ANNOTATION = "InvalidTrafficAnnotation"
     PROXY_UID_CONFLICT = "ProxyUIDConflict"
@@ -71,6 +72,8 @@ class InjectionResult:
     patch: list[dict[str, Any]] = field(default_factory=list)
     mutated: dict[str, Any] = field(default_factory=dict)
     kind: str = "Pod"
+    #: For a List: one result per item, in order (the List's own patch covers them all).
+    items: list[InjectionResult] = field(default_factory=list)
 
     @property
     def reason(self) -> Reason:

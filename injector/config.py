@@ -1,0 +1,287 @@
+"""Injector configuration: validated once with pydantic, then compiled into plain data for the hot path.
+
+The on-disk shape follows Istio's injector ConfigMap (``config`` with policy, selectors,
+``defaultTemplates`` and ``templates``; ``values`` with proxy settings) so a user moving from
+Istio recognises it. ``compile_config`` turns the validated model into an ``InjectorConfig``:
+frozen, with templates parsed and traffic defaults resolved, so ``inject()`` never validates
+configuration per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from cni import annotations as ann
+from injector.template import Template, parse_template
+
+#: Namespaces never injected, whatever their labels (Istio skips the first two; the rest hold
+#: cluster plumbing that must start without a mesh).
+SYSTEM_NAMESPACES: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease", "local-path-storage")
+
+BUILTIN_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+BUILTIN_TEMPLATES: tuple[str, ...] = ("sidecar", "envoy")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class LabelSelector(_Model):
+    """A Kubernetes LabelSelector (matchLabels + matchExpressions)."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    match_expressions: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("match_expressions")
+    @classmethod
+    def _check_expressions(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for expr in value:
+            op = expr.get("operator")
+            if not isinstance(expr.get("key"), str) or op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+                raise ValueError(f"bad matchExpression {expr!r}")
+            if op in ("In", "NotIn") and not expr.get("values"):
+                raise ValueError(f"{op} needs values: {expr!r}")
+        return value
+
+
+class Resources(_Model):
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class ProxyValues(_Model):
+    """The proxy container's settings (Istio's values.global.proxy, roughly)."""
+
+    image: str = "docker.io/istio/proxyv2:1.24.2"
+    envoy_image: str = "docker.io/envoyproxy/envoy:v1.32.3"
+    cni_image: str = "ghcr.io/mesh-injector/mesh-cni:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: Resources = Resources(
+        requests={"cpu": "100m", "memory": "128Mi"}, limits={"cpu": "2000m", "memory": "1024Mi"}
+    )
+    log_level: str = "warning"
+    component_log_level: str = "misc:error"
+    hold_application_until_proxy_starts: bool = False
+    native_sidecars: Literal["auto", "true", "false"] = "auto"
+    #: How traffic reaches the proxy: our CNI plugin (default), an init container, or not at all.
+    capture: Literal["cni", "init", "none"] = "cni"
+    rewrite_app_http_probers: bool = True
+    enable_prometheus_merge: bool = True
+    uid: int = ann.PROXY_UID_DEFAULT
+    gid: int = ann.PROXY_UID_DEFAULT
+    status_port: int = ann.STATUS_PORT_DEFAULT
+    include_outbound_ip_ranges: str = "*"
+    exclude_outbound_ip_ranges: str = ""
+    include_inbound_ports: str = "*"
+    exclude_inbound_ports: str = ""
+    include_outbound_ports: str = ""
+    exclude_outbound_ports: str = ""
+    exclude_interfaces: str = ""
+    capture_dns: bool = False
+
+    @field_validator("native_sidecars", mode="before")
+    @classmethod
+    def _bool_text(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value
+
+
+class MeshValues(_Model):
+    """Cluster-wide identity the sidecar template passes to the proxy."""
+
+    revision: str = "default"
+    mesh_id: str = "cluster.local"
+    cluster_id: str = "Kubernetes"
+    trust_domain: str = "cluster.local"
+    ca_address: str = "istiod.istio-system.svc:15012"
+    discovery_address: str = "istiod.istio-system.svc:15012"
+    #: "1.30" etc.; decides nativeSidecars=auto (native sidecars are on by default from 1.29).
+    kubernetes_version: str = ""
+    image_pull_secrets: list[str] = Field(default_factory=list)
+
+
+class Values(_Model):
+    proxy: ProxyValues = ProxyValues()
+    mesh: MeshValues = MeshValues()
+
+
+class ConfigModel(_Model):
+    """The whole configuration as a user writes it (YAML/JSON)."""
+
+    policy: Literal["enabled", "disabled"] = "enabled"
+    always_inject_selector: list[LabelSelector] = Field(default_factory=list)
+    never_inject_selector: list[LabelSelector] = Field(default_factory=list)
+    system_namespaces: list[str] = Field(default_factory=list)
+    default_templates: list[str] = Field(default_factory=lambda: ["sidecar"])
+    #: name -> template document (YAML text or mapping); same name as a built-in replaces it.
+    templates: dict[str, Any] = Field(default_factory=dict)
+    #: Annotations added to every injected pod (Istio's injectedAnnotations).
+    injected_annotations: dict[str, str] = Field(default_factory=dict)
+    values: Values = Values()
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class InjectorConfig:
+    """Compiled configuration: everything ``inject()`` needs, precomputed."""
+
+    model: ConfigModel
+    templates: Mapping[str, Template]
+    system_namespaces: frozenset[str]
+    traffic_defaults: ann.TrafficDefaults
+    config_hash: str
+    native_sidecars_default: bool
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def proxy(self) -> ProxyValues:
+        return self.model.values.proxy
+
+    @property
+    def mesh(self) -> MeshValues:
+        return self.model.values.mesh
+
+    @property
+    def revision(self) -> str:
+        return self.model.values.mesh.revision
+
+
+def _version_at_least(version: str, major: int, minor: int) -> bool:
+    text = version.strip().lstrip("v")
+    parts = text.split(".")
+    try:
+        got = (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0))
+    except (ValueError, IndexError):
+        return False
+    return got >= (major, minor)
+
+
+def _builtin_template_sources() -> dict[str, str]:
+    return {name: (BUILTIN_TEMPLATE_DIR / f"{name}.yaml").read_text() for name in BUILTIN_TEMPLATES}
+
+
+def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> InjectorConfig:
+    """Validate and precompute; raise ConfigError with a readable message on any problem."""
+    if model is None:
+        model = ConfigModel()
+    elif not isinstance(model, ConfigModel):
+        try:
+            model = ConfigModel.model_validate(dict(model))
+        except Exception as err:  # pydantic.ValidationError; keep the message, drop the type
+            raise ConfigError(f"invalid injector config: {err}") from None
+
+    sources: dict[str, Any] = dict(_builtin_template_sources())
+    sources.update(model.templates)
+    templates: dict[str, Template] = {}
+    for name, source in sources.items():
+        try:
+            templates[name] = parse_template(name, source)
+        except ValueError as err:
+            raise ConfigError(f"template {name!r}: {err}") from None
+    for name in model.default_templates:
+        if name not in templates:
+            raise ConfigError(f"defaultTemplates names unknown template {name!r}")
+    for selector_list in (model.always_inject_selector, model.never_inject_selector):
+        for selector in selector_list:
+            if not selector.match_labels and not selector.match_expressions:
+                raise ConfigError("an empty label selector would match every pod; remove it")
+
+    proxy = model.values.proxy
+    defaults = ann.TrafficDefaults(
+        interception_mode=ann.MODE_NONE if proxy.capture == "none" else ann.MODE_REDIRECT,
+        include_outbound_ip_ranges=proxy.include_outbound_ip_ranges,
+        exclude_outbound_ip_ranges=proxy.exclude_outbound_ip_ranges,
+        include_inbound_ports=proxy.include_inbound_ports,
+        exclude_inbound_ports=proxy.exclude_inbound_ports,
+        include_outbound_ports=proxy.include_outbound_ports,
+        exclude_outbound_ports=proxy.exclude_outbound_ports,
+        exclude_interfaces=proxy.exclude_interfaces,
+        status_port=proxy.status_port,
+        proxy_uid=proxy.uid,
+        proxy_gid=proxy.gid,
+        capture_dns=proxy.capture_dns,
+    )
+    try:  # the mesh-wide defaults must themselves be valid, or every pod would be rejected
+        ann.resolve_traffic({}, defaults)
+    except ann.AnnotationError as err:
+        raise ConfigError(f"values.proxy traffic defaults: {err}") from None
+
+    canonical = json.dumps(
+        {"model": model.model_dump(mode="json", by_alias=True), "templates": sources},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    native = proxy.native_sidecars
+    native_default = native == "true" or (
+        native == "auto" and _version_at_least(model.values.mesh.kubernetes_version, 1, 29)
+    )
+    return InjectorConfig(
+        model=model,
+        templates=templates,
+        system_namespaces=frozenset(SYSTEM_NAMESPACES) | frozenset(model.system_namespaces),
+        traffic_defaults=defaults,
+        config_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+        native_sidecars_default=native_default,
+    )
+
+
+def load_config_dir(path: str | Path) -> InjectorConfig:
+    """Load a config directory (a mounted ConfigMap).
+
+    ``config`` or ``config.yaml`` holds the ConfigModel (optional: built-in defaults); ``values``
+    or ``values.yaml`` may hold the values separately, as in Istio's ConfigMap; every
+    ``templates/<name>.yaml`` and every ``<name>.template.yaml`` adds or replaces a template.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"config directory {root} does not exist")
+
+    def read_yaml(*names: str) -> dict[str, Any] | None:
+        for name in names:
+            file = root / name
+            if file.is_file():
+                try:
+                    data = yaml.safe_load(file.read_text()) or {}
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"{file}: not valid YAML: {err}") from None
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{file}: expected a mapping")
+                return data
+        return None
+
+    data = read_yaml("config", "config.yaml") or {}
+    values = read_yaml("values", "values.yaml")
+    if values is not None:
+        data["values"] = values
+    templates = dict(data.get("templates") or {})
+    template_files = sorted((root / "templates").glob("*.yaml")) if (root / "templates").is_dir() else []
+    for file in template_files:
+        templates[file.stem] = file.read_text()
+    for file in sorted(root.glob("*.template.yaml")):
+        templates[file.name.removesuffix(".template.yaml")] = file.read_text()
+    if templates:
+        data["templates"] = templates
+    return compile_config(data)
+
+
+_DEFAULT: InjectorConfig | None = None
+
+
+def default_config() -> InjectorConfig:
+    """The built-in configuration, compiled once per process."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = compile_config()
+    return _DEFAULT

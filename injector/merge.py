@@ -1,0 +1,73 @@
+"""Overlay rules for containers and template fragments (strategic-merge-like, for the fields we touch).
+
+Kubernetes merges lists of named things by key (env by name, ports by containerPort,
+volumeMounts by mountPath, containers/volumes by name) and replaces other lists; mappings merge
+recursively. We follow that, with two choices of our own: a probe that brings its own handler
+replaces the probe (two handlers would be invalid), and ``image: auto`` keeps the rendered image.
+All functions return new objects and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+LIST_KEYS: dict[str, str] = {
+    "env": "name",
+    "ports": "containerPort",
+    "volumeMounts": "mountPath",
+    "containers": "name",
+    "initContainers": "name",
+    "volumes": "name",
+    "imagePullSecrets": "name",
+}
+_PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+_HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
+
+
+def merge_keyed(base: list[Any], over: list[Any], key: str, item_merge: Any = None) -> list[Any]:
+    """Items of ``over`` replace (or merge into) same-keyed items of ``base`` in place; new ones append."""
+    index = {item.get(key): i for i, item in enumerate(base) if isinstance(item, dict)}
+    out = list(base)
+    for item in over:
+        k = item.get(key) if isinstance(item, dict) else None
+        if k is not None and k in index:
+            i = index[k]
+            out[i] = item_merge(out[i], item) if item_merge else item
+        else:
+            index[k] = len(out)
+            out.append(item)
+    return out
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            if key in out:
+                if key in LIST_KEYS and isinstance(out[key], list) and isinstance(value, list):
+                    merge = overlay_container if key in ("containers", "initContainers") else deep_merge
+                    out[key] = merge_keyed(out[key], value, LIST_KEYS[key], merge)
+                else:
+                    out[key] = deep_merge(out[key], value)
+            else:
+                out[key] = value
+        return out
+    return over
+
+
+def overlay_container(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """The rendered container ``base`` with the user's ``over`` laid on top, field by field."""
+    out = dict(base)
+    for key, value in over.items():
+        if key == "image" and value == "auto":
+            continue
+        if key in out and key in LIST_KEYS and isinstance(value, list) and isinstance(out[key], list):
+            out[key] = merge_keyed(out[key], value, LIST_KEYS[key], deep_merge)
+        elif key in _PROBES and isinstance(value, dict) and any(h in value for h in _HANDLERS):
+            out[key] = value
+        elif key in out:
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

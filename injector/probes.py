@@ -1,0 +1,125 @@
+"""Probe rewriting: the kubelet probes the agent's status port, the agent probes the app.
+
+With mTLS on inbound traffic the kubelet's plain HTTP/TCP/gRPC probes would fail, so each app
+probe becomes ``httpGet`` on the status port at ``/app-health/<container>/<kind>`` and the
+original (named ports resolved) goes to the proxy as JSON in ``ISTIO_KUBE_APP_PROBERS``.
+``restore_probes`` undoes it from that JSON, which makes re-injection idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+PROBE_KINDS: tuple[tuple[str, str], ...] = (
+    ("readinessProbe", "readyz"),
+    ("livenessProbe", "livez"),
+    ("startupProbe", "startupz"),
+)
+_HANDLERS = ("httpGet", "tcpSocket", "grpc")
+
+
+def prober_path(container: str, kind: str) -> str:
+    return f"/app-health/{container}/{kind}"
+
+
+def _resolve_port(port: Any, container: Mapping[str, Any]) -> Any:
+    """A named port becomes its number; an unknown name is kept (the kubelet would fail it too)."""
+    if isinstance(port, str) and not port.isdigit():
+        for item in container.get("ports") or ():
+            if item.get("name") == port:
+                return item.get("containerPort")
+        return port
+    if isinstance(port, str):
+        return int(port)
+    return port
+
+
+def _original(probe: Mapping[str, Any], container: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The prober entry for one probe, or None for probes we leave alone (exec, none)."""
+    entry: dict[str, Any]
+    if "httpGet" in probe:
+        action = dict(probe["httpGet"])
+        action["port"] = _resolve_port(action.get("port"), container)
+        entry = {"httpGet": action}
+    elif "tcpSocket" in probe:
+        action = dict(probe["tcpSocket"])
+        action["port"] = _resolve_port(action.get("port"), container)
+        entry = {"tcpSocket": action}
+    elif "grpc" in probe:
+        entry = {"grpc": dict(probe["grpc"])}
+    else:
+        return None
+    if "timeoutSeconds" in probe:
+        entry["timeoutSeconds"] = probe["timeoutSeconds"]
+    return entry
+
+
+def rewrite_probes(
+    container: Mapping[str, Any], status_port: int, probers: dict[str, Any]
+) -> dict[str, Any] | None:
+    """``container`` with rewritten probes (originals recorded in ``probers``); None if unchanged."""
+    name = container.get("name", "")
+    out: dict[str, Any] | None = None
+    for field, kind in PROBE_KINDS:
+        probe = container.get(field)
+        if not probe:
+            continue
+        entry = _original(probe, container)
+        if entry is None:
+            continue
+        path = prober_path(name, kind)
+        probers[path] = entry
+        rewritten = {k: v for k, v in probe.items() if k not in _HANDLERS}
+        http_get: dict[str, Any] = {"path": path, "port": status_port, "scheme": "HTTP"}
+        headers = probe.get("httpGet", {}).get("httpHeaders")
+        if headers:
+            http_get["httpHeaders"] = headers
+        rewritten["httpGet"] = http_get
+        if out is None:
+            out = dict(container)
+        out[field] = rewritten
+    return out
+
+
+def restore_probes(
+    container: Mapping[str, Any], status_port: int, probers: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """Undo ``rewrite_probes`` for one container using the recorded originals; None if nothing to undo."""
+    name = container.get("name", "")
+    out: dict[str, Any] | None = None
+    for field, kind in PROBE_KINDS:
+        probe = container.get(field)
+        if not probe or "httpGet" not in probe:
+            continue
+        path = prober_path(name, kind)
+        action = probe["httpGet"]
+        if action.get("path") != path or action.get("port") != status_port or path not in probers:
+            continue
+        entry = probers[path]
+        original = {k: v for k, v in probe.items() if k not in _HANDLERS}
+        for handler in _HANDLERS:
+            if handler in entry:
+                original[handler] = entry[handler]
+        if out is None:
+            out = dict(container)
+        out[field] = original
+    return out
+
+
+def probers_json(probers: Mapping[str, Any]) -> str | None:
+    """Istio's ISTIO_KUBE_APP_PROBERS value: compact JSON, keys sorted; None when empty."""
+    if not probers:
+        return None
+    return json.dumps(probers, sort_keys=True, separators=(",", ":"))
+
+
+def parse_probers(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        body = json.loads(value)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

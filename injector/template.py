@@ -1,0 +1,250 @@
+"""A deliberately small template language for sidecar templates, compiled to closures once.
+
+A template is a YAML document shaped like part of a Pod (``metadata`` labels/annotations,
+``spec`` initContainers/containers/volumes/imagePullSecrets) plus ``options``. Strings may hold
+``{{ path.to.value }}`` placeholders:
+
+- a string that is exactly one placeholder becomes the value itself, keeping its type (an int
+  stays an int, a mapping is inserted as a mapping); a value of None removes the mapping key or
+  the list item that held it, which is how templates express "only when set";
+- placeholders inside longer strings are interpolated as text;
+- a mapping with an ``$if: path`` key is dropped (from its list or parent) when the value at
+  ``path`` is falsy; the ``$if`` key itself never reaches the output.
+
+No loops, no expressions: anything cleverer is computed in Python and handed to the template as
+a value. That keeps user templates declarative and rendering fast (no parsing per request).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+_OMIT = object()
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}")
+
+#: Every value a template may reference; see injector.render.build_context for their meaning.
+VARIABLES: frozenset[str] = frozenset(
+    {
+        "proxy.name",
+        "proxy.image",
+        "proxy.envoyImage",
+        "proxy.imagePullPolicy",
+        "proxy.uid",
+        "proxy.gid",
+        "proxy.statusPort",
+        "proxy.healthPort",
+        "proxy.prometheusPort",
+        "proxy.adminPort",
+        "proxy.resources",
+        "proxy.lifecycle",
+        "proxy.logLevel",
+        "proxy.componentLogLevel",
+        "proxy.config",
+        "proxy.interceptionMode",
+        "proxy.envoyBootstrap",
+        "pod.name",
+        "pod.namespace",
+        "pod.serviceAccount",
+        "pod.appContainers",
+        "pod.podPorts",
+        "pod.appProbers",
+        "pod.prometheusAnnotations",
+        "pod.workloadName",
+        "pod.owner",
+        "pod.canonicalName",
+        "pod.canonicalRevision",
+        "mesh.revision",
+        "mesh.meshID",
+        "mesh.clusterID",
+        "mesh.trustDomain",
+        "mesh.caAddress",
+        "mesh.discoveryAddress",
+    }
+)
+
+Renderer = Callable[[Mapping[str, Any]], Any]
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """Per-template behaviour the core needs to know about (merged across selected templates)."""
+
+    rewrite_probes: bool = True
+    prometheus_merge: bool = True
+    #: postStart command that blocks until the proxy is ready (holdApplicationUntilProxyStarts).
+    hold_command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    options: Mapping[str, Any]
+    render: Renderer
+    container_names: tuple[str, ...] = ()
+    init_container_names: tuple[str, ...] = ()
+    variables: frozenset[str] = field(default_factory=frozenset)
+
+
+def _lookup(path: tuple[str, ...], text: str) -> Renderer:
+    first, rest = path[0], path[1:]
+
+    def get(ctx: Mapping[str, Any]) -> Any:
+        try:
+            value = ctx[first]
+            for key in rest:
+                value = value[key]
+        except (KeyError, TypeError):
+            raise TemplateError(f"template value {text!r} is not available") from None
+        return value
+
+    return get
+
+
+def _compile(node: Any, used: set[str]) -> Renderer:
+    if isinstance(node, str):
+        matches = list(_PLACEHOLDER.finditer(node))
+        if not matches:
+            return lambda ctx, _v=node: _v
+        for m in matches:
+            if m.group(1) not in VARIABLES:
+                raise TemplateError(f"unknown template value {{{{ {m.group(1)} }}}}")
+            used.add(m.group(1))
+        if len(matches) == 1 and matches[0].span() == (0, len(node)):
+            getter = _lookup(tuple(matches[0].group(1).split(".")), matches[0].group(1))
+
+            def whole(ctx: Mapping[str, Any]) -> Any:
+                value = getter(ctx)
+                return _OMIT if value is None else _copy(value)
+
+            return whole
+        pieces: list[Renderer] = []
+        pos = 0
+        for m in matches:
+            if m.start() > pos:
+                text = node[pos : m.start()]
+                pieces.append(lambda ctx, _v=text: _v)
+            getter = _lookup(tuple(m.group(1).split(".")), m.group(1))
+            pieces.append(lambda ctx, _g=getter: "" if (v := _g(ctx)) is None else str(v))
+            pos = m.end()
+        if pos < len(node):
+            pieces.append(lambda ctx, _v=node[pos:]: _v)
+        return lambda ctx: "".join(p(ctx) for p in pieces)
+    if isinstance(node, dict):
+        condition: Renderer | None = None
+        if "$if" in node:
+            cond_path = node["$if"]
+            if not isinstance(cond_path, str) or cond_path not in VARIABLES:
+                raise TemplateError(f"$if must name a template value, got {cond_path!r}")
+            used.add(cond_path)
+            condition = _lookup(tuple(cond_path.split(".")), cond_path)
+        items = [(str(k), _compile(v, used)) for k, v in node.items() if k != "$if"]
+
+        def render_dict(ctx: Mapping[str, Any]) -> Any:
+            if condition is not None and not condition(ctx):
+                return _OMIT
+            out: dict[str, Any] = {}
+            for key, render in items:
+                value = render(ctx)
+                if value is not _OMIT:
+                    out[key] = value
+            return out
+
+        return render_dict
+    if isinstance(node, list):
+        renders = [_compile(item, used) for item in node]
+
+        def render_list(ctx: Mapping[str, Any]) -> Any:
+            out = []
+            for render in renders:
+                value = render(ctx)
+                if value is not _OMIT:
+                    out.append(value)
+            return out
+
+        return render_list
+    if node is None or isinstance(node, bool | int | float):
+        return lambda ctx, _v=node: _v
+    raise TemplateError(f"unsupported YAML value {node!r}")
+
+
+def _copy(value: Any) -> Any:
+    """Copy a context value so two rendered pods never share mutable parts."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+_ALLOWED_TOP = {"options", "metadata", "spec"}
+_ALLOWED_META = {"labels", "annotations"}
+_ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets"}
+
+
+def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
+    """Parse and compile a template; raise TemplateError (a ValueError) saying what is wrong."""
+    if isinstance(source, str):
+        try:
+            doc = yaml.safe_load(source)
+        except yaml.YAMLError as err:
+            raise TemplateError(f"not valid YAML: {err}") from None
+    else:
+        doc = dict(source)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise TemplateError("a template must be a mapping")
+    unknown = set(doc) - _ALLOWED_TOP
+    if unknown:
+        raise TemplateError(f"unknown top-level keys {sorted(unknown)}; allowed: {sorted(_ALLOWED_TOP)}")
+    metadata = doc.get("metadata") or {}
+    spec = doc.get("spec") or {}
+    if not isinstance(metadata, dict) or set(metadata) - _ALLOWED_META:
+        raise TemplateError(f"metadata may hold only {sorted(_ALLOWED_META)}")
+    if not isinstance(spec, dict) or set(spec) - _ALLOWED_SPEC:
+        raise TemplateError(f"spec may hold only {sorted(_ALLOWED_SPEC)}")
+
+    def names(key: str) -> tuple[str, ...]:
+        items = spec.get(key) or []
+        if not isinstance(items, list):
+            raise TemplateError(f"spec.{key} must be a list")
+        out = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise TemplateError(f"every item of spec.{key} needs a literal name")
+            out.append(item["name"])
+        return tuple(out)
+
+    options = doc.get("options") or {}
+    if not isinstance(options, dict) or set(options) - {"rewriteProbes", "prometheusMerge", "holdCommand"}:
+        raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand")
+    used: set[str] = set()
+    render = _compile({"metadata": metadata, "spec": spec}, used)
+    return Template(
+        name=name,
+        options=options,
+        render=render,
+        container_names=names("containers"),
+        init_container_names=names("initContainers"),
+        variables=frozenset(used),
+    )
+
+
+def merge_options(templates: list[Template]) -> TemplateOptions:
+    merged: dict[str, Any] = {}
+    for template in templates:
+        merged.update(template.options)
+    return TemplateOptions(
+        rewrite_probes=bool(merged.get("rewriteProbes", True)),
+        prometheus_merge=bool(merged.get("prometheusMerge", True)),
+        hold_command=tuple(str(a) for a in merged.get("holdCommand") or ()),
+    )
