@@ -1,0 +1,48 @@
+"""``mesh-cni``: the CNI plugin when CNI_COMMAND is set, else a small subcommand dispatcher.
+
+Plugin mode is the hot path (a fresh process per pod start): nothing is imported before we know
+which mode we are in, and subcommand modules are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: subcommand -> (module, function taking argv and returning the exit code, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "validate": ("cni.validate", "main", "prove by real traffic that this pod's redirect is in place"),
+    "redirect": ("cni.redirect", "main", "program the redirect from an init container (NET_ADMIN)"),
+    "agent": ("cni.agent", "main", "run the resident node agent that serves plugin calls warm"),
+    "install": ("cni.install", "main", "install the plugin and chain it into the node's CNI config"),
+    "uninstall": ("cni.install", "uninstall_main", "remove the plugin and its conflist entry"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mesh-cni <command> [options]   (CNI plugin mode when CNI_COMMAND is set)", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if "CNI_COMMAND" in os.environ:
+        from cni.plugin import main as plugin_main
+
+        return plugin_main()
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage())
+        return 0 if args else 2
+    entry = SUBCOMMANDS.get(args[0])
+    if entry is None:
+        sys.stderr.write(f"mesh-cni: unknown command {args[0]!r}\n" + _usage())
+        return 2
+    import importlib
+
+    module_name, function, _ = entry
+    return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

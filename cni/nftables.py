@@ -1,0 +1,330 @@
+"""RedirectPlan -> nftables ruleset (pure), and programming it in ONE netlink batch.
+
+The ruleset follows Istio's REDIRECT-mode iptables rules, translated to one ``inet`` table so
+IPv4 and IPv6 share it. Rules are plain data (``nfnl.Expr`` lists), so the same ruleset is
+encoded by our struct encoder (hot path) or by pyroute2 (reference), and CHECK compares the
+kernel's dump with it.
+
+Table ``inet mesh_cni``::
+
+  chain prerouting  nat hook prerouting  priority -100: iifname X return; tcp -> jump inbound
+  chain inbound     proxy/excluded ports return; (all | listed) ports redirect :15006
+  chain output      nat hook output priority -100: oifname X return; tcp -> jump outbound;
+                    udp 53 from proxy uid/gid return; udp 53 redirect :15053 (DNS capture)
+  chain outbound    excluded ports; 127.0.0.6 passthrough; proxy uid/gid loopback handling;
+                    tcp 53 -> :15053; 127.0.0.1; excluded CIDRs; included ports; included CIDRs
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Sequence
+
+from cni import nfnl
+from cni.nfnl import Expr
+
+TABLE = "mesh_cni"
+FAMILY = nfnl.NFPROTO_INET
+NF_INET_PRE_ROUTING = 0
+NF_INET_LOCAL_OUT = 3
+NAT_PRIORITY = -100  # dstnat / Istio's nat table position
+NFT_RETURN = -5
+NFT_JUMP = -3
+CMP_EQ, CMP_NEQ = 0, 1
+META_IIFNAME, META_OIFNAME, META_SKUID, META_SKGID, META_NFPROTO, META_L4PROTO = 6, 7, 10, 11, 15, 16
+PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+NF_NAT_RANGE_PROTO_SPECIFIED = 2
+REG1 = 1
+REG_VERDICT = 0
+IFNAMSIZ = 16
+DNS_PORT = 53
+
+V4_LOOPBACK = (4, bytes([127, 0, 0, 1]), 32)
+V6_LOOPBACK = (6, bytes(15) + b"\x01", 128)
+V4_PASSTHROUGH = (4, bytes([127, 0, 0, 6]), 32)
+V6_PASSTHROUGH = (6, bytes(15) + b"\x06", 128)
+
+#: (chain name, hook) where hook is (hook number, priority, type) for base chains.
+Chain = tuple[str, "tuple[int, int, str] | None"]
+#: (chains, [(chain, exprs)]) — everything ADD programs, in order.
+Ruleset = tuple[tuple[Chain, ...], tuple[tuple[str, tuple[Expr, ...]], ...]]
+#: A network as (IP version, packed address, prefix length): no ipaddress import on the hot path.
+Net = tuple[int, bytes, int]
+
+# --- Expression builders ----------------------------------------------------------------------
+
+
+def _meta(key: int) -> Expr:
+    return ("meta", (("dreg", REG1), ("key", key)))
+
+
+def _cmp(op: int, data: bytes) -> Expr:
+    return ("cmp", (("sreg", REG1), ("op", op), ("data", data)))
+
+
+def l4proto(proto: int) -> list[Expr]:
+    return [_meta(META_L4PROTO), _cmp(CMP_EQ, bytes([proto]))]
+
+
+def dport(port: int, op: int = CMP_EQ) -> list[Expr]:
+    """Destination port of TCP or UDP (both keep it at transport offset 2); needs l4proto first."""
+    return [("payload", (("dreg", REG1), ("base", PAYLOAD_TRANSPORT), ("offset", 2), ("len", 2))),
+            _cmp(op, port.to_bytes(2, "big"))]
+
+
+def ifname(key: int, name: str, op: int = CMP_EQ) -> list[Expr]:
+    return [_meta(key), _cmp(op, name.encode().ljust(IFNAMSIZ, b"\0"))]
+
+
+def owner(key: int, ident: int, op: int = CMP_EQ) -> list[Expr]:
+    return [_meta(key), _cmp(op, struct.pack("=I", ident))]
+
+
+def addr(net: Net, *, source: bool = False, op: int = CMP_EQ) -> list[Expr]:
+    """ip/ip6 saddr|daddr in net; the nfproto match keeps each family to its own rules."""
+    version, packed, prefix = net
+    if version == 4:
+        proto, offset, length = nfnl.NFPROTO_IPV4, (12 if source else 16), 4
+    else:
+        proto, offset, length = nfnl.NFPROTO_IPV6, (8 if source else 24), 16
+    exprs = [_meta(META_NFPROTO), _cmp(CMP_EQ, bytes([proto])),
+             ("payload", (("dreg", REG1), ("base", PAYLOAD_NETWORK), ("offset", offset), ("len", length)))]
+    if prefix < length * 8:
+        mask = ((1 << (length * 8)) - 1) ^ ((1 << (length * 8 - prefix)) - 1)
+        mask_bytes = mask.to_bytes(length, "big")
+        exprs.append(("bitwise", (("sreg", REG1), ("dreg", REG1), ("len", length), ("op", 0),
+                                  ("mask", mask_bytes), ("xor", bytes(length)))))
+        packed = bytes(a & b for a, b in zip(packed, mask_bytes, strict=True))
+    exprs.append(_cmp(op, packed))
+    return exprs
+
+
+def ret() -> list[Expr]:
+    return [("immediate", (("dreg", REG_VERDICT), ("data", ("verdict", NFT_RETURN, None))))]
+
+
+def jump(chain: str) -> list[Expr]:
+    return [("immediate", (("dreg", REG_VERDICT), ("data", ("verdict", NFT_JUMP, chain))))]
+
+
+def redirect(port: int) -> list[Expr]:
+    return [("immediate", (("dreg", REG1), ("data", port.to_bytes(2, "big")))),
+            ("redir", (("reg_proto_min", REG1), ("reg_proto_max", REG1),
+                       ("flags", NF_NAT_RANGE_PROTO_SPECIFIED)))]
+
+
+# --- Plan -> ruleset --------------------------------------------------------------------------
+
+
+def net_of(network: object) -> Net:
+    """An ipaddress network (from the shared plan) as a Net tuple."""
+    return (network.version, network.network_address.packed, network.prefixlen)  # type: ignore[attr-defined]
+
+
+def _contains(net: Net, host: Net) -> bool:
+    version, packed, prefix = net
+    if version != host[0]:
+        return False
+    bits = len(packed) * 8
+    value, probe = int.from_bytes(packed, "big"), int.from_bytes(host[1], "big")
+    return (value >> (bits - prefix)) == (probe >> (bits - prefix)) if prefix else True
+
+
+def build_ruleset(plan: object) -> Ruleset:
+    """The whole table for a plan (a cni.annotations.RedirectPlan). Pure."""
+    p = plan
+    uid_gid = [(META_SKUID, p.proxy_uid), (META_SKGID, p.proxy_gid)]  # type: ignore[attr-defined]
+    tcp = l4proto(IPPROTO_TCP)
+    rules: list[tuple[str, tuple[Expr, ...]]] = []
+
+    def add(chain: str, *parts: list[Expr]) -> None:
+        rules.append((chain, tuple(e for part in parts for e in part)))
+
+    inbound_ports = p.inbound_ports  # type: ignore[attr-defined]
+    inbound_enabled = inbound_ports is None or len(inbound_ports) > 0
+    excluded_in = tuple(p.inbound_exclude_ports)  # type: ignore[attr-defined]
+    interfaces = tuple(p.exclude_interfaces)  # type: ignore[attr-defined]
+
+    # Inbound: PREROUTING -> inbound.
+    for name in interfaces:
+        add("prerouting", ifname(META_IIFNAME, name), ret())
+    if inbound_enabled:
+        add("prerouting", tcp, jump("inbound"))
+        if inbound_ports is None:
+            for port in excluded_in:
+                add("inbound", tcp, dport(port), ret())
+            add("inbound", tcp, redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+        else:
+            for port in inbound_ports:
+                if port not in excluded_in:
+                    add("inbound", tcp, dport(port), redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+
+    # Outbound: OUTPUT -> outbound (TCP); DNS over UDP directly in output.
+    dns = bool(p.capture_dns)  # type: ignore[attr-defined]
+    dns_port = p.dns_capture_port  # type: ignore[attr-defined]
+    for name in interfaces:
+        add("output", ifname(META_OIFNAME, name), ret())
+    add("output", tcp, jump("outbound"))
+    if dns:
+        udp = l4proto(IPPROTO_UDP)
+        for key, ident in uid_gid:
+            add("output", udp, dport(DNS_PORT), owner(key, ident), ret())
+        add("output", udp, dport(DNS_PORT), redirect(dns_port))
+
+    for port in p.outbound_exclude_ports:  # type: ignore[attr-defined]
+        add("outbound", tcp, dport(port), ret())
+    for passthrough in (V4_PASSTHROUGH, V6_PASSTHROUGH):
+        add("outbound", ifname(META_OIFNAME, "lo"), addr(passthrough, source=True), ret())
+    include = p.outbound_include_cidrs  # type: ignore[attr-defined]
+    include_nets = None if include is None else [net_of(n) for n in include]
+    loopback_included = include_nets is not None and any(
+        _contains(n, V4_LOOPBACK) or _contains(n, V6_LOOPBACK) for n in include_nets)
+    not_dns = dport(DNS_PORT, CMP_NEQ) if dns else []
+    for key, ident in uid_gid:
+        if inbound_enabled:
+            # The proxy calling its own app through the pod IP/VIP goes back through inbound.
+            for loop in (V4_LOOPBACK, V6_LOOPBACK):
+                add("outbound", ifname(META_OIFNAME, "lo"), not_dns, addr(loop, op=CMP_NEQ),
+                    owner(key, ident), redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+        if not loopback_included:
+            # The app talking to itself over loopback is not captured.
+            add("outbound", ifname(META_OIFNAME, "lo"), not_dns, owner(key, ident, CMP_NEQ), ret())
+        # The proxy's own traffic is never captured.
+        add("outbound", owner(key, ident), ret())
+    if dns:
+        add("outbound", tcp, dport(DNS_PORT), redirect(dns_port))
+    for loop in (V4_LOOPBACK, V6_LOOPBACK):
+        add("outbound", addr(loop), ret())
+    for network in p.outbound_exclude_cidrs:  # type: ignore[attr-defined]
+        add("outbound", addr(net_of(network)), ret())
+    for port in p.outbound_include_ports:  # type: ignore[attr-defined]
+        add("outbound", tcp, dport(port), redirect(p.outbound_capture_port))  # type: ignore[attr-defined]
+    if include_nets is None:
+        add("outbound", tcp, redirect(p.outbound_capture_port))  # type: ignore[attr-defined]
+    else:
+        for net in include_nets:
+            add("outbound", addr(net), redirect(p.outbound_capture_port))  # type: ignore[attr-defined]
+
+    chains: tuple[Chain, ...] = (
+        ("prerouting", (NF_INET_PRE_ROUTING, NAT_PRIORITY, "nat")),
+        ("output", (NF_INET_LOCAL_OUT, NAT_PRIORITY, "nat")),
+        ("inbound", None),
+        ("outbound", None),
+    )
+    return chains, tuple(rules)
+
+
+# --- Batches ----------------------------------------------------------------------------------
+
+Op = tuple[int, int, bytes, str]
+
+
+def add_ops(ruleset: Ruleset) -> list[Op]:
+    """Create-or-keep the table, delete it (flushing every old rule/chain), create it afresh."""
+    chains, rules = ruleset
+    table = nfnl.table_payload(TABLE)
+    ops: list[Op] = [
+        (nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"create table inet {TABLE}"),
+        (nfnl.NFT_MSG_DELTABLE, 0, table, f"flush table inet {TABLE}"),
+        (nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"add table inet {TABLE}"),
+    ]
+    ops += [(nfnl.NFT_MSG_NEWCHAIN, nfnl.NLM_F_CREATE, nfnl.chain_payload(TABLE, name, hook),
+             f"add chain {name}") for name, hook in chains]
+    ops += [(nfnl.NFT_MSG_NEWRULE, nfnl.NLM_F_CREATE | nfnl.NLM_F_APPEND, nfnl.rule_payload(TABLE, chain, exprs),
+             f"add rule {chain} #{i}") for i, (chain, exprs) in enumerate(rules)]
+    return ops
+
+
+def delete_ops() -> list[Op]:
+    """Delete our table whether or not it exists (create-then-delete in one transaction)."""
+    table = nfnl.table_payload(TABLE)
+    return [(nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"create table inet {TABLE}"),
+            (nfnl.NFT_MSG_DELTABLE, 0, table, f"delete table inet {TABLE}")]
+
+
+def expected_table(ruleset: Ruleset) -> dict[str, object]:
+    chains, rules = ruleset
+    table: dict[str, dict[str, object]] = {
+        name: {"hook": None if hook is None else (*hook, 1), "rules": []} for name, hook in chains}
+    for chain, exprs in rules:
+        table[chain]["rules"].append(nfnl.canonical_exprs(exprs))  # type: ignore[attr-defined]
+    return table
+
+
+def diff_tables(expected: dict[str, object] | None, actual: dict[str, object] | None) -> list[str]:
+    """Human-readable differences between what ADD programs and what the netns holds."""
+    if expected is None and actual is None:
+        return []
+    if actual is None:
+        return [f"table inet {TABLE} is missing"]
+    if expected is None:
+        return [f"table inet {TABLE} exists but the pod should not be redirected"]
+    problems = []
+    for name in sorted(set(expected) | set(actual)):
+        want, have = expected.get(name), actual.get(name)
+        if have is None:
+            problems.append(f"chain {name} is missing")
+        elif want is None:
+            problems.append(f"unexpected chain {name}")
+        elif want["hook"] != have["hook"]:  # type: ignore[index]
+            problems.append(f"chain {name} hook {have['hook']} != {want['hook']}")  # type: ignore[index]
+        elif want["rules"] != have["rules"]:  # type: ignore[index]
+            problems.append(f"chain {name}: {len(have['rules'])} rules differ from the "  # type: ignore[index]
+                            f"{len(want['rules'])} expected")  # type: ignore[index]
+    return problems
+
+
+# --- Programming a namespace ------------------------------------------------------------------
+
+
+def backend_name() -> str:
+    """'raw' (struct encoder, default) or 'pyroute2' (reference), from MESH_CNI_NETLINK."""
+    import os
+
+    return os.environ.get("MESH_CNI_NETLINK", "raw")
+
+
+def run_batch(sock_factory: object, ops: Sequence[Op], backend: str | None = None) -> None:
+    backend = backend or backend_name()
+    if backend == "pyroute2":
+        from cni import nft_pyroute2
+
+        nft_pyroute2.run_batch(sock_factory, ops)  # type: ignore[arg-type]
+        return
+    with sock_factory() as sock:  # type: ignore[operator]
+        sock.batch(ops)
+
+
+def program(netns_path: str, plan: object, backend: str | None = None) -> None:
+    """Program the plan into the netns (atomic: on error nothing changed and this raises)."""
+    from cni import netns
+
+    run_batch(lambda: netns.nft_socket(netns_path), add_ops(build_ruleset(plan)), backend)
+
+
+def remove(netns_path: str, backend: str | None = None) -> None:
+    from cni import netns
+
+    run_batch(lambda: netns.nft_socket(netns_path), delete_ops(), backend)
+
+
+def read(netns_path: str) -> dict[str, object] | None:
+    from cni import netns
+
+    with netns.nft_socket(netns_path) as sock:
+        return nfnl.read_table(sock, FAMILY, TABLE)
+
+
+def check(netns_path: str, plan: object | None) -> list[str]:
+    """Differences between the netns's table and what ADD would program for ``plan`` (None: none)."""
+    expected = None if plan is None else expected_table(build_ruleset(plan))
+    return diff_tables(expected, read(netns_path))
+
+
+if __name__ == "__main__":  # debugging aid: print the ruleset for default annotations
+    from cni.annotations import plan_from_annotations
+
+    for chain, exprs in build_ruleset(plan_from_annotations({}))[1]:
+        sys.stdout.write(f"{chain}: {exprs}\n")

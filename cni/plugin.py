@@ -1,0 +1,198 @@
+"""The chained CNI plugin: ADD / DEL / CHECK / VERSION / GC / STATUS.
+
+``run(env, stdin) -> (exit code, stdout)`` is the whole plugin as a function: the process entry
+point, the node agent and the tests all call it. Hot path: nothing here imports more than the
+stdlib's C modules until a pod really needs redirecting (see bench/bench_cni.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from cni import spec
+from cni.log import Log
+from cni.spec import CniError, Request
+
+#: = cni.annotations.STATUS; repeated so non-injected pods are skipped without importing the
+#: annotation module (tests assert the two agree).
+STATUS_ANNOTATION = "sidecar.istio.io/status"
+DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
+DEFAULT_CNI_POD_PREFIX = "mesh-cni-"
+
+
+def _log_for(config: Mapping[str, object], request: Request | None = None) -> Log:
+    context = ""
+    if request is not None:
+        pod = f"{request.args.get('K8S_POD_NAMESPACE', '')}/{request.args.get('K8S_POD_NAME', '')}"
+        context = f"{request.command} {request.container_id[:12]} {pod if pod != '/' else ''} "
+    return Log(str(config.get("logFile") or ""), str(config.get("logLevel") or "info"),
+               int(config.get("logMaxBytes") or 1 << 20), context)  # type: ignore[call-overload]
+
+
+def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
+    """The redirect plan for the pod (None: leave it alone) and why."""
+    config = request.config
+    namespace = request.args.get("K8S_POD_NAMESPACE", "")
+    name = request.args.get("K8S_POD_NAME", "")
+    if not namespace or not name:
+        return None, "no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: not a Kubernetes pod"
+    excluded = config.get("excludeNamespaces")
+    if excluded is None:
+        excluded = DEFAULT_EXCLUDE_NAMESPACES
+    if namespace in excluded:  # type: ignore[operator]
+        return None, f"namespace {namespace} is excluded"
+    prefix = str(config.get("cniPodNamePrefix") or DEFAULT_CNI_POD_PREFIX)
+    if name.startswith(prefix):
+        return None, f"pod {name} is the CNI's own pod"
+    from cni import podinfo
+
+    annotations = podinfo.runtime_annotations(config)
+    if annotations is None:
+        kubeconfig = config.get("kubeconfig")
+        if not kubeconfig:
+            raise CniError(spec.INVALID_CONFIG, "the runtime passed no pod annotations and no kubeconfig is "
+                           f"configured; declare the capability {spec.POD_ANNOTATIONS_CAPABILITY} or set kubeconfig")
+        log.debug("no annotations from the runtime; asking the API server")
+        annotations = podinfo.api_annotations(
+            str(kubeconfig), namespace, name, request.args.get("K8S_POD_UID"),
+            timeout=float(config.get("apiTimeoutSeconds") or 2.0),  # type: ignore[arg-type]
+            attempts=int(config.get("apiRetries") or 3))  # type: ignore[call-overload]
+    if STATUS_ANNOTATION not in annotations:
+        return None, f"pod has no {STATUS_ANNOTATION} annotation"
+    from cni import annotations as vocabulary
+
+    decision = vocabulary.redirect_decision(annotations)
+    if not decision.redirect:
+        return None, decision.message
+    defaults = vocabulary.TrafficDefaults(capture_dns=bool(config.get("captureDNS", False)))
+    try:
+        plan = vocabulary.plan_from_annotations(annotations, defaults)
+    except vocabulary.AnnotationError as error:
+        raise CniError(spec.INVALID_ANNOTATION, f"pod {namespace}/{name}: {error}") from None
+    if not plan.redirects:
+        return None, f"interception mode {plan.mode}"
+    return plan, decision.message
+
+
+def cmd_add(request: Request, log: Log) -> str:
+    plan, why = pod_plan(request, log)
+    if plan is None:
+        log.info(f"not redirecting: {why}")
+        return spec.add_result(request)
+    from cni import netns, nfnl, nftables
+
+    try:
+        nftables.program(request.netns, plan)
+    except netns.NetnsMissing as error:
+        raise CniError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {request.netns}: {error.strerror}") from None
+    except (nfnl.NetlinkError, OSError) as error:
+        raise CniError(spec.NETLINK_FAILED, f"programming table inet {nftables.TABLE} failed; nothing applied",
+                       str(error)) from None
+    log.info(f"redirect programmed in {request.netns}: {why}")
+    return spec.add_result(request)
+
+
+def cmd_del(request: Request, log: Log) -> str:
+    if not request.netns:
+        log.info("no netns: nothing to remove")
+        return ""
+    from cni import netns, nftables
+
+    try:
+        nftables.remove(request.netns)
+    except netns.NetnsMissing:
+        log.info(f"netns {request.netns} is gone: nothing to remove")
+    except OSError as error:  # best effort: the rules die with the netns anyway
+        log.warn(f"could not remove table inet {nftables.TABLE} from {request.netns}: {error}")
+    else:
+        log.info(f"table removed from {request.netns}")
+    return ""
+
+
+def cmd_check(request: Request, log: Log) -> str:
+    plan, why = pod_plan(request, log)
+    from cni import netns, nftables
+
+    try:
+        problems = nftables.check(request.netns, plan)
+    except netns.NetnsMissing as error:
+        raise CniError(spec.UNKNOWN_CONTAINER, f"CNI_NETNS {request.netns}: {error.strerror}") from None
+    if problems:
+        raise CniError(spec.CHECK_FAILED, f"rules in {request.netns} differ from what ADD programs ({why})",
+                       "; ".join(problems))
+    return ""
+
+
+def cmd_gc(request: Request, log: Log) -> str:
+    """Nothing to collect: all our state is the table inside each pod's netns, gone with it."""
+    attachments = request.config.get("cni.dev/valid-attachments")
+    if attachments is not None and not isinstance(attachments, list):
+        raise CniError(spec.INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+    return ""
+
+
+def cmd_status(request: Request, log: Log) -> str:
+    """Ready when we can talk nftables netlink (and read the kubeconfig, when one is configured)."""
+    from cni import nfnl
+
+    try:
+        nfnl.NftSocket().close()
+    except OSError as error:
+        raise CniError(spec.PLUGIN_NOT_AVAILABLE, "cannot open a netfilter netlink socket", str(error)) from None
+    kubeconfig = request.config.get("kubeconfig")
+    if kubeconfig and not os.access(str(kubeconfig), os.R_OK):
+        raise CniError(spec.PLUGIN_NOT_AVAILABLE, f"kubeconfig {kubeconfig} is not readable")
+    return ""
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
+def _error_version(stdin: bytes) -> str:
+    from cni import fastjson
+
+    try:
+        config = fastjson.loads(stdin)
+        version = config.get("cniVersion") if isinstance(config, dict) else None
+    except ValueError:
+        version = None
+    return version if version in spec.SUPPORTED_VERSIONS else spec.LATEST  # type: ignore[return-value]
+
+
+def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
+    """One invocation: (exit code, stdout text). Never raises; never writes to stdout."""
+    try:
+        request = spec.parse_request(env, stdin)
+    except CniError as error:
+        Log().error(f"{env.get('CNI_COMMAND', '?')}: {error.msg} {error.details}".rstrip())
+        return 1, error.to_json(_error_version(stdin))
+    if request.command == "VERSION":
+        return 0, spec.version_result(request.config)
+    log = _log_for(request.config, request)
+    try:
+        return 0, COMMANDS[request.command](request, log)
+    except CniError as error:
+        log.error(f"{error.msg} {error.details}".rstrip())
+        return 1, error.to_json(request.version)
+    except Exception as error:  # a bug must still answer in the spec's format
+        log.error(f"internal error: {type(error).__name__}: {error}")
+        return 1, CniError(spec.IO_FAILURE, f"internal error: {type(error).__name__}: {error}").to_json(
+            request.version)
+
+
+def main() -> int:
+    """Plugin-mode entry (CNI_COMMAND set): stdin config in, result or error JSON out."""
+    stdin = sys.stdin.buffer.read()
+    env = os.environ
+    outcome = None
+    if env.get("CNI_COMMAND") not in (None, "VERSION") and b"agentSocket" in stdin:
+        from cni import agent
+
+        outcome = agent.forward(env, stdin)
+    code, out = outcome if outcome is not None else run(env, stdin)
+    if out:
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+    return code
