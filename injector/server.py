@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -70,7 +71,7 @@ class ServerState:
 # structured logs
 
 
-_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -318,6 +319,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Everything imported so far lives as long as the process: keep the cyclic GC from
+        # re-scanning it on every full collection (the admission path allocates a lot).
+        gc.freeze()
         tasks = [asyncio.create_task(make()) for make in _pollers(state)]
         if state.events is not None:
             state.events.start()
