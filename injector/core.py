@@ -172,6 +172,17 @@ def inject(
     return result
 
 
+def inject_many(
+    objects: list[Mapping[str, Any]],
+    *,
+    config: InjectorConfig | None = None,
+    namespace_labels: Mapping[str, str] | None = None,
+    namespace: str | None = None,
+) -> list[InjectionResult]:
+    """``inject`` for each object of a multi-document input, in order."""
+    return [inject(o, config=config, namespace_labels=namespace_labels, namespace=namespace) for o in objects]
+
+
 def _replace_at(obj: Mapping[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
     out = dict(obj)
     if len(path) == 1:

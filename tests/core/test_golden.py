@@ -1,0 +1,112 @@
+"""Golden files: tests/golden/<case>.yaml -> <case>.yaml.injected, through the core and through the patch.
+
+Each expected file holds two YAML documents: the decision with its reasons and warnings, then
+the object as the API server would store it. Regenerate after an intended change with
+``REFRESH_GOLDEN=1 .venv/bin/pytest tests/core/test_golden.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pytest
+import yaml
+
+from injector.config import compile_config
+from injector.core import inject
+from injector.result import Decision, InjectionResult
+from tests.core.kube import schema_errors
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+SETTINGS: dict[str, dict[str, Any]] = yaml.safe_load((GOLDEN / "cases.yaml").read_text()) or {}
+CASES = sorted(p.name.removesuffix(".yaml") for p in GOLDEN.glob("*.yaml") if p.name != "cases.yaml")
+REFRESH = bool(os.environ.get("REFRESH_GOLDEN"))
+_CONFIGS: dict[str, Any] = {}
+
+
+def load_input(case: str) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all((GOLDEN / f"{case}.yaml").read_text()) if d is not None]
+    assert len(docs) == 1, f"{case}: one object per input file"
+    return docs[0]
+
+
+def run(case: str, obj: dict[str, Any]) -> InjectionResult:
+    settings = SETTINGS.get(case, {})
+    key = yaml.safe_dump(settings.get("config") or {}, sort_keys=True)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = compile_config(settings.get("config") or {})
+    return inject(
+        obj,
+        config=_CONFIGS[key],
+        namespace_labels=settings.get("namespaceLabels", {"istio-injection": "enabled"}),
+        namespace=settings.get("namespace"),
+    )
+
+
+def summary(result: InjectionResult) -> dict[str, Any]:
+    return {
+        "decision": result.decision.value,
+        "reasons": [r.as_dict() for r in result.reasons],
+        "warnings": [w.as_dict() for w in result.warnings],
+    }
+
+
+def expected(case: str, result: InjectionResult) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = GOLDEN / f"{case}.yaml.injected"
+    if REFRESH or not path.exists():
+        path.write_text(yaml.safe_dump_all([summary(result), result.mutated], sort_keys=False, width=120))
+        if not REFRESH:
+            pytest.fail(f"wrote missing golden {path.name}; review it and run again")
+    head, obj = yaml.safe_load_all(path.read_text())
+    return head, obj
+
+
+def test_there_are_enough_goldens() -> None:
+    assert len(CASES) >= 40
+
+
+def test_every_configured_case_exists() -> None:
+    assert sorted(set(SETTINGS) - set(CASES)) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_input_is_schema_valid(case: str) -> None:
+    assert schema_errors(load_input(case)) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_core_output_matches_golden(case: str) -> None:
+    original = load_input(case)
+    pristine = copy.deepcopy(original)
+    result = run(case, original)
+    head, want = expected(case, result)
+    assert summary(result) == head
+    assert result.mutated == want
+    assert original == pristine, "inject() must not modify its input"
+    assert schema_errors(result.mutated) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_patch_applied_to_input_gives_golden(case: str) -> None:
+    original = load_input(case)
+    result = run(case, original)
+    _, want = expected(case, result)
+    patched = jsonpatch.apply_patch(original, result.patch)
+    assert patched == want
+    if result.decision is not Decision.INJECT:
+        assert result.patch == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_injecting_the_output_again_changes_nothing(case: str) -> None:
+    result = run(case, load_input(case))
+    if result.decision is not Decision.INJECT:
+        pytest.skip(f"decision is {result.decision.value}")
+    again = run(case, copy.deepcopy(result.mutated))
+    assert again.decision is Decision.INJECT
+    assert again.patch == []
+    assert again.mutated == result.mutated
