@@ -215,8 +215,7 @@ def test_cni_daemonset(target: str) -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     sc = container["securityContext"]
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"].get("add", [])) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER"}
+    assert sc["capabilities"] == {"drop": ["ALL"]}
     assert not sc.get("privileged") and sc["readOnlyRootFilesystem"] is True
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -224,9 +223,20 @@ def test_cni_daemonset(target: str) -> None:
         assert host_paths["cni-net-dir"] == "/var/lib/rancher/k3s/agent/etc/cni/net.d"
     else:
         assert host_paths["cni-net-dir"] == "/etc/cni/net.d" and host_paths["cni-bin-dir"] == "/opt/cni/bin"
-    # Every host directory the installer is told about is mounted where it is told.
-    for volume in ("cni-bin-dir", "cni-net-dir"):
-        assert mounts[volume] in {e.get("value") for e in env.values()}
+    # Every directory the installer is told about is mounted where it is told; what the plugin
+    # reads on the host (runtime, kubeconfig, log) is mounted at its host path.
+    told = {e.get("value") for e in env.values()}
+    for volume in ("cni-bin-dir", "cni-net-dir", "cni-runtime-dir", "cni-state-dir"):
+        assert mounts[volume] in told, volume
+    for volume in ("cni-runtime-dir", "cni-state-dir", "cni-log-dir"):
+        assert mounts[volume] == host_paths[volume], volume
+    from cni.install import build_parser
+
+    flags = build_parser().parse_args([])
+    assert flags.kubeconfig.startswith(mounts["cni-state-dir"] + "/")
+    assert flags.plugin_log_file.startswith(mounts["cni-log-dir"] + "/")
+    assert env["CNI_BIN_DIR"]["value"] == mounts["cni-bin-dir"]
+    assert env["CNI_NET_DIR"]["value"] == mounts["cni-net-dir"]
 
 
 def test_rendered_yaml_has_no_anchors() -> None:
