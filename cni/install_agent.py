@@ -492,6 +492,7 @@ class Agent:
                     pending = False
                     next_resync = now + self.config.resync_s
                     valid, reason = self._pass(now)
+                    contended = self._contended(now)
                     if contended and not contended_logged:
                         log.warning(
                             "another agent keeps overwriting the CNI config (%d times in %.0fs); "
@@ -518,9 +519,12 @@ class Agent:
                     changed = watcher.drain()
                     if changed & {self.config.cni_net_dir, self.config.cni_bin_dir}:
                         self._last_net_change = time.monotonic()
-                        if contended and not self._valid.is_set():
+                        if contended and not self.chain_installed():
                             # Still being fought over: keep backing off until it is quiet.
                             self._overwrites.append(self._last_net_change)
+                            self.status.count("mesh_cni_install_overwrites_total")
+                            self._valid.clear()
+                            self.status.set(False, "contended: waiting for the CNI config to be quiet", True)
                     pending = True
                 if self._wake_r in readable:
                     with contextlib.suppress(BlockingIOError):
