@@ -17,9 +17,9 @@ def served_serial(server: RunningServer) -> int:
     import socket
 
     ctx = server.pki.ssl_context()
-    with socket.create_connection(("127.0.0.1", server.port)) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            der = tls.getpeercert(binary_form=True)
+    raw = socket.create_connection(("127.0.0.1", server.port))
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der).serial_number
 
 
