@@ -20,7 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: mesh-cni <command> [options]   (CNI plugin mode when CNI_COMMAND is set)", "", "commands:"]
+    lines = ["usage: mesh-cni <command> [options]   (CNI plugin mode when CNI_COMMAND is set)", "",
+             "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines) + "\n"
 

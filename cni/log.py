@@ -29,7 +29,7 @@ class Log:
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
         line = f"{stamp} {level.upper()} mesh-cni[{os.getpid()}] {self.context}{message}\n"
-        try:
+        try:  # noqa: SIM105 - contextlib is one more import on the hot path
             sys.stderr.write(line)
         except (OSError, ValueError):
             pass

@@ -67,7 +67,8 @@ EXPR_ATTRS: dict[str, dict[str, tuple[int, str]]] = {
     "immediate": {"dreg": (1, "u32"), "data": (2, "data")},
     "redir": {"reg_proto_min": (1, "u32"), "reg_proto_max": (2, "u32"), "flags": (3, "u32")},
 }
-_EXPR_KEYS = {name: {num: (key, kind) for key, (num, kind) in attrs.items()} for name, attrs in EXPR_ATTRS.items()}
+_EXPR_KEYS = {name: {num: (key, kind) for key, (num, kind) in attrs.items()}
+              for name, attrs in EXPR_ATTRS.items()}
 
 #: A verdict as expression data: ("verdict", code, chain-or-None).
 Verdict = tuple[str, int, "str | None"]
@@ -91,8 +92,13 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length & 3)
 
 
+#: Set on nested attributes, as modern netlink expects; pyroute2 leaves it out (the kernel's
+#: nf_tables accepts both), so the byte-for-byte comparison with pyroute2 sets this to 0.
+NESTED_FLAG = NLA_F_NESTED
+
+
 def _nested(kind: int, payload: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, payload)
+    return _attr(kind | NESTED_FLAG, payload)
 
 
 def _u32(value: int) -> bytes:

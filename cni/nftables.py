@@ -183,11 +183,11 @@ def build_ruleset(plan: object) -> Ruleset:
         _contains(n, V4_LOOPBACK) or _contains(n, V6_LOOPBACK) for n in include_nets)
     not_dns = dport(DNS_PORT, CMP_NEQ) if dns else []
     for key, ident in uid_gid:
-        if inbound_enabled:
-            # The proxy calling its own app through the pod IP/VIP goes back through inbound.
-            for loop in (V4_LOOPBACK, V6_LOOPBACK):
-                add("outbound", ifname(META_OIFNAME, "lo"), not_dns, addr(loop, op=CMP_NEQ),
-                    owner(key, ident), redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+        # The proxy calling its own app through the pod IP/VIP goes back through inbound
+        # (also what `mesh-cni validate` relies on to see the redirect as the proxy uid).
+        for loop in (V4_LOOPBACK, V6_LOOPBACK):
+            add("outbound", ifname(META_OIFNAME, "lo"), not_dns, addr(loop, op=CMP_NEQ),
+                owner(key, ident), redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
         if not loopback_included:
             # The app talking to itself over loopback is not captured.
             add("outbound", ifname(META_OIFNAME, "lo"), not_dns, owner(key, ident, CMP_NEQ), ret())
@@ -218,7 +218,8 @@ def build_ruleset(plan: object) -> Ruleset:
 
 # --- Batches ----------------------------------------------------------------------------------
 
-Op = tuple[int, int, bytes, str]
+#: (nft message type, flags, encoded payload, description, neutral form for other encoders)
+Op = tuple[int, int, bytes, str, tuple]
 
 
 def add_ops(ruleset: Ruleset) -> list[Op]:
@@ -226,22 +227,23 @@ def add_ops(ruleset: Ruleset) -> list[Op]:
     chains, rules = ruleset
     table = nfnl.table_payload(TABLE)
     ops: list[Op] = [
-        (nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"create table inet {TABLE}"),
-        (nfnl.NFT_MSG_DELTABLE, 0, table, f"flush table inet {TABLE}"),
-        (nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"add table inet {TABLE}"),
+        (nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"create table inet {TABLE}", ("table", TABLE)),
+        (nfnl.NFT_MSG_DELTABLE, 0, table, f"flush table inet {TABLE}", ("table", TABLE)),
+        (nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"add table inet {TABLE}", ("table", TABLE)),
     ]
     ops += [(nfnl.NFT_MSG_NEWCHAIN, nfnl.NLM_F_CREATE, nfnl.chain_payload(TABLE, name, hook),
-             f"add chain {name}") for name, hook in chains]
-    ops += [(nfnl.NFT_MSG_NEWRULE, nfnl.NLM_F_CREATE | nfnl.NLM_F_APPEND, nfnl.rule_payload(TABLE, chain, exprs),
-             f"add rule {chain} #{i}") for i, (chain, exprs) in enumerate(rules)]
+             f"add chain {name}", ("chain", TABLE, name, hook)) for name, hook in chains]
+    ops += [(nfnl.NFT_MSG_NEWRULE, nfnl.NLM_F_CREATE | nfnl.NLM_F_APPEND,
+             nfnl.rule_payload(TABLE, chain, exprs), f"add rule {chain} #{i}", ("rule", TABLE, chain, exprs))
+            for i, (chain, exprs) in enumerate(rules)]
     return ops
 
 
 def delete_ops() -> list[Op]:
     """Delete our table whether or not it exists (create-then-delete in one transaction)."""
     table = nfnl.table_payload(TABLE)
-    return [(nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"create table inet {TABLE}"),
-            (nfnl.NFT_MSG_DELTABLE, 0, table, f"delete table inet {TABLE}")]
+    return [(nfnl.NFT_MSG_NEWTABLE, nfnl.NLM_F_CREATE, table, f"create table inet {TABLE}", ("table", TABLE)),
+            (nfnl.NFT_MSG_DELTABLE, 0, table, f"delete table inet {TABLE}", ("table", TABLE))]
 
 
 def expected_table(ruleset: Ruleset) -> dict[str, object]:
@@ -286,28 +288,27 @@ def backend_name() -> str:
     return os.environ.get("MESH_CNI_NETLINK", "raw")
 
 
-def run_batch(sock_factory: object, ops: Sequence[Op], backend: str | None = None) -> None:
+def run_batch(netns_path: str, ops: Sequence[Op], backend: str | None = None) -> None:
+    """Send ops as one transaction inside the netns, with the chosen encoder."""
     backend = backend or backend_name()
     if backend == "pyroute2":
         from cni import nft_pyroute2
 
-        nft_pyroute2.run_batch(sock_factory, ops)  # type: ignore[arg-type]
+        nft_pyroute2.run_batch(netns_path, ops)
         return
-    with sock_factory() as sock:  # type: ignore[operator]
-        sock.batch(ops)
+    from cni import netns
+
+    with netns.nft_socket(netns_path) as sock:
+        sock.batch([op[:4] for op in ops])
 
 
 def program(netns_path: str, plan: object, backend: str | None = None) -> None:
     """Program the plan into the netns (atomic: on error nothing changed and this raises)."""
-    from cni import netns
-
-    run_batch(lambda: netns.nft_socket(netns_path), add_ops(build_ruleset(plan)), backend)
+    run_batch(netns_path, add_ops(build_ruleset(plan)), backend)
 
 
 def remove(netns_path: str, backend: str | None = None) -> None:
-    from cni import netns
-
-    run_batch(lambda: netns.nft_socket(netns_path), delete_ops(), backend)
+    run_batch(netns_path, delete_ops(), backend)
 
 
 def read(netns_path: str) -> dict[str, object] | None:

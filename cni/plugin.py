@@ -53,7 +53,8 @@ def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
         kubeconfig = config.get("kubeconfig")
         if not kubeconfig:
             raise CniError(spec.INVALID_CONFIG, "the runtime passed no pod annotations and no kubeconfig is "
-                           f"configured; declare the capability {spec.POD_ANNOTATIONS_CAPABILITY} or set kubeconfig")
+                           f"configured; declare the capability {spec.POD_ANNOTATIONS_CAPABILITY} "
+                           "or set kubeconfig")
         log.debug("no annotations from the runtime; asking the API server")
         annotations = podinfo.api_annotations(
             str(kubeconfig), namespace, name, request.args.get("K8S_POD_UID"),
@@ -88,7 +89,8 @@ def cmd_add(request: Request, log: Log) -> str:
     except netns.NetnsMissing as error:
         raise CniError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {request.netns}: {error.strerror}") from None
     except (nfnl.NetlinkError, OSError) as error:
-        raise CniError(spec.NETLINK_FAILED, f"programming table inet {nftables.TABLE} failed; nothing applied",
+        raise CniError(spec.NETLINK_FAILED,
+                       f"programming table inet {nftables.TABLE} failed; nothing applied",
                        str(error)) from None
     log.info(f"redirect programmed in {request.netns}: {why}")
     return spec.add_result(request)
@@ -140,7 +142,8 @@ def cmd_status(request: Request, log: Log) -> str:
     try:
         nfnl.NftSocket().close()
     except OSError as error:
-        raise CniError(spec.PLUGIN_NOT_AVAILABLE, "cannot open a netfilter netlink socket", str(error)) from None
+        raise CniError(spec.PLUGIN_NOT_AVAILABLE, "cannot open a netfilter netlink socket",
+                       str(error)) from None
     kubeconfig = request.config.get("kubeconfig")
     if kubeconfig and not os.access(str(kubeconfig), os.R_OK):
         raise CniError(spec.PLUGIN_NOT_AVAILABLE, f"kubeconfig {kubeconfig} is not readable")

@@ -132,7 +132,8 @@ def get_pod(kubeconfig: Kubeconfig, namespace: str, name: str, *, timeout: float
     import urllib.parse
 
     url = urllib.parse.urlsplit(kubeconfig.server)
-    path = f"{url.path.rstrip('/')}/api/v1/namespaces/{urllib.parse.quote(namespace)}/pods/{urllib.parse.quote(name)}"
+    quote = urllib.parse.quote
+    path = f"{url.path.rstrip('/')}/api/v1/namespaces/{quote(namespace)}/pods/{quote(name)}"
     headers = {"Accept": "application/json", "User-Agent": "mesh-cni"}
     if kubeconfig.token:
         headers["Authorization"] = f"Bearer {kubeconfig.token}"
@@ -184,7 +185,8 @@ def api_annotations(kubeconfig_path: str, namespace: str, name: str, uid: str | 
     pod = get_pod(load_kubeconfig(kubeconfig_path), namespace, name, timeout=timeout, attempts=attempts)
     metadata = pod.get("metadata") or {}
     if uid and metadata.get("uid") and metadata["uid"] != uid:
-        raise CniError(TRY_AGAIN_LATER, f"pod {namespace}/{name} on the API server has uid {metadata['uid']}, "
+        raise CniError(TRY_AGAIN_LATER,
+                       f"pod {namespace}/{name} on the API server has uid {metadata['uid']}, "
                        f"not {uid} (recreated?)")
     annotations = metadata.get("annotations") or {}
     return {str(k): str(v) for k, v in annotations.items()}

@@ -131,7 +131,8 @@ def _validate_env(request: Request, env: Mapping[str, str]) -> None:
         return
     if command in ("ADD", "DEL", "CHECK"):
         if not _valid_container_id(request.container_id):
-            raise CniError(INVALID_ENVIRONMENT, f"CNI_CONTAINERID {request.container_id!r} is missing or invalid")
+            raise CniError(INVALID_ENVIRONMENT,
+                           f"CNI_CONTAINERID {request.container_id!r} is missing or invalid")
         if not _valid_ifname(request.ifname):
             raise CniError(INVALID_ENVIRONMENT, f"CNI_IFNAME {request.ifname!r} is missing or invalid")
         if command != "DEL" and not request.netns:

@@ -1,0 +1,122 @@
+"""The resident node agent: serves plugin invocations with everything already imported.
+
+A fresh plugin process pays Python start-up plus imports on every pod start; the agent pays
+them once. When the conflist names ``agentSocket``, the plugin forwards its environment and
+stdin over that Unix socket and prints the agent's answer; the agent runs exactly the same
+``cni.plugin.run`` (each request in its own thread: netns switches are per thread). When no
+agent answers, the plugin does the work itself, so the agent is a speed-up, never a dependency.
+
+Wire format: one JSON object each way, the request ended by shutdown(SHUT_WR):
+``{"env": {...}, "stdin": "<config text>"}`` -> ``{"code": 0, "stdout": "..."}``.
+Only root may connect (socket mode 0600 and SO_PEERCRED checked).
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import struct
+from collections.abc import Mapping
+
+from cni import fastjson
+
+FORWARDED_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+SO_PEERCRED = 17
+
+
+def _agent_socket(stdin: bytes) -> str | None:
+    try:
+        config = fastjson.loads(stdin)
+    except ValueError:
+        return None
+    path = config.get("agentSocket") if isinstance(config, dict) else None
+    return path if isinstance(path, str) and path else None
+
+
+def _recv_all(sock: _socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def forward(env: Mapping[str, str], stdin: bytes, timeout: float = 10.0) -> tuple[int, str] | None:
+    """The agent's (exit code, stdout) for this invocation, or None when no agent answered."""
+    path = _agent_socket(stdin)
+    if path is None:
+        return None
+    request = fastjson.dumps({"env": {k: env[k] for k in FORWARDED_ENV if k in env},
+                              "stdin": stdin.decode("utf-8", "replace")}).encode()
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(request)
+        sock.shutdown(_socket.SHUT_WR)
+        reply = fastjson.loads(_recv_all(sock))
+        if (isinstance(reply, dict) and isinstance(reply.get("code"), int)
+                and isinstance(reply.get("stdout"), str)):
+            return reply["code"], reply["stdout"]
+        return None
+    except (OSError, ValueError):
+        return None  # no agent (or it broke mid-way): the plugin runs the request itself; ADD is idempotent
+    finally:
+        sock.close()
+
+
+def serve(path: str, *, ready: object | None = None) -> None:
+    """Serve forever on a Unix socket at ``path`` (replacing a stale one)."""
+    import contextlib
+    import socketserver
+
+    # Warm everything the plugin may need.
+    from cni import annotations, netns, nfnl, nftables, plugin, podinfo  # noqa: F401
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            conn: _socket.socket = self.request
+            uid = struct.unpack("=iII", conn.getsockopt(_socket.SOL_SOCKET, SO_PEERCRED, 12))[1]
+            if uid != 0:
+                return
+            try:
+                request = fastjson.loads(_recv_all(conn))
+                env = {str(k): str(v) for k, v in request["env"].items()}  # type: ignore[index,union-attr]
+                stdin = str(request["stdin"]).encode()  # type: ignore[index]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return  # the plugin falls back to doing the work itself
+            code, out = plugin.run(env, stdin)
+            conn.sendall(fastjson.dumps({"code": code, "stdout": out}).encode())
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    old_umask = os.umask(0o177)
+    try:
+        server = Server(path, Handler)
+    finally:
+        os.umask(old_umask)
+    if ready is not None:
+        ready.set()  # type: ignore[attr-defined]
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mesh-cni agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", default="/var/run/mesh-cni/agent.sock",
+                        help="Unix socket to serve on; put the same path in the conflist's agentSocket")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.socket)
+    except KeyboardInterrupt:
+        return 0
+    return 0
