@@ -208,14 +208,14 @@ def review(
     api_version: str = "admission.k8s.io/v1",
     operation: str = "CREATE",
     namespace: str = "apps",
-    kind: Mapping[str, str] | None = None,
+    kind: Any = None,
     resource: str = "pods",
     dry_run: bool = False,
     uid: str | None = None,
 ) -> dict[str, Any]:
     request: dict[str, Any] = {
         "uid": uid or str(uuid.uuid4()),
-        "kind": dict(kind or {"group": "", "version": "v1", "kind": "Pod"}),
+        "kind": kind if kind is not None else {"group": "", "version": "v1", "kind": "Pod"},
         "resource": {"group": "", "version": "v1", "resource": resource},
         "operation": operation,
         "namespace": namespace,
