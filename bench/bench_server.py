@@ -1,0 +1,251 @@
+"""Webhook throughput and latency over HTTPS on loopback, and the server's memory over 100k reviews.
+
+Starts ``mesh-injector serve`` (one uvicorn worker, its own CA and certificate), then drives
+``POST /inject`` with ``wrk`` (HTTPS, keep-alive, 16 connections, 2 threads) on the same
+machine with an AdmissionReview for a typical pod (three containers, probes on named and
+numbered ports, a Deployment's ownerReferences). Prints reviews/s, p50/p99 and their ratio to the
+targets (>= 1,500 reviews/s, p99 <= 20 ms), then keeps the load on until the server has answered
+100,000 reviews and prints its RSS at 10k and at 100k reviews and the peak (VmHWM).
+
+    .venv/bin/python bench/bench_server.py [--duration 15] [--connections 16] [--total 100000]
+
+Needs ``wrk`` (Debian package; installed with apt-get when missing and running as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from injector import pki  # noqa: E402
+
+TARGET_RPS = 1500.0
+TARGET_P99_MS = 20.0
+
+
+def typical_review() -> dict[str, Any]:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "web-6f8d9c7b5-",
+            "namespace": "shop",
+            "labels": {"app": "web", "version": "v1", "pod-template-hash": "6f8d9c7b5"},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9100"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-6f8d9c7b5",
+                                 "uid": "0b6c1f1e-7d1a-4c1e-9b8e-5a0e2b7f1c11", "controller": True,
+                                 "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [
+                {"name": "web", "image": "registry.example.com/shop/web:1.8.2",
+                 "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 8081}],
+                 "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "DB_HOST", "value": "db.shop"},
+                         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                 "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
+                 "livenessProbe": {"httpGet": {"path": "/live", "port": 8081}, "initialDelaySeconds": 10},
+                 "startupProbe": {"tcpSocket": {"port": "http"}, "failureThreshold": 30},
+                 "volumeMounts": [{"name": "config", "mountPath": "/etc/web"}]},
+                {"name": "worker", "image": "registry.example.com/shop/worker:1.8.2",
+                 "command": ["/worker", "--queue=orders"],
+                 "livenessProbe": {"exec": {"command": ["/worker", "health"]}},
+                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+                {"name": "exporter", "image": "registry.example.com/tools/exporter:0.9",
+                 "ports": [{"name": "metrics", "containerPort": 9100}],
+                 "readinessProbe": {"grpc": {"port": 9100}}},
+            ],
+            "volumes": [{"name": "config", "configMap": {"name": "web-config"}}],
+        },
+    }
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "dryRun": False,
+        },
+    }
+
+
+def serve_command() -> list[str]:
+    """``mesh-injector`` as installed; the serve module directly if the dispatcher is absent."""
+    import importlib.util
+
+    exe = Path(sys.executable).parent / "mesh-injector"
+    if exe.exists() and importlib.util.find_spec("injector.cli") is not None:
+        return [str(exe)]
+    return [sys.executable, "-c", "import argparse, sys; from injector.commands import serve; "
+            "p = argparse.ArgumentParser(); serve.add_arguments(p); "
+            "sys.exit(serve.run(p.parse_args(sys.argv[2:])))"]
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+        if not shutil.which("wrk"):
+            subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+    found = shutil.which("wrk")
+    if not found:
+        sys.exit("bench_server: needs wrk (apt-get install wrk)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def answered(url: str, ctx: ssl.SSLContext) -> int:
+    text = urllib.request.urlopen(f"{url}/metrics", context=ctx, timeout=10).read().decode()
+    match = re.search(r'^mesh_injector_requests_total\{endpoint="inject",code="200"\} (\S+)$', text, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+def parse_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([0-9.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(
+    wrk: str, url: str, script: Path, seconds: float, connections: int, threads: int
+) -> dict[str, float]:
+    out = subprocess.run(
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "75", "90", "99"):
+        found = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        result[f"p{pct}"] = parse_ms(found.group(1)) if found else float("nan")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    result["non2xx"] = float(errors.group(1)) if errors else 0.0
+    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    if socket_errors:
+        print(f"  wrk socket errors: {socket_errors.group(1)}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of the measured run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--total", type=int, default=100_000, help="reviews before the final RSS reading")
+    args = parser.parse_args(argv)
+    wrk = ensure_wrk()
+
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
+        tmp = Path(tmp_name)
+        ca = pki.make_ca("bench CA")
+        serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
+        (tmp / "ca.crt").write_bytes(ca.cert_pem)
+        (tmp / "tls.crt").write_bytes(serving.cert_pem)
+        (tmp / "tls.key").write_bytes(serving.key_pem)
+        body = tmp / "review.json"
+        body.write_text(json.dumps(typical_review()))
+        script = tmp / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
+        port = free_port()
+        url = f"https://127.0.0.1:{port}"
+        cmd = serve_command()
+        log = (tmp / "server.log").open("wb")
+        server = subprocess.Popen(
+            [*cmd, "serve", "--address", "127.0.0.1", "--port", str(port),
+             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
+            stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        )
+        ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/readyz", context=ctx, timeout=2)
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        print((tmp / "server.log").read_text())
+                        return 1
+                    time.sleep(0.1)
+            # Sanity: the review is answered with a patch.
+            request = urllib.request.Request(f"{url}/inject", data=body.read_bytes(),
+                                             headers={"content-type": "application/json"})
+            answer = json.load(urllib.request.urlopen(request, context=ctx))
+            assert answer["response"]["allowed"] and answer["response"].get("patch"), answer
+            patch_bytes = len(answer["response"]["patch"])
+
+            print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+                  f"review {body.stat().st_size} B, response patch {patch_bytes} B (base64)")
+            run_wrk(wrk, f"{url}/inject", script, 3, args.connections, args.threads)  # warm-up
+            rss_warm, _ = rss_kib(server.pid)
+            count_warm = answered(url, ctx)
+            m = run_wrk(wrk, f"{url}/inject", script, args.duration, args.connections, args.threads)
+            print(f"HTTPS keep-alive, {args.connections} connections, 1 server worker, wrk -t{args.threads}, "
+                  f"{args.duration:.0f} s:")
+            ratio = m["rps"] / TARGET_RPS
+            print(f"  reviews/s   {m['rps']:8.0f}   (target >= {TARGET_RPS:.0f}: ratio {ratio:.2f})")
+            print(f"  p50         {m['p50']:8.2f} ms")
+            print(f"  p90         {m['p90']:8.2f} ms")
+            print(f"  p99         {m['p99']:8.2f} ms (target <= {TARGET_P99_MS:.0f} ms: ratio "
+                  f"{m['p99'] / TARGET_P99_MS:.2f})")
+            print(f"  non-2xx     {m['non2xx']:8.0f} of {m['requests']:.0f}")
+
+            while (count := answered(url, ctx)) < args.total:
+                remaining = args.total - count
+                run_wrk(wrk, f"{url}/inject", script, max(2.0, min(30.0, remaining / max(m["rps"], 1) + 1)),
+                        args.connections, args.threads)
+            rss_end, hwm = rss_kib(server.pid)
+            print(f"memory (server process), after {count_warm} reviews: RSS {rss_warm / 1024:.1f} MiB; "
+                  f"after {count} reviews: RSS {rss_end / 1024:.1f} MiB, peak (VmHWM) {hwm / 1024:.1f} MiB; "
+                  f"growth {(rss_end - rss_warm) / 1024:+.1f} MiB")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
