@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import yaml
 
 from cni import annotations as ann
@@ -88,6 +89,24 @@ _PLURALS = {
     "CronJob": "cronjobs",
     "Pod": "pods",
 }
+
+
+def _json(value: Any, *, sort: bool = False) -> str:
+    """Compact JSON (what json.dumps gives with separators=(",", ":")), via orjson for speed."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort else 0).decode()
+
+
+_STATUS_JSON: dict[ann.InjectionStatus, str] = {}
+
+
+def _status_json(status: ann.InjectionStatus) -> str:
+    """The status annotation text; nearly every pod gets one of a handful, so it is memoised."""
+    found = _STATUS_JSON.get(status)
+    if found is None:
+        if len(_STATUS_JSON) >= 1024:
+            _STATUS_JSON.clear()
+        found = _STATUS_JSON[status] = status.to_json()
+    return found
 
 
 class _Rejected(Exception):
@@ -480,6 +499,25 @@ def _static_context(config: InjectorConfig) -> dict[str, Any]:
     return static
 
 
+_TRAFFIC_CACHE: dict[tuple[Any, ...], ann.ResolvedTraffic] = {}
+
+
+def _resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> ann.ResolvedTraffic:
+    """resolve_traffic, memoised: most pods carry the same few traffic annotations (usually none)."""
+    present = tuple((k, annotations[k]) for k in ann.TRAFFIC_ANNOTATIONS if k in annotations)
+    key = (config.traffic_defaults, present)
+    found = _TRAFFIC_CACHE.get(key)
+    if found is None:
+        try:
+            found = ann.resolve_traffic(annotations, config.traffic_defaults)
+        except ann.AnnotationError as err:
+            raise _Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
+        if len(_TRAFFIC_CACHE) >= 4096:
+            _TRAFFIC_CACHE.clear()
+        _TRAFFIC_CACHE[key] = found
+    return found
+
+
 def _select_templates(annotations: Mapping[str, str], config: InjectorConfig) -> list[Template]:
     raw = annotations.get(TEMPLATES)
     names = (
@@ -514,7 +552,7 @@ def _capture_init(mode: str, resolved: Mapping[str, str], config: InjectorConfig
             "image": proxy.cni_image,
             "imagePullPolicy": proxy.image_pull_policy,
             "command": ["mesh-cni", "redirect"],
-            "args": ["--annotations", json.dumps(dict(resolved), sort_keys=True, separators=(",", ":"))],
+            "args": ["--annotations", _json(dict(resolved), sort=True)],
             "resources": small,
             "securityContext": {
                 "allowPrivilegeEscalation": False,
@@ -563,10 +601,7 @@ def _render_into(
     options = merge_options(templates)
     template_containers = {n for t in templates for n in t.container_names}
     template_inits = {n for t in templates for n in t.init_container_names}
-    try:
-        traffic = ann.resolve_traffic(annotations, config.traffic_defaults)
-    except ann.AnnotationError as err:
-        raise _Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
+    traffic = _resolve_traffic(annotations, config)
     plan = traffic.plan
 
     user_containers = _named(spec.get("containers"))
@@ -692,7 +727,7 @@ def _render_into(
             else None,
             "logLevel": log_level,
             "componentLogLevel": annotations.get(COMPONENT_LOG_LEVEL, config.proxy.component_log_level),
-            "config": json.dumps(_with_hold(proxy_config, hold), sort_keys=True, separators=(",", ":")),
+            "config": _json(_with_hold(proxy_config, hold), sort=True) if proxy_config or hold else "{}",
             "interceptionMode": plan.mode,
             "envoyBootstrap": static["envoyBootstrap"],
         },
@@ -701,7 +736,7 @@ def _render_into(
             "namespace": namespace,
             "serviceAccount": spec.get("serviceAccountName") or "default",
             "appContainers": ",".join(c.get("name", "") for c in app_containers),
-            "podPorts": json.dumps(pod_ports, separators=(",", ":")),
+            "podPorts": _json(pod_ports),
             "appProbers": probers_json(probers),
             "prometheusAnnotations": prometheus_saved,
             "workloadName": workload.name or pod_name,
@@ -788,7 +823,7 @@ def _render_into(
         templates=tuple(t.name for t in templates),
         config_hash=config.config_hash,
     )
-    annotations[ann.STATUS] = status.to_json()
+    annotations[ann.STATUS] = _status_json(status)
 
     new_meta = dict(meta)
     new_meta["labels"] = labels

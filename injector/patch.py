@@ -30,17 +30,19 @@ def _diff(a: Any, b: Any, path: str, ops: Patch) -> None:
     if type(a) is not type(b):
         ops.append({"op": "replace", "path": path, "value": b})
         return
-    if isinstance(a, dict):
+    if type(a) is dict:
         for key in a:
             if key not in b:
                 ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
         for key, value in b.items():
             if key in a:
-                _diff(a[key], value, f"{path}/{_escape(key)}", ops)
+                old = a[key]
+                if old is not value:  # shared subtrees (most of them) cost one identity check
+                    _diff(old, value, f"{path}/{_escape(key)}", ops)
             else:
                 ops.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
         return
-    if isinstance(a, list):
+    if type(a) is list:
         _diff_list(a, b, path, ops)
         return
     if a != b:
@@ -51,7 +53,8 @@ def _diff_list(a: list[Any], b: list[Any], path: str, ops: Patch) -> None:
     la, lb = len(a), len(b)
     if la == lb:
         for i in range(la):
-            _diff(a[i], b[i], f"{path}/{i}", ops)
+            if a[i] is not b[i]:
+                _diff(a[i], b[i], f"{path}/{i}", ops)
         return
     prefix = 0
     limit = min(la, lb)

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 PROBE_KINDS: tuple[tuple[str, str], ...] = (
     ("readinessProbe", "readyz"),
     ("livenessProbe", "livez"),
@@ -112,7 +114,7 @@ def probers_json(probers: Mapping[str, Any]) -> str | None:
     """Istio's ISTIO_KUBE_APP_PROBERS value: compact JSON, keys sorted; None when empty."""
     if not probers:
         return None
-    return json.dumps(probers, sort_keys=True, separators=(",", ":"))
+    return orjson.dumps(probers, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def parse_probers(value: str | None) -> dict[str, Any]:

@@ -5,14 +5,16 @@ A template is a YAML document shaped like part of a Pod (``metadata`` labels/ann
 ``{{ path.to.value }}`` placeholders:
 
 - a string that is exactly one placeholder becomes the value itself, keeping its type (an int
-  stays an int, a mapping is inserted as a mapping); a value of None removes the mapping key or
-  the list item that held it, which is how templates express "only when set";
+  stays an int, a mapping is inserted as a mapping, not copied); a value of None removes the
+  mapping key or the list item that held it, which is how templates express "only when set";
 - placeholders inside longer strings are interpolated as text;
 - a mapping with an ``$if: path`` key is dropped (from its list or parent) when the value at
   ``path`` is falsy; the ``$if`` key itself never reaches the output.
 
 No loops, no expressions: anything cleverer is computed in Python and handed to the template as
 a value. That keeps user templates declarative and rendering fast (no parsing per request).
+Parts of a template without placeholders are shared by every rendered pod, not copied: the
+rendered output, like the core's whole result, is read-only.
 """
 
 from __future__ import annotations
@@ -95,49 +97,77 @@ class Template:
 
 
 def _lookup(path: tuple[str, ...], text: str) -> Renderer:
-    first, rest = path[0], path[1:]
+    def missing() -> TemplateError:
+        return TemplateError(f"template value {text!r} is not available")
+
+    if len(path) == 2:  # every variable today: one lookup per level, no loop
+        first, second = path
+
+        def get2(ctx: Mapping[str, Any]) -> Any:
+            try:
+                return ctx[first][second]
+            except (KeyError, TypeError):
+                raise missing() from None
+
+        return get2
 
     def get(ctx: Mapping[str, Any]) -> Any:
         try:
-            value = ctx[first]
-            for key in rest:
+            value = ctx
+            for key in path:
                 value = value[key]
         except (KeyError, TypeError):
-            raise TemplateError(f"template value {text!r} is not available") from None
+            raise missing() from None
         return value
 
     return get
 
 
-def _compile(node: Any, used: set[str]) -> Renderer:
+def _placeholders(node: str, used: set[str]) -> list[re.Match[str]]:
+    matches = list(_PLACEHOLDER.finditer(node))
+    for m in matches:
+        if m.group(1) not in VARIABLES:
+            raise TemplateError(f"unknown template value {{{{ {m.group(1)} }}}}")
+        used.add(m.group(1))
+    return matches
+
+
+def _compile(node: Any, used: set[str]) -> tuple[bool, Any]:
+    """(True, value) for a part without placeholders, shared by every rendered pod and never
+    copied (rendered output is read-only by contract); else (False, renderer)."""
     if isinstance(node, str):
-        matches = list(_PLACEHOLDER.finditer(node))
+        matches = _placeholders(node, used)
         if not matches:
-            return lambda ctx, _v=node: _v
-        for m in matches:
-            if m.group(1) not in VARIABLES:
-                raise TemplateError(f"unknown template value {{{{ {m.group(1)} }}}}")
-            used.add(m.group(1))
+            return True, node
         if len(matches) == 1 and matches[0].span() == (0, len(node)):
             getter = _lookup(tuple(matches[0].group(1).split(".")), matches[0].group(1))
 
             def whole(ctx: Mapping[str, Any]) -> Any:
                 value = getter(ctx)
-                return _OMIT if value is None else _copy(value)
+                return _OMIT if value is None else value
 
-            return whole
-        pieces: list[Renderer] = []
+            return False, whole
+        pieces: list[str | Renderer] = []
         pos = 0
         for m in matches:
             if m.start() > pos:
-                text = node[pos : m.start()]
-                pieces.append(lambda ctx, _v=text: _v)
-            getter = _lookup(tuple(m.group(1).split(".")), m.group(1))
-            pieces.append(lambda ctx, _g=getter: "" if (v := _g(ctx)) is None else str(v))
+                pieces.append(node[pos : m.start()])
+            pieces.append(_lookup(tuple(m.group(1).split(".")), m.group(1)))
             pos = m.end()
         if pos < len(node):
-            pieces.append(lambda ctx, _v=node[pos:]: _v)
-        return lambda ctx: "".join(p(ctx) for p in pieces)
+            pieces.append(node[pos:])
+
+        def interpolate(ctx: Mapping[str, Any]) -> str:
+            out = []
+            for piece in pieces:
+                if isinstance(piece, str):
+                    out.append(piece)
+                else:
+                    value = piece(ctx)
+                    out.append("" if value is None else str(value))
+            return "".join(out)
+
+        return False, interpolate
     if isinstance(node, dict):
         condition: Renderer | None = None
         if "$if" in node:
@@ -146,43 +176,44 @@ def _compile(node: Any, used: set[str]) -> Renderer:
                 raise TemplateError(f"$if must name a template value, got {cond_path!r}")
             used.add(cond_path)
             condition = _lookup(tuple(cond_path.split(".")), cond_path)
-        items = [(str(k), _compile(v, used)) for k, v in node.items() if k != "$if"]
+        items = [(str(k), *_compile(v, used)) for k, v in node.items() if k != "$if"]
+        if condition is None and all(static for _, static, _ in items):
+            return True, {k: v for k, _, v in items}
 
         def render_dict(ctx: Mapping[str, Any]) -> Any:
             if condition is not None and not condition(ctx):
                 return _OMIT
             out: dict[str, Any] = {}
-            for key, render in items:
-                value = render(ctx)
-                if value is not _OMIT:
-                    out[key] = value
+            for key, static, part in items:
+                if static:
+                    out[key] = part
+                else:
+                    value = part(ctx)
+                    if value is not _OMIT:
+                        out[key] = value
             return out
 
-        return render_dict
+        return False, render_dict
     if isinstance(node, list):
-        renders = [_compile(item, used) for item in node]
+        parts = [_compile(item, used) for item in node]
+        if all(static for static, _ in parts):
+            return True, [v for _, v in parts]
 
         def render_list(ctx: Mapping[str, Any]) -> Any:
             out = []
-            for render in renders:
-                value = render(ctx)
-                if value is not _OMIT:
-                    out.append(value)
+            for static, part in parts:
+                if static:
+                    out.append(part)
+                else:
+                    value = part(ctx)
+                    if value is not _OMIT:
+                        out.append(value)
             return out
 
-        return render_list
+        return False, render_list
     if node is None or isinstance(node, bool | int | float):
-        return lambda ctx, _v=node: _v
+        return True, node
     raise TemplateError(f"unsupported YAML value {node!r}")
-
-
-def _copy(value: Any) -> Any:
-    """Copy a context value so two rendered pods never share mutable parts."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 _ALLOWED_TOP = {"options", "metadata", "spec"}
@@ -228,7 +259,8 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
     if not isinstance(options, dict) or set(options) - {"rewriteProbes", "prometheusMerge", "holdCommand"}:
         raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand")
     used: set[str] = set()
-    render = _compile({"metadata": metadata, "spec": spec}, used)
+    static, compiled = _compile({"metadata": metadata, "spec": spec}, used)
+    render: Renderer = (lambda ctx: compiled) if static else compiled
     return Template(
         name=name,
         options=options,
