@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen(
             [*cmd, "serve", "--address", "127.0.0.1", "--port", str(port),
              "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
-            stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+            stdout=log, stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
         )
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         try:
@@ -216,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
                   f"review {body.stat().st_size} B, response patch {patch_bytes} B (base64)")
             run_wrk(wrk, f"{url}/inject", script, 3, args.connections, args.threads)  # warm-up
-            rss_warm, _ = rss_kib(server.pid)
-            count_warm = answered(url, ctx)
             m = run_wrk(wrk, f"{url}/inject", script, args.duration, args.connections, args.threads)
             print(f"HTTPS keep-alive, {args.connections} connections, 1 server worker, wrk -t{args.threads}, "
                   f"{args.duration:.0f} s:")
@@ -229,14 +228,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['p99'] / TARGET_P99_MS:.2f})")
             print(f"  non-2xx     {m['non2xx']:8.0f} of {m['requests']:.0f}")
 
-            while (count := answered(url, ctx)) < args.total:
-                remaining = args.total - count
-                run_wrk(wrk, f"{url}/inject", script, max(2.0, min(30.0, remaining / max(m["rps"], 1) + 1)),
-                        args.connections, args.threads)
+            def drive_to(total: int) -> int:
+                while (count := answered(url, ctx)) < total:
+                    seconds = max(2.0, min(30.0, (total - count) / max(m["rps"], 1.0) + 1))
+                    run_wrk(wrk, f"{url}/inject", script, seconds, args.connections, args.threads)
+                return count
+
+            early = drive_to(args.total // 10)
+            rss_early, _ = rss_kib(server.pid)
+            final = drive_to(args.total)
             rss_end, hwm = rss_kib(server.pid)
-            print(f"memory (server process), after {count_warm} reviews: RSS {rss_warm / 1024:.1f} MiB; "
-                  f"after {count} reviews: RSS {rss_end / 1024:.1f} MiB, peak (VmHWM) {hwm / 1024:.1f} MiB; "
-                  f"growth {(rss_end - rss_warm) / 1024:+.1f} MiB")
+            print(f"memory (server process): RSS {rss_early / 1024:.1f} MiB after {early} reviews, "
+                  f"{rss_end / 1024:.1f} MiB after {final} reviews "
+                  f"(growth {(rss_end - rss_early) / 1024:+.1f} MiB); "
+                  f"peak RSS (VmHWM) {hwm / 1024:.1f} MiB")
         finally:
             server.send_signal(signal.SIGTERM)
             try:
