@@ -86,6 +86,7 @@ def _batch_marker(msg_type: int, seq: int):  # type: ignore[no-untyped-def]
 
 def run_batch(netns_path: str, ops: Sequence[tuple]) -> None:
     """Send the ops inside the netns as one transaction; raise pyroute2's NetlinkError on failure."""
+    from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nftsocket import NFTSocket
 
     from cni import netns
@@ -96,6 +97,9 @@ def run_batch(netns_path: str, ops: Sequence[tuple]) -> None:
         msgs = [_batch_marker(nfnl.NFNL_MSG_BATCH_BEGIN, 1)]
         msgs += [build_message(op, i + 2) for i, op in enumerate(ops)]
         msgs.append(_batch_marker(nfnl.NFNL_MSG_BATCH_END, len(ops) + 2))
-        sock.nlm_request_batch(msgs)
+        try:
+            sock.nlm_request_batch(msgs)
+        except NetlinkError as error:  # one error type for callers, whichever encoder ran
+            raise nfnl.NetlinkError(error.code, "pyroute2 batch") from error
     finally:
         sock.close()

@@ -104,6 +104,11 @@ class CniBed:
         self.subnet_v6 = f"fd00:{suffix[:4]}::/64"
         self.pods: list[Pod] = []
         self.with_plugin = with_plugin
+        # The bridge plugin reuses an existing bridge. We make it with a fixed MAC: a Linux bridge
+        # otherwise takes its ports' lowest MAC, which changes as pods come and go, and the
+        # bridge plugin's CHECK then fails on the MAC cached at ADD.
+        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "address", "02:00:00:00:00:01", "up"], check=True)
 
     def conflist(self, name: str = "meshnet", *, plugin: Mapping[str, object] | None = None,
                  with_plugin: bool = True, version: str = "1.0.0") -> str:
@@ -349,3 +354,38 @@ def nft_ruleset(netns_path: str | None = None) -> str:
 def have_tools() -> bool:
     return all(shutil.which(tool) for tool in ("ip", "nft")) and DRIVER.exists() and (
         REFERENCE_PLUGIN_DIR / "bridge").exists()
+
+
+def exec_plugin(bed: CniBed, command: str | None, stdin: bytes | dict | None, *,
+                pod: Pod | None = None, env: Mapping[str, str] | None = None,
+                drop: tuple[str, ...] = ()) -> tuple[int, object, str]:
+    """Run our plugin binary directly as a runtime would: (exit code, parsed stdout, stderr)."""
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_PATH": str(bed.bin_dir),
+                "CNI_IFNAME": "eth0"}
+    if command is not None:
+        full_env["CNI_COMMAND"] = command
+    if pod is not None:
+        full_env.update(CNI_CONTAINERID=pod.container_id, CNI_NETNS=pod.netns,
+                        CNI_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};IgnoreUnknown=1")
+    full_env.update(env or {})
+    for key in drop:
+        full_env.pop(key, None)
+    data = json.dumps(stdin).encode() if isinstance(stdin, dict) else (stdin or b"")
+    done = subprocess.run([str(bed.bin_dir / "mesh-cni")], input=data, capture_output=True, env=full_env,
+                          timeout=60)
+    out = done.stdout.decode()
+    parsed = json.loads(out) if out.strip() else None
+    return done.returncode, parsed, done.stderr.decode()
+
+
+def plugin_config(bed: CniBed, *, version: str = "1.0.0", annotations: Mapping[str, str] | None = None,
+                  prev_result: dict | None = None, **extra: object) -> dict:
+    """One plugin's stdin config as libcni builds it from the conflist."""
+    config: dict = {"cniVersion": version, "name": "meshnet", "type": "mesh-cni",
+                    "logFile": str(bed.log_file), "excludeNamespaces": ["kube-system"]}
+    if annotations is not None:
+        config["runtimeConfig"] = {"io.kubernetes.cri.pod-annotations": dict(annotations)}
+    if prev_result is not None:
+        config["prevResult"] = prev_result
+    config.update(extra)
+    return config
