@@ -1,0 +1,189 @@
+"""Pod-create latency through a real kube-apiserver, with and without our webhook, in one run.
+
+Brings up the loopback control plane (``tests/testbed``; binaries from scripts/setup.d/30-kube.sh,
+or attach to a running one with MESH_CONTROL_PLANE=DIR) and ``mesh-injector serve``, then times
+``POST /api/v1/namespaces/<ns>/pods`` (keep-alive HTTPS, admin token) for a typical pod:
+
+- *without*: no webhook configuration registered;
+- *with*: the webhook registered (selectors from ``injector.selectors``), namespace labelled
+  ``istio-injection=enabled`` - the API server calls us on every create;
+- *registered, not selected*: same configuration, unlabelled namespace (selector says no),
+  interleaved with *with* so both see the same machine state.
+
+Prints the medians and the added latency against the target (<= 5 ms).
+
+    .venv/bin/python bench/bench_apiserver.py [--pods 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+
+from bench.bench_server import free_port, serve_command  # noqa: E402
+from injector import pki  # noqa: E402
+from injector.manifests import webhook_configuration  # noqa: E402
+from tests.testbed.controlplane import ControlPlane  # noqa: E402
+
+TARGET_ADDED_MS = 5.0
+SCOPE_LABEL = "mesh-injector.bench/scope"
+
+
+def bench_pod(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"bench-{i}", "labels": {"app": "bench", "version": "v1"}},
+        "spec": {
+            "nodeSelector": {"mesh-injector.test/no-such-node": "true"},
+            "containers": [
+                {"name": "web", "image": "busybox", "command": ["sleep", "3600"],
+                 "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                 "livenessProbe": {"tcpSocket": {"port": 8080}}},
+                {"name": "worker", "image": "busybox", "command": ["sleep", "3600"]},
+                {"name": "exporter", "image": "busybox", "command": ["sleep", "3600"],
+                 "ports": [{"containerPort": 9100}]},
+            ],
+        },
+    }
+
+
+def create_times(client: httpx.Client, namespace: str, start: int, count: int) -> list[float]:
+    out = []
+    for i in range(start, start + count):
+        body = json.dumps(bench_pod(i))
+        t0 = time.perf_counter()
+        response = client.post(f"/api/v1/namespaces/{namespace}/pods", content=body,
+                               headers={"content-type": "application/json"})
+        out.append((time.perf_counter() - t0) * 1000)
+        if response.status_code != 201:
+            raise SystemExit(f"pod create failed: {response.status_code} {response.text[:300]}")
+    return out
+
+
+def injected(client: httpx.Client, namespace: str, name: str) -> bool:
+    pod = client.get(f"/api/v1/namespaces/{namespace}/pods/{name}").json()
+    spec = pod["spec"]
+    return any(c["name"] == "istio-proxy" for c in spec.get("initContainers", []) + spec["containers"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pods", type=int, default=200, help="pods per measured series")
+    args = parser.parse_args(argv)
+
+    attach = os.environ.get("MESH_CONTROL_PLANE")
+    plane = ControlPlane.attach(Path(attach)) if attach else ControlPlane.start()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-apiserver-"))
+    server: subprocess.Popen[bytes] | None = None
+    scope = uuid.uuid4().hex[:8]
+    config_name = f"mesh-injector-bench-{scope}"
+    namespaces: list[str] = []
+    try:
+        ca = pki.make_ca("bench CA")
+        serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
+        (tmp / "ca.crt").write_bytes(ca.cert_pem)
+        (tmp / "tls.crt").write_bytes(serving.cert_pem)
+        (tmp / "tls.key").write_bytes(serving.key_pem)
+        port = free_port()
+        log = (tmp / "server.log").open("wb")
+        server = subprocess.Popen(
+            [*serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
+             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=ctx, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    print((tmp / "server.log").read_text())
+                    return 1
+                time.sleep(0.1)
+
+        mesh_ns = plane.create_namespace(labels={SCOPE_LABEL: scope, "istio-injection": "enabled"},
+                                         prefix="bench-mesh")
+        plain_ns = plane.create_namespace(labels={SCOPE_LABEL: scope}, prefix="bench-plain")
+        namespaces += [mesh_ns, plain_ns]
+        config = webhook_configuration(name=config_name, url=f"https://127.0.0.1:{port}/inject",
+                                       ca_bundle=base64.b64encode(ca.cert_pem).decode())
+        for webhook in config["webhooks"]:
+            webhook["namespaceSelector"].setdefault("matchLabels", {})[SCOPE_LABEL] = scope
+
+        with httpx.Client(base_url=plane.server, verify=str(plane.ca_file),
+                          headers={"authorization": f"Bearer {plane.token}"}, timeout=30) as api:
+            create_times(api, mesh_ns, 0, 20)  # warm-up: connections, caches
+            without = create_times(api, mesh_ns, 100_000, args.pods)
+            assert not injected(api, mesh_ns, "bench-100000")
+
+            plane.kubectl("create", "-f", "-", input=json.dumps(config))
+            probe = 200_000
+            deadline = time.monotonic() + 30  # the API server picks up webhook configs asynchronously
+            while True:
+                create_times(api, mesh_ns, probe, 1)
+                if injected(api, mesh_ns, f"bench-{probe}"):
+                    break
+                probe += 1
+                if time.monotonic() > deadline:
+                    raise SystemExit("the webhook was never called")
+            create_times(api, mesh_ns, 300_000, 20)  # warm-up of the webhook path
+            with_webhook: list[float] = []
+            not_selected: list[float] = []
+            for i in range(args.pods):
+                with_webhook += create_times(api, mesh_ns, 400_000 + i, 1)
+                not_selected += create_times(api, plain_ns, 500_000 + i, 1)
+            assert injected(api, mesh_ns, "bench-400000") and not injected(api, plain_ns, "bench-500000")
+
+        med_without = statistics.median(without)
+        med_with = statistics.median(with_webhook)
+        med_plain = statistics.median(not_selected)
+        added = med_with - med_without
+        print(f"pod create through kube-apiserver 1.20 on loopback, {args.pods} pods per series, "
+              f"load average {os.getloadavg()[0]:.2f}:")
+        print(f"  without webhook configuration        median {med_without:7.2f} ms")
+        print(f"  registered, namespace not selected   median {med_plain:7.2f} ms")
+        print(f"  with webhook (called, injected)      median {med_with:7.2f} ms  "
+              f"p90 {statistics.quantiles(with_webhook, n=10)[-1]:.2f} ms")
+        print(f"  added by the webhook                 {added:+7.2f} ms (target <= {TARGET_ADDED_MS:.0f} ms: "
+              f"ratio {added / TARGET_ADDED_MS:.2f}); vs. not-selected {med_with - med_plain:+.2f} ms")
+    finally:
+        plane.kubectl("delete", "mutatingwebhookconfiguration", config_name, "--ignore-not-found",
+                      check=False)
+        for ns in namespaces:
+            plane.delete_namespace(ns)
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if not attach:
+            plane.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
