@@ -10,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.testbed.plugin"]  # fixtures control_plane, node (test-bed team)
+
 
 def require(condition: bool, why: str) -> None:
     """Skip when a capability is missing; under CI (CI set) a missing capability is a failure."""

@@ -1,0 +1,100 @@
+"""The real node runs pods: CNI gives them an IP, exec and logs work, the scheduler places pods.
+
+The host is checked for leftovers when the session's `node` fixture is torn down (see
+tests/testbed/plugin.py): an unrestored sysctl, cgroup, mount or log entry is a session error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.testbed import images
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.node import Node
+
+pytestmark = [pytest.mark.node, pytest.mark.root]
+
+
+def _busybox_pod(name: str, node_name: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 1,
+        "containers": [
+            {
+                "name": "main",
+                "image": images.BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "echo started-$(hostname); exec sleep 3600"],
+            }
+        ],
+    }
+    if node_name:
+        spec["nodeName"] = node_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+def _wait_gone(control_plane: ControlPlane, namespace: str, name: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while control_plane.kubectl("get", "pod", name, "-n", namespace, check=False).returncode == 0:
+        assert time.monotonic() < deadline, f"pod {namespace}/{name} not deleted within {timeout}s"
+        time.sleep(0.5)
+
+
+def test_pod_with_node_name_runs_with_cni_ip_and_exec(control_plane: ControlPlane, node: Node) -> None:
+    ns = control_plane.create_namespace(prefix="node")
+    try:
+        control_plane.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(_busybox_pod("bb", node.name)))
+        pod = node.wait_for_pod(ns, "bb", timeout=90)
+
+        pod_ip = ipaddress.ip_address(pod["status"]["podIP"])
+        assert pod_ip in ipaddress.ip_network(node.pod_subnet)
+        # The IP the API reports is the one on the pod's interface (set up by bridge + host-local).
+        addr = control_plane.kubectl("exec", "-n", ns, "bb", "--", "ip", "-4", "-o", "addr", "show", "eth0")
+        assert f"inet {pod_ip}/" in addr.stdout
+        route = control_plane.kubectl("exec", "-n", ns, "bb", "--", "ip", "route").stdout
+        assert "default via 10.233.0.1" in route
+
+        logs = control_plane.kubectl("logs", "-n", ns, "bb").stdout
+        assert "started-bb" in logs
+
+        control_plane.kubectl("delete", "pod", "bb", "-n", ns, "--wait=false")
+        _wait_gone(control_plane, ns, "bb")
+    finally:
+        control_plane.delete_namespace(ns)
+
+
+def test_scheduler_places_deployment_pods_on_the_node(control_plane: ControlPlane, node: Node) -> None:
+    ns = control_plane.create_namespace(prefix="sched")
+    try:
+        control_plane.kubectl(
+            "create", "deployment", "bb", "-n", ns, f"--image={images.BUSYBOX_IMAGE}", "--", "sleep", "3600"
+        )
+        control_plane.kubectl(
+            "patch",
+            "deployment",
+            "bb",
+            "-n",
+            ns,
+            "--type=json",
+            "-p",
+            json.dumps(
+                [
+                    {
+                        "op": "add",
+                        "path": "/spec/template/spec/containers/0/imagePullPolicy",
+                        "value": "Never",
+                    },
+                    {"op": "add", "path": "/spec/template/spec/terminationGracePeriodSeconds", "value": 1},
+                ]
+            ),
+        )
+        control_plane.kubectl("rollout", "status", "deployment/bb", "-n", ns, "--timeout=90s", timeout=120)
+        pods = json.loads(control_plane.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        assert running and all(p["spec"]["nodeName"] == node.name for p in running)
+    finally:
+        control_plane.delete_namespace(ns)
