@@ -32,8 +32,8 @@ def test_struct_encoder_matches_pyroute2_byte_for_byte(monkeypatch, pod_annotati
     for seq, op in enumerate(ops, 1):
         reference = nft_pyroute2.build_message(op, seq)
         reference.encode()
-        ours = nfnl.message((nfnl.NFNL_SUBSYS_NFTABLES << 8) | op[0], op[1] | nfnl.NLM_F_REQUEST | nfnl.NLM_F_ACK,
-                            nfnl.NFPROTO_INET, op[2], seq)
+        flags = op[1] | nfnl.NLM_F_REQUEST | nfnl.NLM_F_ACK
+        ours = nfnl.message((nfnl.NFNL_SUBSYS_NFTABLES << 8) | op[0], flags, nfnl.NFPROTO_INET, op[2], seq)
         assert ours == bytes(reference.data), op[3]
 
 
@@ -67,18 +67,20 @@ def test_status_annotation_shortcut_matches_the_shared_vocabulary() -> None:
 
 def test_hot_path_imports_stay_lean() -> None:
     """An uninjected pod's ADD imports neither pyroute2 nor the annotation module nor json."""
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from cni import plugin\n"
-        "env = {'CNI_COMMAND': 'ADD', 'CNI_CONTAINERID': 'c1', 'CNI_NETNS': '/proc/self/ns/net',\n"
-        "       'CNI_IFNAME': 'eth0', 'CNI_PATH': '/x', 'CNI_ARGS': 'K8S_POD_NAMESPACE=a;K8S_POD_NAME=b'}\n"
-        "stdin = b'{\"cniVersion\": \"1.0.0\", \"name\": \"n\", \"runtimeConfig\": "
-        "{\"io.kubernetes.cri.pod-annotations\": {}}}'\n"
-        "code, out = plugin.run(env, stdin)\n"
-        "assert code == 0, out\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'json', 'cni', 're', 'ctypes')))\n"
-    ) % str(REPO)
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/proc/self/ns/net",
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/x", "CNI_ARGS": "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b"}
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n",
+                        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {}}})
+    watched = ("pyroute2", "json", "cni", "re", "ctypes")
+    code = "\n".join([
+        f"import sys; sys.path.insert(0, {str(REPO)!r})",
+        "from cni import plugin",
+        f"code, out = plugin.run({env!r}, {stdin.encode()!r})",
+        "assert code == 0, out",
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {watched!r}))",
+    ])
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                          check=True)
     loaded = eval(done.stdout)  # a printed list of module names
     assert "cni.annotations" not in loaded and "json" not in loaded and "re" not in loaded
     assert not [m for m in loaded if m.startswith(("pyroute2", "ctypes"))]

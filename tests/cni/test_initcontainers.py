@@ -8,8 +8,16 @@ import sys
 from cni import nftables
 from cni.annotations import TrafficDefaults, plan_from_annotations
 from cni.redirect import parse_downward_api
-from tests.cni.cnitest import INJECTED, REPO, UNPRIVILEGED_PYTHON, CniBed, Listeners, connect, nft_ruleset, \
-    run_in_netns
+from tests.cni.cnitest import (
+    INJECTED,
+    REPO,
+    UNPRIVILEGED_PYTHON,
+    CniBed,
+    Listeners,
+    connect,
+    nft_ruleset,
+    run_in_netns,
+)
 
 PROXY = 1337
 
