@@ -1,9 +1,10 @@
 """AdmissionReview in, AdmissionReview out: the webhook's protocol, with no HTTP in it.
 
 ``review(body, ...)`` turns request bytes into response bytes and an ``Outcome`` that the shell
-logs, counts and turns into Events. Only the envelope is checked here (stdlib ``json``; no model
-validation of the whole pod on the hot path): the pod itself is the core's business. Whatever
-the core raises becomes ``allowed: false`` naming the problem, never an HTTP 500.
+logs, counts and turns into Events. Only the envelope is checked here (``orjson``, already the
+core's dependency, is ~8x faster than stdlib ``json`` at encoding the patch; no model validation
+of the whole pod on the hot path): the pod itself is the core's business. Whatever the core
+raises becomes ``allowed: false`` naming the problem, never an HTTP 500.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict
+
+import orjson
 
 from injector.result import Decision, InjectionResult, Reason, ReasonCode
 
@@ -99,11 +102,9 @@ def parse_review(body: bytes) -> tuple[str, AdmissionRequest]:
     if not body:
         raise BadReview("empty request body: expected an AdmissionReview")
     try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8, NaN, > 64-bit integers, too deep
         raise BadReview(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadReview("request body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadReview("request body must be a JSON object (an AdmissionReview)")
     api_version = doc.get("apiVersion")
@@ -121,9 +122,17 @@ def parse_review(body: bytes) -> tuple[str, AdmissionRequest]:
     return api_version, request  # type: ignore[return-value]
 
 
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes; stdlib fallback for what orjson refuses (e.g. non-string keys)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
 def encode_response(api_version: str, response: AdmissionResponse) -> bytes:
     review: AdmissionReview = {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
-    return json.dumps(review, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps(review)
 
 
 def _pod_name(pod: Mapping[str, Any]) -> str:
@@ -189,9 +198,7 @@ def review(body: bytes, *, inject: InjectFn, config: Any) -> tuple[bytes, Outcom
         out.pod = pod
     elif result.patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(
-            json.dumps(result.patch, separators=(",", ":"), ensure_ascii=False).encode()
-        ).decode()
+        response["patch"] = base64.b64encode(dumps(result.patch)).decode()
         out.patched = True
     if result.warnings:
         response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]
@@ -202,4 +209,4 @@ def review(body: bytes, *, inject: InjectFn, config: Any) -> tuple[bytes, Outcom
 def error_body(message: str, code: int = 400) -> bytes:
     """The JSON body of a 4xx answer (a metav1.Status, which kubectl and curl users can read)."""
     status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}
-    return json.dumps(status, separators=(",", ":")).encode()
+    return dumps(status)

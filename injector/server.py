@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -90,7 +91,10 @@ class JsonFormatter(logging.Formatter):
                 body[key] = value
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
-        return json.dumps(body, default=str, separators=(",", ":"))
+        try:
+            return orjson.dumps(body, default=str).decode()
+        except TypeError:
+            return json.dumps(body, default=str, separators=(",", ":"))
 
 
 def configure_logging(level: str = "info", stream: Any = None) -> None:
