@@ -514,6 +514,8 @@ class Agent:
                     log.error("not installed after %.0fs: %s", once_timeout_s, self.status.reason)
                     return 1
                 timeout = quiet_left if pending and quiet_left > 0 else max(0.0, next_resync - now)
+                if once:
+                    timeout = min(timeout, max(0.0, once_timeout_s - (now - started)) + 0.01)
                 readable, _, _ = select.select([watcher, self._wake_r], [], [], timeout)
                 if watcher in readable:
                     changed = watcher.drain()

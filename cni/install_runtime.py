@@ -29,6 +29,7 @@ import importlib.util
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -98,12 +99,14 @@ class RuntimeSource:
         return digest.hexdigest()[:16]
 
 
-def _shared_libs(elf: Path) -> tuple[list[Path], Path | None]:
-    """(libraries, dynamic loader) that ``elf`` loads, as resolved on this machine by ldd."""
-    out = subprocess.run(["ldd", str(elf)], capture_output=True, text=True, check=False).stdout
+def _shared_libs(elves: list[Path]) -> tuple[list[Path], Path | None]:
+    """(libraries, dynamic loader) that ``elves`` load, as resolved on this machine (one ldd run)."""
+    out = subprocess.run(["ldd", *map(str, elves)], capture_output=True, text=True, check=False).stdout
     libs: list[Path] = []
     loader: Path | None = None
     for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            continue  # "file:" header lines
         line = line.strip()
         if "=>" in line:
             target = line.split("=>", 1)[1].strip().split(" (", 1)[0]
@@ -112,6 +115,31 @@ def _shared_libs(elf: Path) -> tuple[list[Path], Path | None]:
         elif line.startswith("/"):
             loader = Path(line.split(" (", 1)[0])
     return libs, loader
+
+
+_DT_RPATH, _DT_RUNPATH, _PT_DYNAMIC = 15, 29, 2
+
+
+def _has_search_path(elf: Path) -> bool:
+    """Whether a 64-bit little-endian ELF carries DT_RPATH/DT_RUNPATH (parsed here: no tool per file)."""
+    data = elf.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for index in range(phnum):
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + index * phentsize
+        )
+        if p_type != _PT_DYNAMIC:
+            continue
+        for entry in range(p_offset, p_offset + p_filesz, 16):
+            tag, _value = struct.unpack_from("<qQ", data, entry)
+            if tag in (_DT_RPATH, _DT_RUNPATH):
+                return True
+            if tag == 0:
+                break
+    return False
 
 
 def _copy_tree(src: Path, dst: Path, *, top_skip: frozenset[str] = frozenset()) -> None:
@@ -127,13 +155,6 @@ def _copy_tree(src: Path, dst: Path, *, top_skip: frozenset[str] = frozenset()) 
 
 def _patchelf(args: list[str]) -> None:
     subprocess.run(["patchelf", *args], check=True, capture_output=True)
-
-
-def _has_search_path(elf: Path) -> bool:
-    done = subprocess.run(
-        ["patchelf", "--print-rpath", str(elf)], capture_output=True, text=True, check=False
-    )
-    return done.returncode == 0 and bool(done.stdout.strip())
 
 
 @dataclass(frozen=True)
@@ -155,7 +176,11 @@ class Runtime:
         return self.current / "site"
 
     def installed_fingerprint(self) -> str | None:
+        """The active bundle's fingerprint; None if absent or built for another path (the
+        interpreter's loader and library paths are absolute, so a moved bundle is broken)."""
         try:
+            if (self.current / "ROOT").read_text() != str(self.root):
+                return None
             return (self.current / "FINGERPRINT").read_text().strip()
         except OSError:
             return None
@@ -191,7 +216,7 @@ def build(source: RuntimeSource, root: Path) -> Runtime:
         return runtime
     versions = root / "versions"
     final = versions / fingerprint
-    if not (final / "FINGERPRINT").exists():
+    if not (final / "FINGERPRINT").exists() or (final / "ROOT").read_text() != str(root):
         tmp = versions / f".build-{fingerprint}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -235,16 +260,14 @@ def _build_into(source: RuntimeSource, tmp: Path, final: Path, fingerprint: str)
         shutil.copy2(module, dynload_dst / module.name)
     site = tmp / "site"
     for name, directory in source.packages:
-        shutil.copytree(directory, site / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # copy2 keeps mtimes, so the image's own bytecode stays valid; compile only what is missing.
+        shutil.copytree(directory, site / name, ignore=shutil.ignore_patterns("*.opt-?.pyc"))
     compileall.compile_dir(site, quiet=1, workers=1)
 
-    loader: Path | None = None
     libs: dict[str, Path] = {}
-    for elf in [source.executable, *modules]:
-        found, elf_loader = _shared_libs(elf)
-        loader = loader or elf_loader
-        for lib in found:
-            libs.setdefault(lib.name, lib)
+    found, loader = _shared_libs([source.executable, *modules])
+    for lib in found:
+        libs.setdefault(lib.name, lib)
     for name, lib in libs.items():
         shutil.copy2(os.path.realpath(lib), lib_dir / name)
     if loader is None:
@@ -272,10 +295,11 @@ def _build_into(source: RuntimeSource, tmp: Path, final: Path, fingerprint: str)
         )
         # Objects with their own RUNPATH would not inherit the interpreter's RPATH: repoint them.
         for lib in lib_dir.iterdir():
-            if lib.name != "ld.so" and _has_search_path(lib):
+            if lib.name != "ld.so" and lib.is_file() and _has_search_path(lib):
                 _patchelf(["--force-rpath", "--set-rpath", str(current / "lib"), str(lib)])
         for module in dynload_dst.iterdir():
             if _has_search_path(module):
                 _patchelf(["--force-rpath", "--set-rpath", str(current / "lib"), str(module)])
         (tmp / "PATCHED").write_text("interpreter and rpath point into the bundle\n")
+    (tmp / "ROOT").write_text(str(final.parent.parent))
     (tmp / "FINGERPRINT").write_text(fingerprint + "\n")

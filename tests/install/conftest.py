@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -110,25 +109,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
 
 @pytest.fixture(scope="session")
 def built_runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled runtime, built once per session (~3 s); tests hard-link copies of it."""
+    """The bundled runtime, built once per session (~3 s) and shared by tests that keep it."""
     require(shutil.which("ldd") is not None, "needs ldd to find the interpreter's libraries")
-    root = tmp_path_factory.mktemp("runtime-src") / "mesh-cni"
+    root = tmp_path_factory.mktemp("runtime") / "opt-mesh-cni"
     root.mkdir()
     build(RuntimeSource.current(), root)
     return root
 
 
-@pytest.fixture
-def host(tmp_path: Path, built_runtime: Path) -> AgentConfig:
-    """Temp dirs standing in for the host's net dir, bin dir, /opt/mesh-cni and /var/lib/mesh-cni."""
+def _host_config(tmp_path: Path, runtime: Path) -> AgentConfig:
     net, bin_dir = tmp_path / "etc-cni-net.d", tmp_path / "opt-cni-bin"
     net.mkdir()
     bin_dir.mkdir()
     (bin_dir / "bridge").write_bytes(b"\x7fELF pretend bridge plugin\n")
     (bin_dir / "bridge").chmod(0o755)
-    runtime = tmp_path / "opt-mesh-cni"
-    # Same content, no 75 MB copy: a hard-linked tree whose `current` link is relative.
-    subprocess.run(["cp", "-al", str(built_runtime), str(runtime)], check=True)
     state = tmp_path / "var-lib-mesh-cni"
     return AgentConfig(
         cni_bin_dir=bin_dir,
@@ -140,6 +134,19 @@ def host(tmp_path: Path, built_runtime: Path) -> AgentConfig:
         health_port=None,
         resync_s=60.0,  # long: proves re-installs are driven by inotify, not the safety resync
     )
+
+
+@pytest.fixture
+def host(tmp_path: Path, built_runtime: Path) -> AgentConfig:
+    """Temp dirs standing in for the host's net dir, bin dir and /var/lib/mesh-cni; the runtime
+    dir (/opt/mesh-cni) is the session's. Tests using it must not uninstall (that removes it)."""
+    return _host_config(tmp_path, built_runtime)
+
+
+@pytest.fixture
+def host_own_runtime(tmp_path: Path) -> AgentConfig:
+    """Like ``host`` with a runtime dir of its own (built on first install, ~3 s): for uninstalls."""
+    return _host_config(tmp_path, tmp_path / "opt-mesh-cni")
 
 
 def write_shape(config: AgentConfig, shape: str, *, bystanders: bool = True) -> Path:

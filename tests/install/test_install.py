@@ -48,7 +48,10 @@ def _is_chained(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_install_chains_keeps_mode_and_uninstall_restores_every_byte(host: AgentConfig, shape: str) -> None:
+def test_install_chains_keeps_mode_and_uninstall_restores_every_byte(
+    host_own_runtime: AgentConfig, shape: str
+) -> None:
+    host = host_own_runtime
     write_shape(host, shape)
     before = snapshot(host.cni_net_dir, host.cni_bin_dir)
     agent = Agent(host)
@@ -82,8 +85,9 @@ def test_install_twice_is_install_once(host: AgentConfig, shape: str) -> None:
     assert {p: os.stat(p).st_ino for p in first} == stats, "nothing rewritten the second time"
 
 
-def test_restart_then_uninstall_still_restores_exact_bytes(host: AgentConfig) -> None:
+def test_restart_then_uninstall_still_restores_exact_bytes(host_own_runtime: AgentConfig) -> None:
     """The install state lives on the host: a new agent process restores what the old one changed."""
+    host = host_own_runtime
     write_shape(host, "calico-conflist")
     before = snapshot(host.cni_net_dir, host.cni_bin_dir)
     Agent(host).reconcile()
@@ -228,8 +232,9 @@ def _ready(port: int) -> bool:
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["sigterm-uninstalls", "keep-on-exit"])
-def test_sigterm_process_configured_by_env(host: AgentConfig, keep: bool) -> None:
+def test_sigterm_process_configured_by_env(host_own_runtime: AgentConfig, keep: bool) -> None:
     """The real DaemonSet shape: a process configured only through env, stopped with SIGTERM."""
+    host = host_own_runtime
     write_shape(host, "calico-conflist")
     before = snapshot(host.cni_net_dir, host.cni_bin_dir)
     port = _free_port()
@@ -254,7 +259,8 @@ def test_sigterm_process_configured_by_env(host: AgentConfig, keep: bool) -> Non
         assert not host.runtime_dir.exists()
 
 
-def test_uninstall_command_equals_sigterm(host: AgentConfig) -> None:
+def test_uninstall_command_equals_sigterm(host_own_runtime: AgentConfig) -> None:
+    host = host_own_runtime
     from cni.install import main, uninstall_main
 
     write_shape(host, "single-conf")
