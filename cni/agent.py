@@ -16,9 +16,12 @@ from __future__ import annotations
 import _socket
 import os
 import struct
-from collections.abc import Mapping
 
 from cni import fastjson
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 FORWARDED_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 SO_PEERCRED = 17

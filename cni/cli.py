@@ -26,11 +26,30 @@ def _usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+def plugin_mode() -> int:
+    """Stdin config in, result or error JSON out. Asks the node agent first when one is configured
+    (importing only what forwarding needs), else runs the plugin in this process."""
+    stdin = sys.stdin.buffer.read()
+    env = os.environ
+    outcome = None
+    if env.get("CNI_COMMAND") != "VERSION" and b'"agentSocket"' in stdin:
+        from cni.agent import forward
+
+        outcome = forward(env, stdin)
+    if outcome is None:
+        from cni.plugin import run
+
+        outcome = run(env, stdin)
+    code, out = outcome
+    if out:
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     if "CNI_COMMAND" in os.environ:
-        from cni.plugin import main as plugin_main
-
-        return plugin_main()
+        return plugin_mode()
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         sys.stdout.write(_usage())

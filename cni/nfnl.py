@@ -11,7 +11,10 @@ from __future__ import annotations
 import _socket
 import os
 import struct
-from collections.abc import Iterable, Sequence
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 AF_NETLINK = 16
 NETLINK_NETFILTER = 12

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Sequence
 
 from cni import nfnl
 from cni.nfnl import Expr
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 TABLE = "mesh_cni"
 FAMILY = nfnl.NFPROTO_INET

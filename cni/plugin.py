@@ -8,12 +8,14 @@ stdlib's C modules until a pod really needs redirecting (see bench/bench_cni.py)
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping
 
 from cni import spec
 from cni.log import Log
 from cni.spec import CniError, Request
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: = cni.annotations.STATUS; repeated so non-injected pods are skipped without importing the
 #: annotation module (tests assert the two agree).
@@ -186,16 +188,7 @@ def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
 
 
 def main() -> int:
-    """Plugin-mode entry (CNI_COMMAND set): stdin config in, result or error JSON out."""
-    stdin = sys.stdin.buffer.read()
-    env = os.environ
-    outcome = None
-    if env.get("CNI_COMMAND") not in (None, "VERSION") and b"agentSocket" in stdin:
-        from cni import agent
+    """Plugin-mode entry (CNI_COMMAND set); see cni.cli.plugin_mode."""
+    from cni.cli import plugin_mode
 
-        outcome = agent.forward(env, stdin)
-    code, out = outcome if outcome is not None else run(env, stdin)
-    if out:
-        sys.stdout.write(out + "\n")
-        sys.stdout.flush()
-    return code
+    return plugin_mode()

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
 
 from cni import fastjson
 from cni.spec import POD_ANNOTATIONS_CAPABILITY, POD_LOOKUP_FAILED, TRY_AGAIN_LATER, CniError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 def runtime_annotations(config: Mapping[str, object]) -> dict[str, str] | None:

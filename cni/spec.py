@@ -6,9 +6,11 @@ Pure functions over an env mapping and stdin bytes; the plugin shell does the I/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from cni import fastjson
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
