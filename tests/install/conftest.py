@@ -172,6 +172,7 @@ def running_agent(config: AgentConfig, **changes: object) -> Iterator[Agent]:
     """The agent loop in a thread, stopped (not uninstalled) on exit."""
     agent = Agent(replace(config, **changes) if changes else config)
     agent.start_health()
+    agent.start_kube_workers()  # no-op without an API server and node name
     thread = threading.Thread(target=agent.run, name="agent", daemon=True)
     thread.start()
     try:
