@@ -67,6 +67,7 @@ class Pod:
     container_id: str
     annotations: dict[str, str]
     result: dict = field(default_factory=dict)
+    uid: str = ""
 
     @property
     def ipv4(self) -> str:
@@ -132,11 +133,12 @@ class CniBed:
     def driver(self, command: str, pod: Pod, network: str, *, check: bool = True,
                annotations: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
                ) -> subprocess.CompletedProcess:
+        pod_uid = pod.uid or f"uid-{pod.name}"
         args = [str(DRIVER), command, "-confdir", str(self.conf_dir), "-name", network, "-netns", pod.netns,
                 "-id", pod.container_id, "-ifname", "eth0", "-path", str(self.bin_dir),
                 "-cachedir", str(self.cache_dir),
                 "-args", f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
-                         f"K8S_POD_INFRA_CONTAINER_ID={pod.container_id};K8S_POD_UID=uid-{pod.name}"]
+                         f"K8S_POD_INFRA_CONTAINER_ID={pod.container_id};K8S_POD_UID={pod_uid}"]
         pod_annotations = pod.annotations if annotations is None else annotations
         if pod_annotations is not None:
             args += ["-annotations", json.dumps(dict(pod_annotations))]
