@@ -217,8 +217,10 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     except ann.AnnotationError as err:
         raise ConfigError(f"values.proxy traffic defaults: {err}") from None
 
+    # Hash what the templates say, not how they are written: comments and layout do not count.
+    parsed = {name: yaml.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
     canonical = json.dumps(
-        {"model": model.model_dump(mode="json", by_alias=True), "templates": sources},
+        {"model": model.model_dump(mode="json", by_alias=True), "templates": parsed},
         sort_keys=True,
         separators=(",", ":"),
         default=str,
