@@ -1,10 +1,10 @@
 """The webhook's HTTP shell: a FastAPI app around the injection core.
 
 ``create_app(state)`` builds the app; the process wiring (flags, uvicorn, TLS socket) lives in
-``injector.commands.serve``. ``POST /inject`` is the hot path and is a plain ASGI endpoint: it
-reads the body with a size cap, hands the bytes to ``injector.admission.review`` and writes the
-answer, skipping FastAPI's request parsing and validation (which would cost more than the
-injection itself). Every other endpoint is ordinary FastAPI.
+``injector.commands.serve``. ``POST /inject`` is the hot path and is a plain ASGI endpoint,
+dispatched ahead of FastAPI's middleware and routing: it reads the body with a size cap, hands
+the bytes to ``injector.admission.review`` and writes the answer (FastAPI's stack would cost
+about as much as the injection itself). Every other endpoint is ordinary FastAPI.
 """
 
 from __future__ import annotations
@@ -168,8 +168,7 @@ class InjectEndpoint:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = self.state
-        metrics = state.metrics
+        metrics = self.state.metrics
         if scope["method"] != "POST":
             body = admission.error_body("use POST with an AdmissionReview", 405)
             metrics.requests.inc("inject", "405")
@@ -178,7 +177,11 @@ class InjectEndpoint:
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
-        status, payload = await self._answer(scope, receive)
+        try:
+            status, payload = await self._answer(scope, receive)
+        except Exception as exc:  # last line of defence: an answer, never a 500
+            log.exception("admission request failed")
+            status, payload = 400, admission.error_body(f"cannot process this request: {type(exc).__name__}")
         metrics.requests.inc("inject", str(status))
         await _respond(send, status, payload)
 
@@ -318,7 +321,23 @@ def readiness(state: ServerState) -> tuple[bool, dict[str, Any]]:
     return cert_ok and config_ok, detail
 
 
-def create_app(state: ServerState) -> FastAPI:
+class WebhookApp(FastAPI):
+    """FastAPI, except that ``/inject`` is dispatched before FastAPI's middleware and routing.
+
+    That stack costs about as much as the injection of a typical pod; the admission endpoint
+    needs none of it (it does its own body handling and never raises).
+    """
+
+    inject_endpoint: InjectEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/inject":
+            await self.inject_endpoint(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(state: ServerState) -> WebhookApp:
     """The webhook application. Background pollers run for the app's lifespan."""
 
     @contextlib.asynccontextmanager
@@ -340,7 +359,7 @@ def create_app(state: ServerState) -> FastAPI:
             if state.events is not None:
                 await asyncio.to_thread(state.events.stop)
 
-    app = FastAPI(
+    app = WebhookApp(
         title="mesh-injector",
         summary="Istio-compatible sidecar injection webhook",
         lifespan=lifespan,
@@ -348,8 +367,9 @@ def create_app(state: ServerState) -> FastAPI:
         redoc_url=None,
     )
     app.state.injector = state
-    # First route: the hot path is matched before anything else.
-    app.router.routes.insert(0, Route("/inject", endpoint=InjectEndpoint(state), methods=["POST", "GET"]))
+    app.inject_endpoint = InjectEndpoint(state)
+    # Also routed (same endpoint) so that mounting the app elsewhere keeps /inject working.
+    app.router.routes.insert(0, Route("/inject", endpoint=app.inject_endpoint, methods=["POST", "GET"]))
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
