@@ -8,6 +8,7 @@ input (treat both as read-only); that, and a linear diff, keep large pods cheap.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from injector.policy import decide
 from injector.probes import parse_probers, probers_json, restore_probes, rewrite_probes
 from injector.quantity import parse_quantity
 from injector.result import Decision, InjectionResult, Reason, ReasonCode
-from injector.template import Template, TemplateError, merge_options
+from injector.template import Template, TemplateError, TemplateOptions, merge_options
 
 PROXY_NAME = "istio-proxy"
 VALIDATION_NAME = "istio-validation"
@@ -441,6 +442,7 @@ _LABEL_VALUE_END = re.compile(r"[^A-Za-z0-9]+$")
 _LABEL_VALUE_START = re.compile(r"^[^A-Za-z0-9]+")
 
 
+@functools.lru_cache(maxsize=4096)
 def _label_value(text: str) -> str:
     """Truncate to 63 characters and trim what a label value may not start or end with."""
     text = _LABEL_VALUE_START.sub("", text[:63])
@@ -492,6 +494,7 @@ def _static_context(config: InjectorConfig) -> dict[str, Any]:
             "discoveryAddress": mesh.discovery_address,
         },
         "envoyBootstrap": envoy_bootstrap.bootstrap_json(),
+        "choices": {},
     }
     if len(_STATIC_CONTEXT) > 16:
         _STATIC_CONTEXT.clear()
@@ -518,8 +521,21 @@ def _resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> 
     return found
 
 
-def _select_templates(annotations: Mapping[str, str], config: InjectorConfig) -> list[Template]:
+@dataclass(frozen=True)
+class _TemplateChoice:
+    templates: tuple[Template, ...]
+    options: TemplateOptions
+    container_names: frozenset[str]
+    init_container_names: frozenset[str]
+
+
+def _select_templates(annotations: Mapping[str, str], config: InjectorConfig) -> _TemplateChoice:
+    """The templates a pod asks for (or the defaults), memoised per config and annotation value."""
     raw = annotations.get(TEMPLATES)
+    cache = _static_context(config)["choices"]
+    found = cache.get(raw)
+    if found is not None:
+        return found
     names = (
         [n.strip() for n in raw.split(",") if n.strip()]
         if raw is not None
@@ -537,7 +553,15 @@ def _select_templates(annotations: Mapping[str, str], config: InjectorConfig) ->
                 f"known: {', '.join(sorted(config.templates))}",
             )
         out.append(template)
-    return out
+    found = _TemplateChoice(
+        templates=tuple(out),
+        options=merge_options(out),
+        container_names=frozenset(n for t in out for n in t.container_names),
+        init_container_names=frozenset(n for t in out for n in t.init_container_names),
+    )
+    if len(cache) < 256:
+        cache[raw] = found
+    return found
 
 
 def _capture_init(mode: str, resolved: Mapping[str, str], config: InjectorConfig) -> dict[str, Any] | None:
@@ -597,10 +621,9 @@ def _render_into(
     annotations: dict[str, str] = dict(meta.get("annotations") or {})
     labels: dict[str, str] = dict(meta.get("labels") or {})
 
-    templates = _select_templates(annotations, config)
-    options = merge_options(templates)
-    template_containers = {n for t in templates for n in t.container_names}
-    template_inits = {n for t in templates for n in t.init_container_names}
+    choice = _select_templates(annotations, config)
+    templates, options = choice.templates, choice.options
+    template_containers, template_inits = choice.container_names, choice.init_container_names
     traffic = _resolve_traffic(annotations, config)
     plan = traffic.plan
 
