@@ -64,6 +64,10 @@ class InjectionResult:
     ``patch`` is an RFC 6902 JSON Patch against the *input object*; applying it with ``jsonpatch``
     gives exactly ``mutated``. For SKIP/REJECT/PASSTHROUGH the patch is empty and ``mutated`` is
     the input unchanged.
+
+    ``mutated`` and the patch values share unchanged parts with the input and with the compiled
+    templates (that is what makes a 2,000-env-var pod cheap): treat them as read-only, and
+    deep-copy before editing.
     """
 
     decision: Decision
