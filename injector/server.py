@@ -33,7 +33,6 @@ from injector.result import Decision
 from injector.tls import ReloadingCertificate
 
 log = logging.getLogger("injector.server")
-request_log = logging.getLogger("injector.requests")
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
 JSON_TYPES = ("application/json",)
@@ -80,8 +79,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -97,9 +95,53 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(body, default=str, separators=(",", ":"))
 
 
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z"
+
+
+class RequestLog:
+    """One JSON line per admission review, in the same format as ``JsonFormatter``.
+
+    Written straight to the log file descriptor when there is one: building a LogRecord and
+    running it through a handler costs ~7x more than the review's own encoding, and the line is
+    flushed at once either way. Falls back to ``logging`` for streams without a descriptor.
+    """
+
+    logger = logging.getLogger("injector.requests")
+
+    def __init__(self) -> None:
+        self.raw: Any = None  # unbuffered binary file on the log descriptor
+
+    def attach(self, stream: Any) -> None:
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.raw = None
+            return
+        self.raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115 - lives as long as the process
+
+    def info(self, msg: str, fields: dict[str, Any]) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        if self.raw is None:
+            self.logger.info(msg, extra=fields)
+            return
+        line = {"time": _timestamp(time.time()), "level": "info", "logger": self.logger.name, "msg": msg,
+                **fields}
+        try:
+            self.raw.write(orjson.dumps(line, default=str) + b"\n")
+        except (OSError, TypeError):
+            self.logger.info(msg, extra=fields)
+
+
+request_log = RequestLog()
+
+
 def configure_logging(level: str = "info", stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
+    request_log.attach(stream)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -206,7 +248,7 @@ class InjectEndpoint:
         try:
             payload, outcome = admission.review(body, inject=state.inject, config=state.config.current)
         except admission.BadReview as exc:
-            request_log.info("bad admission request", extra={"error": str(exc), "status": 400})
+            request_log.info("bad admission request", {"error": str(exc), "status": 400})
             return 400, admission.error_body(str(exc))
         except Exception as exc:  # a bug in our own envelope handling: answer, do not crash
             log.exception("admission review failed")
@@ -232,7 +274,7 @@ class InjectEndpoint:
             metrics.warnings.inc(warning.code.value)
         request_log.info(
             "admission",
-            extra={
+            {
                 "uid": outcome.uid, "namespace": outcome.namespace, "pod": outcome.name,
                 "operation": outcome.operation, "dry_run": outcome.dry_run, "decision": decision,
                 "reason": outcome.reason, "patched": outcome.patched,
