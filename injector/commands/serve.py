@@ -80,11 +80,18 @@ def run(args: argparse.Namespace) -> int:
         config_reload_interval=args.config_reload_interval,
     )
     app = create_app(state)
+    try:
+        import httptools  # noqa: F401 - uvicorn's C parser: ~2.7x the throughput of h11
+
+        http_impl = "httptools"
+    except ImportError:
+        http_impl = "h11"
+        log.warning("httptools is not installed: serving with the slower pure-Python h11 parser")
     uv_config = uvicorn.Config(
         app,
         host=args.address,
         port=args.port,
-        http="httptools",
+        http=http_impl,
         loop="asyncio",
         lifespan="on",
         access_log=False,
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     uv_config.ssl = certificate.listening_context
     server = uvicorn.Server(uv_config)
     log.info("serving", extra={"address": args.address, "port": args.port, "config_hash": config.config_hash,
-                               "events": bool(events and events.enabled), "api": api is not None})
+                               "events": bool(events and events.enabled), "api": api is not None,
+                               "http": http_impl})
     asyncio.run(server.serve())
     return 0
