@@ -61,8 +61,10 @@ class AgentConfig:
     repair_mode: str = "off"  # off | label | delete
     resync_s: float = 5.0
     contention_window_s: float = 10.0
-    contention_threshold: int = 3
+    contention_threshold: int = 5  # overwrites of our install within the window
     contended_quiet_s: float = 0.5
+    settle_s: float = 0.02  # coalesce a burst of inotify events into one pass
+    invalid_grace_s: float = 5.0
     taint_recheck_s: float = 60.0
 
 
@@ -202,6 +204,8 @@ class Agent:
         self._was_installed = False
         self._overwrites: collections.deque[float] = collections.deque()
         self._last_net_change = 0.0
+        self._chained_name: str | None = None  # the file we last chained into
+        self._invalid_since: float | None = None  # when that file stopped parsing
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._valid = threading.Event()
@@ -299,6 +303,9 @@ class Agent:
     def _install_chain(self) -> str | None:
         """One attempt to chain into the primary config; a reason text while we cannot."""
         files = self._chain_files()
+        held = self._hold_for_rewrite(files)
+        if held:
+            return held
         plan = chain.plan_chain(((n, d) for n, (d, _) in files.items()), self.entry)
         if plan is None:
             return f"no valid CNI network config in {self.config.cni_net_dir} yet"
@@ -326,10 +333,26 @@ class Agent:
                     return f"{plan.target} changed while we wrote it; retrying"
                 log.info("chained mesh-cni into %s", plan.target)
             self.status.count("mesh_cni_install_writes_total")
+        self._chained_name = plan.target
         # Any other file still carrying our entry (an old primary) gets its own content back.
         for name in sorted(self._chain_files()):
             if name != plan.target:
                 self._unchain(name)
+        return None
+
+    def _hold_for_rewrite(self, files: dict[str, tuple[bytes, os.stat_result]]) -> str | None:
+        """Wait while the file we chained into is unparseable: an agent writing in place
+        (truncate, then write) shows a torn file for a moment, and acting on that would move us
+        to the next file in the dir. After ``invalid_grace_s`` we accept it is really gone."""
+        name = self._chained_name
+        if name is None or name not in files or chain.parse_config(name, files[name][0]) is not None:
+            self._invalid_since = None
+            return None
+        now = time.monotonic()
+        if self._invalid_since is None:
+            self._invalid_since = now
+        if now - self._invalid_since < self.config.invalid_grace_s:
+            return f"{name} is not a valid config right now (being rewritten?); waiting"
         return None
 
     def _unchain(self, name: str) -> None:
@@ -486,13 +509,17 @@ class Agent:
                     watcher.watch(directory)
                 now = time.monotonic()
                 contended = self._contended(now)
-                quiet_needed = self.config.contended_quiet_s if contended else 0.0
+                quiet_needed = self.config.contended_quiet_s if contended else self.config.settle_s
                 quiet_left = quiet_needed - (now - self._last_net_change)
                 if (pending or now >= next_resync) and quiet_left <= 0:
                     pending = False
                     next_resync = now + self.config.resync_s
                     valid, reason = self._pass(now)
                     contended = self._contended(now)
+                    if self._invalid_since is not None:  # re-check when the grace period ends
+                        next_resync = min(
+                            next_resync, self._invalid_since + self.config.invalid_grace_s + 0.01
+                        )
                     if contended and not contended_logged:
                         log.warning(
                             "another agent keeps overwriting the CNI config (%d times in %.0fs); "

@@ -133,6 +133,25 @@ def test_reinstalls_when_conflist_rewritten_or_binary_removed(host: AgentConfig)
     )
 
 
+def test_torn_in_place_write_does_not_move_us_to_another_file(host: AgentConfig) -> None:
+    """An agent that truncates then writes shows a torn file for a moment: we must wait, not
+    chain (and convert) the next file in the dir."""
+    path = write_shape(host, "bridge-conflist")  # with bystander 99-loopback.conf after it
+    loopback = host.cni_net_dir / "99-loopback.conf"
+    before = loopback.read_bytes()
+    with running_agent(host, invalid_grace_s=2.0) as agent:
+        wait_for(lambda: agent.status.ready, timeout=10)
+        path.write_bytes(BRIDGE_CONFLIST[:40])  # torn: truncated mid-write
+        wait_for(lambda: "being rewritten" in agent.status.reason, timeout=5)
+        assert loopback.read_bytes() == before and not (host.cni_net_dir / "99-loopback.conflist").exists()
+        path.write_bytes(BRIDGE_CONFLIST)  # the write completes
+        wait_for(lambda: _is_chained(path), timeout=5)
+        # A file that stays broken past the grace period is given up: the next valid one is used.
+        path.write_bytes(b"{ broken for good")
+        wait_for(lambda: _is_chained(host.cni_net_dir / "99-loopback.conflist"), timeout=10)
+    assert path.read_bytes() == b"{ broken for good"
+
+
 def test_competing_writer_never_corrupts_and_we_come_back(host: AgentConfig) -> None:
     """Another agent rewrites the conflist every 100 ms for 10 s (atomically, without us)."""
     path = write_shape(host, "bridge-conflist")
