@@ -108,6 +108,13 @@ def pod(name: str, *, labels: dict[str, str] | None = None, annotations: dict[st
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
+def pod_template(name: str, **kwargs: Any) -> dict[str, Any]:
+    """The pod as a workload's template (no name, no apiVersion/kind)."""
+    template = pod(name, **kwargs)
+    del template["apiVersion"], template["kind"], template["metadata"]["name"]
+    return template
+
+
 def container_names(obj: dict[str, Any]) -> list[str]:
     spec = obj["spec"]
     return [c["name"] for c in spec.get("initContainers", []) + spec["containers"]]
@@ -120,8 +127,7 @@ def is_injected(obj: dict[str, Any]) -> bool:
 
 def test_deployment_in_labelled_namespace_gets_injected_pods(cluster: Cluster) -> None:
     ns = cluster.namespace({"istio-injection": "enabled"})
-    template = pod("web")
-    template["metadata"].pop("name")
+    template = pod_template("web")
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": ns},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "template": template},
@@ -181,8 +187,8 @@ def test_server_side_dry_run_shows_the_injected_pod(cluster: Cluster) -> None:
 
 def test_rejection_posts_an_event_on_the_deployment(cluster: Cluster) -> None:
     ns = cluster.namespace({"istio-injection": "enabled"})
-    template = pod("broken", annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/99"})
-    template["metadata"].pop("name")
+    template = pod_template("broken",
+                            annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/99"})
     cluster.apply({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "broken", "namespace": ns},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "broken"}}, "template": template},
@@ -273,8 +279,7 @@ def test_reinvocation_with_a_second_webhook_adding_a_container(cluster: Cluster,
 
 def test_audit_requires_a_token_allowed_to_list_pods(cluster: Cluster) -> None:
     ns = cluster.namespace({"istio-injection": "enabled"})
-    template = pod("audited")
-    template["metadata"].pop("name")
+    template = pod_template("audited")
     cluster.apply({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "audited", "namespace": ns},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "audited"}}, "template": template},
