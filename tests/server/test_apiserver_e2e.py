@@ -321,3 +321,27 @@ def test_audit_requires_a_token_allowed_to_list_pods(cluster: Cluster) -> None:
     assert rows["bare"]["owner"] is None and rows["bare"]["injected"]
     assert rows["old"]["shouldInject"] and not rows["old"]["injected"] and rows["old"]["needsRestart"]
     assert report["summary"]["missingSidecar"] == 1
+
+
+def test_audit_cli_uses_the_current_kubeconfig(cluster: Cluster, tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.server.helpers import serve_command
+
+    ns = cluster.namespace({"istio-injection": "enabled"})
+    cluster.apply(pod("meshed"), "-n", ns)
+    cluster.plane.kubectl("label", "namespace", ns, "istio-injection-")
+    cluster.apply(pod("unmeshed"), "-n", ns)  # created while the namespace was not selected
+    env = {"KUBECONFIG": str(cluster.plane.kubeconfig), "PATH": "/usr/bin:/bin"}
+    as_json = subprocess.run([*serve_command(), "audit", "-n", ns, "-o", "json"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    rows = {row["pod"]: row for row in json.loads(as_json.stdout)["pods"]}
+    # The namespace is no longer selected: the injected pod carries a sidecar it should not have.
+    assert rows["meshed"]["injected"] and not rows["meshed"]["shouldInject"]
+    assert rows["meshed"]["reasons"][0]["code"] == "NamespaceNotSelected"
+    assert not rows["unmeshed"]["injected"] and not rows["unmeshed"]["needsRestart"]
+    table = subprocess.run([*serve_command(), "audit", "-n", ns], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert table.returncode == 0 and "NAMESPACE" in table.stdout and "meshed" in table.stdout
+    assert "1 injected but not selected" in table.stdout
