@@ -82,14 +82,14 @@ class Identity:
     plane: Any
     namespace: str
     account: str
+    issued: int = 0
 
     def token(self) -> str:
-        """A fresh bound token (TokenRequest), as the kubelet's projected volume gets."""
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600},
-        }
+        """A fresh bound token (TokenRequest), as the kubelet's projected volume gets. Each has
+        another lifetime: two requests in the same second would otherwise be byte-identical."""
+        self.issued += 1
+        spec = {"expirationSeconds": 3600 + self.issued}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         request = urllib.request.Request(
             f"{self.plane.server}/api/v1/namespaces/{self.namespace}/serviceaccounts/{self.account}/token",
             data=json.dumps(body).encode(),
