@@ -169,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
               f"p90 {statistics.quantiles(with_webhook, n=10)[-1]:.2f} ms")
         print(f"  added by the webhook                 {added:+7.2f} ms (target <= {TARGET_ADDED_MS:.0f} ms: "
               f"ratio {added / TARGET_ADDED_MS:.2f}); vs. not-selected {med_with - med_plain:+.2f} ms")
+        calls: dict[str, list[dict[str, Any]]] = {}
+        for line in (tmp / "server.log").read_text().splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if entry.get("msg") == "admission" and str(entry.get("pod", "")).startswith("bench-4"):
+                calls.setdefault(entry["pod"], []).append(entry)
+        if calls:
+            per_pod = statistics.mean(len(v) for v in calls.values())
+            inside = statistics.median(float(e["latency_ms"]) for v in calls.values() for e in v)
+            repatched = sum(1 for v in calls.values() for e in v[1:] if e.get("patched"))
+            print(f"  webhook calls per pod {per_pod:.2f} (a reinvocation re-runs in-tree plugins first); "
+                  f"later calls that patched again: {repatched}; "
+                  f"median time inside the server per call {inside:.2f} ms")
     finally:
         plane.kubectl("delete", "mutatingwebhookconfiguration", config_name, "--ignore-not-found",
                       check=False)
