@@ -119,6 +119,29 @@ def peak_rss_kib(argv: list[str], env: dict[str, str], stdin: bytes) -> int:
     return usage.ru_maxrss
 
 
+def agent_cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms(argv: list[str], env: dict[str, str] | None, stdin: bytes, agent_pid: int, runs: int = 25
+           ) -> tuple[float, float]:
+    """Median user+sys CPU of one process run, and the agent's mean CPU per run (load-robust)."""
+    own, agent = [], []
+    for _ in range(runs):
+        before = agent_cpu_ms(agent_pid)
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        assert process.stdin is not None
+        process.stdin.write(stdin)
+        process.stdin.close()
+        _, _, usage = os.wait4(process.pid, 0)
+        process.returncode = 0
+        own.append((usage.ru_utime + usage.ru_stime) * 1000)
+        agent.append(agent_cpu_ms(agent_pid) - before)
+    return statistics.median(own), statistics.fmean(agent)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
@@ -201,6 +224,18 @@ def main() -> int:
             pyroute2_rss = peak_rss_kib([launcher], {**env, "MESH_CNI_NETLINK": "pyroute2"},
                                         json.dumps(config).encode())
             agent_rss = int(Path(f"/proc/{agent.pid}/status").read_text().split("VmHWM:")[1].split()[0])
+            print("\nCPU time per plugin run (user+sys, median; robust to a busy machine), ms:")
+            agent_config = {**config, "agentSocket": str(agent_socket)}
+            uninjected = {**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {}}}
+            floor, _ = cpu_ms([python, "-I", "-S", "-c", "pass"], None, b"", agent.pid)
+            print(f"  {'python -I -S -c pass (floor of any Python plugin)':52s} {floor:7.2f}")
+            cases = (("ADD standalone", "ADD", config), ("ADD via agent", "ADD", agent_config),
+                     ("DEL standalone", "DEL", config), ("DEL via agent", "DEL", agent_config),
+                     ("ADD standalone, uninjected pod", "ADD", uninjected))
+            for label, command, body in cases:
+                own, in_agent = cpu_ms([launcher], {**env, "CNI_COMMAND": command}, json.dumps(body).encode(),
+                                       agent.pid)
+                print(f"  {label:52s} {own:7.2f}  + agent {in_agent:5.2f}  = {own + in_agent:6.2f}")
             print(f"\npeak RSS: plugin standalone {standalone / 1024:.1f} MiB, "
                   f"plugin forwarding to the agent "
                   f"{forwarded / 1024:.1f} MiB, plugin with pyroute2 {pyroute2_rss / 1024:.1f} MiB, "

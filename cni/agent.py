@@ -14,8 +14,6 @@ Only root may connect (socket mode 0600 and SO_PEERCRED checked).
 from __future__ import annotations
 
 import _socket
-import os
-import struct
 
 from cni import fastjson
 
@@ -72,6 +70,7 @@ def forward(env: Mapping[str, str], stdin: bytes, timeout: float = 10.0) -> tupl
 def serve(path: str, *, ready: object | None = None) -> None:
     """Serve forever on a Unix socket at ``path`` (replacing a stale one)."""
     import contextlib
+    import os
     import socketserver
 
     # Warm everything the plugin may need.
@@ -80,6 +79,8 @@ def serve(path: str, *, ready: object | None = None) -> None:
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             conn: _socket.socket = self.request
+            import struct
+
             uid = struct.unpack("=iII", conn.getsockopt(_socket.SOL_SOCKET, SO_PEERCRED, 12))[1]
             if uid != 0:
                 return

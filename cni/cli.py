@@ -6,7 +6,6 @@ which mode we are in, and subcommand modules are imported only when chosen.
 
 from __future__ import annotations
 
-import os
 import sys
 
 #: subcommand -> (module, function taking argv and returning the exit code, one-line help)
@@ -28,18 +27,22 @@ def _usage() -> str:
 
 def plugin_mode() -> int:
     """Stdin config in, result or error JSON out. Asks the node agent first when one is configured
-    (importing only what forwarding needs), else runs the plugin in this process."""
+    (importing only what forwarding needs: not even ``os``, ~2 ms), else runs the plugin here."""
+    from posix import environ  # bytes -> bytes; already loaded by the interpreter
+
     stdin = sys.stdin.buffer.read()
-    env = os.environ
     outcome = None
-    if env.get("CNI_COMMAND") != "VERSION" and b'"agentSocket"' in stdin:
+    if environ.get(b"CNI_COMMAND") != b"VERSION" and b'"agentSocket"' in stdin:
         from cni.agent import forward
 
-        outcome = forward(env, stdin)
+        cni_env = {k.decode(): v.decode() for k, v in environ.items() if k.startswith(b"CNI_")}
+        outcome = forward(cni_env, stdin)
     if outcome is None:
+        import os
+
         from cni.plugin import run
 
-        outcome = run(env, stdin)
+        outcome = run(os.environ, stdin)
     code, out = outcome
     if out:
         sys.stdout.write(out + "\n")
@@ -48,7 +51,9 @@ def plugin_mode() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "CNI_COMMAND" in os.environ:
+    from posix import environ
+
+    if b"CNI_COMMAND" in environ:
         return plugin_mode()
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
