@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 from tests.cni.cnitest import DRIVER, INJECTED, CniBed  # noqa: E402
 
 ADD_TARGET_MS, DEL_TARGET_MS = 25.0, 20.0
-#: The issue's reference start-up (`python3 -I -S -c pass` on an idle 2-core machine). On a busy
-#: machine everything slows alike; scaling by our measured start-up shows the idle-machine cost.
+#: The issue's reference start-up (`python3 -I -S -c pass` on an idle 2-core machine). Any Python
+#: plugin pays it; our own cost is what a run takes above it.
 REFERENCE_START_MS = 12.0
 
 
@@ -180,12 +180,10 @@ def main() -> int:
             med = {v: (statistics.median(a), statistics.median(d)) for v, (a, d) in samples.items()}
             python = os.path.realpath(sys.executable)
             start_ms = median_ms([python, "-I", "-S", "-c", "pass"])
-            scale = REFERENCE_START_MS / start_ms
             base_add, base_del = med["base"]
             print(f"mesh-cni in a libcni chain: median of {args.rounds} rounds per variant (injected pod), "
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            print(f"{'chain':44s} {'ADD ms':>8s} {'DEL ms':>8s} {'ours ADD':>9s} {'ours DEL':>9s}"
-                  f"   (ours scaled to a {REFERENCE_START_MS:.0f} ms interpreter start)")
+            print(f"{'chain':44s} {'ADD ms':>8s} {'DEL ms':>8s} {'ours ADD':>9s} {'ours DEL':>9s}")
             print(f"{'bridge + host-local':44s} {base_add:8.1f} {base_del:8.1f}")
             rows = [("+ mesh-cni standalone (struct netlink)", med["mesh"]),
                     ("+ mesh-cni via node agent", med["agent"])]
@@ -195,12 +193,9 @@ def main() -> int:
             for name, (add, delete) in rows:
                 ours_add, ours_del = add - base_add, delete - base_del
                 meets = ours_add <= ADD_TARGET_MS and ours_del <= DEL_TARGET_MS
-                scaled = ours_add * scale <= ADD_TARGET_MS and ours_del * scale <= DEL_TARGET_MS
                 print(f"{name:44s} {add:8.1f} {delete:8.1f} {ours_add:9.1f} {ours_del:9.1f}   "
-                      f"({ours_add * scale:5.1f} / {ours_del * scale:5.1f})  "
-                      f"target ADD <= {ADD_TARGET_MS:.0f}, "
-                      f"DEL <= {DEL_TARGET_MS:.0f}: {'met' if meets else 'missed'} as measured, "
-                      f"{'met' if scaled else 'missed'} scaled")
+                      f"target ADD <= {ADD_TARGET_MS:.0f}, DEL <= {DEL_TARGET_MS:.0f}: "
+                      f"{'met' if meets else 'missed'} (wall clock, this machine, now)")
 
             print("\nbreakdown of one standalone ADD (medians, ms):")
             print(f"  {'interpreter start (python -I -S -c pass)':52s} {start_ms:7.2f}")
@@ -224,7 +219,9 @@ def main() -> int:
             pyroute2_rss = peak_rss_kib([launcher], {**env, "MESH_CNI_NETLINK": "pyroute2"},
                                         json.dumps(config).encode())
             agent_rss = int(Path(f"/proc/{agent.pid}/status").read_text().split("VmHWM:")[1].split()[0])
-            print("\nCPU time per plugin run (user+sys, median; robust to a busy machine), ms:")
+            print("\nCPU time per plugin run (user+sys, median; robust to a busy machine), ms;\n"
+                  "'idle est.' is our cost above the interpreter floor plus the issue's "
+                  f"{REFERENCE_START_MS:.0f} ms start-up:")
             agent_config = {**config, "agentSocket": str(agent_socket)}
             uninjected = {**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {}}}
             floor, _ = cpu_ms([python, "-I", "-S", "-c", "pass"], None, b"", agent.pid)
@@ -235,7 +232,11 @@ def main() -> int:
             for label, command, body in cases:
                 own, in_agent = cpu_ms([launcher], {**env, "CNI_COMMAND": command}, json.dumps(body).encode(),
                                        agent.pid)
-                print(f"  {label:52s} {own:7.2f}  + agent {in_agent:5.2f}  = {own + in_agent:6.2f}")
+                estimate = own - floor + REFERENCE_START_MS + in_agent
+                target = ADD_TARGET_MS if command == "ADD" else DEL_TARGET_MS
+                print(f"  {label:52s} {own:7.2f}  + agent {in_agent:5.2f}  = {own + in_agent:6.2f}   "
+                      f"idle est. {estimate:5.1f} "
+                      f"({'meets' if estimate <= target else 'misses'} {target:.0f})")
             print(f"\npeak RSS: plugin standalone {standalone / 1024:.1f} MiB, "
                   f"plugin forwarding to the agent "
                   f"{forwarded / 1024:.1f} MiB, plugin with pyroute2 {pyroute2_rss / 1024:.1f} MiB, "
