@@ -111,7 +111,7 @@ def test_the_api_server_rejects_what_it_does_not_know(control_plane: Any, mesh_s
 
 # --- RBAC: exactly what each service account needs ---------------------------------------------
 
-# (verb, resource[/name], namespace or "*" for all namespaces or "" for cluster-scoped, allowed)
+# (verb, resource[/name][#subresource], namespace or "*" for all namespaces or "" for cluster-scoped, allowed)
 INJECTOR_CAN = [
     ("list", "pods", "*", True),
     ("list", "pods", "default", True),
@@ -161,9 +161,9 @@ CNI_CAN = [
     # ... and nothing next to it:
     ("create", "pods", "default", False),
     ("update", "pods", "default", False),
-    ("patch", "pods/status", "default", False),
-    ("create", "pods/exec", "default", False),
-    ("create", "pods/eviction", "default", False),
+    ("patch", "pods#status", "default", False),
+    ("create", "pods#exec", "default", False),
+    ("create", "pods#eviction", "default", False),
     ("list", "nodes", "", False),
     ("update", "nodes", "", False),
     ("delete", "nodes", "", False),
@@ -176,7 +176,9 @@ CNI_CAN = [
 
 def can_i(control_plane: Any, user: str, verb: str, resource: str, namespace: str) -> bool:
     scope = ["--all-namespaces"] if namespace == "*" else (["-n", namespace] if namespace else [])
-    done = control_plane.kubectl("auth", "can-i", verb, resource, *scope, f"--as={user}", check=False)
+    resource, _, subresource = resource.partition("#")
+    sub = [f"--subresource={subresource}"] if subresource else []
+    done = control_plane.kubectl("auth", "can-i", verb, resource, *sub, *scope, f"--as={user}", check=False)
     answer = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert answer in ("yes", "no"), done.stdout + done.stderr
     return answer == "yes"
