@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 STATUS_ANNOTATION = "sidecar.istio.io/status"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
 DEFAULT_CNI_POD_PREFIX = "mesh-cni-"
+DEFAULT_PLAN_CACHE_DIR = "/var/run/mesh-cni/plan-cache"  # = cni.plancache.DEFAULT_DIR
 
 
 def _log_for(config: Mapping[str, object], request: Request | None = None) -> Log:
@@ -33,8 +34,8 @@ def _log_for(config: Mapping[str, object], request: Request | None = None) -> Lo
                int(config.get("logMaxBytes") or 1 << 20), context)  # type: ignore[call-overload]
 
 
-def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
-    """The redirect plan for the pod (None: leave it alone) and why."""
+def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, str]:
+    """The pod's annotations when it may need redirecting (None: leave it alone) and why."""
     config = request.config
     namespace = request.args.get("K8S_POD_NAMESPACE", "")
     name = request.args.get("K8S_POD_NAME", "")
@@ -64,30 +65,70 @@ def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
             attempts=int(config.get("apiRetries") or 3))  # type: ignore[call-overload]
     if STATUS_ANNOTATION not in annotations:
         return None, f"pod has no {STATUS_ANNOTATION} annotation"
+    return annotations, "pod is injected"
+
+
+def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None, str]:
+    """The shared vocabulary's verdict: a RedirectPlan (None: leave the pod alone) and why."""
     from cni import annotations as vocabulary
 
     decision = vocabulary.redirect_decision(annotations)
     if not decision.redirect:
         return None, decision.message
-    defaults = vocabulary.TrafficDefaults(capture_dns=bool(config.get("captureDNS", False)))
+    defaults = vocabulary.TrafficDefaults(capture_dns=bool(request.config.get("captureDNS", False)))
     try:
         plan = vocabulary.plan_from_annotations(annotations, defaults)
     except vocabulary.AnnotationError as error:
-        raise CniError(spec.INVALID_ANNOTATION, f"pod {namespace}/{name}: {error}") from None
+        pod = f"{request.args.get('K8S_POD_NAMESPACE')}/{request.args.get('K8S_POD_NAME')}"
+        raise CniError(spec.INVALID_ANNOTATION, f"pod {pod}: {error}") from None
     if not plan.redirects:
         return None, f"interception mode {plan.mode}"
     return plan, decision.message
 
 
+def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
+    """The redirect plan for the pod (None: leave it alone) and why."""
+    annotations, why = pod_annotations(request, log)
+    if annotations is None:
+        return None, why
+    return decide(request, annotations)
+
+
+def _add_ops(request: Request, annotations: dict[str, str], log: Log) -> tuple[list | None, str]:
+    """ADD's batch for the pod (None: leave it alone), from the plan cache when it has this input."""
+    from cni import nftables
+
+    directory = request.config.get("planCacheDir", DEFAULT_PLAN_CACHE_DIR)
+    cache = None
+    if directory and nftables.backend_name() == "raw":
+        from cni import plancache
+
+        cache = plancache.PlanCache.open(str(directory))
+    if cache is not None:
+        cache_key = plancache.key(annotations, bool(request.config.get("captureDNS", False)))
+        entry = cache.get(cache_key)
+        if entry is not None:
+            log.debug(f"plan cache hit {cache_key[:12]}")
+            return (None, entry[1]) if entry[0] == "skip" else (entry[1], entry[2])
+    plan, why = decide(request, annotations)
+    ops = None if plan is None else nftables.add_ops(nftables.build_ruleset(plan))
+    if cache is not None:
+        cache.put(cache_key, ("skip", why) if ops is None else ("ops", [op[:4] for op in ops], why))
+    return ops, why
+
+
 def cmd_add(request: Request, log: Log) -> str:
-    plan, why = pod_plan(request, log)
-    if plan is None:
+    annotations, why = pod_annotations(request, log)
+    ops = None
+    if annotations is not None:
+        ops, why = _add_ops(request, annotations, log)
+    if ops is None:
         log.info(f"not redirecting: {why}")
         return spec.add_result(request)
     from cni import netns, nfnl, nftables
 
     try:
-        nftables.program(request.netns, plan)
+        nftables.run_batch(request.netns, ops)
     except netns.NetnsMissing as error:
         raise CniError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {request.netns}: {error.strerror}") from None
     except (nfnl.NetlinkError, OSError) as error:
