@@ -6,12 +6,13 @@ import base64
 import json
 import ssl
 import warnings
+from pathlib import Path
 
 import httpx
 import jsonpatch
 import pytest
 
-from tests.server.helpers import RunningServer, decoded_patch, review, typical_pod
+from tests.server.helpers import RunningServer, decoded_patch, review, start_server, typical_pod
 
 
 def post(
@@ -200,3 +201,16 @@ def test_structured_log_line_per_review(webhook: RunningServer) -> None:
     assert line["pod"] == "logged-5d9c7b-"
     assert line["decision"] == "inject" and line["reason"] == "Injected"
     assert isinstance(line["latency_ms"], float | int) and line["latency_ms"] >= 0
+
+
+def test_body_limit_is_configurable(tmp_path: Path) -> None:
+    server = start_server(tmp_path, extra_args=["--max-body-bytes", "4096"])
+    try:
+        small = json.dumps(review(typical_pod()))
+        big_pod = typical_pod(annotations={"note": "x" * 5000})
+        assert len(small) < 4096
+        assert post(server, small).status_code == 200
+        response = post(server, json.dumps(review(big_pod)))
+        assert response.status_code == 400 and "4096" in response.json()["message"]
+    finally:
+        server.stop()
