@@ -27,6 +27,7 @@ from injector.policy import decide
 from injector.probes import parse_probers, probers_json, restore_probes, rewrite_probes
 from injector.quantity import parse_quantity
 from injector.result import Decision, InjectionResult, Reason, ReasonCode
+from injector.shape import pod_shape_problem
 from injector.template import Template, TemplateError, TemplateOptions, merge_options
 
 PROXY_NAME = "istio-proxy"
@@ -94,7 +95,10 @@ _PLURALS = {
 
 def _json(value: Any, *, sort: bool = False) -> str:
     """Compact JSON (what json.dumps gives with separators=(",", ":")), via orjson for speed."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort else 0).decode()
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort else 0).decode()
+    except TypeError:  # e.g. an integer beyond 64 bits in hand-written input: json copes
+        return json.dumps(value, sort_keys=sort, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 _STATUS_JSON: dict[ann.InjectionStatus, str] = {}
@@ -149,8 +153,16 @@ def inject(
     ``namespace`` defaults to the object's own; "default" when neither is known.
     """
     config = config or default_config()
+    if not isinstance(obj, Mapping):
+        return _malformed(obj, "Unknown", "the object must be a mapping")
     kind = obj.get("kind") or "Pod"
+    if not isinstance(kind, str):
+        return _malformed(obj, "Unknown", "kind must be a string")
     if kind == "List":
+        if not isinstance(obj.get("items") or [], list) or not all(
+            isinstance(i, Mapping) for i in obj.get("items") or []
+        ):
+            return _malformed(obj, kind, "items must be a list of objects")
         return _inject_list(obj, config=config, namespace_labels=namespace_labels, namespace=namespace)
     if kind == "Pod":
         path: tuple[str, ...] = ()
@@ -164,10 +176,20 @@ def inject(
             kind=kind,
         )
     meta = obj.get("metadata") or {}
+    if not isinstance(meta, Mapping) or not all(
+        isinstance(meta.get(k), str | None) for k in ("name", "generateName", "namespace")
+    ):
+        return _malformed(obj, kind, "metadata must be a mapping with string name and namespace")
     ns = namespace or meta.get("namespace") or "default"
-    template: Mapping[str, Any] = obj
-    for key in path:
-        template = (template.get(key) or {}) if isinstance(template, Mapping) else {}
+    template: Any = obj
+    for depth, key in enumerate(path):
+        template = template.get(key)
+        if not isinstance(template, Mapping):
+            return _malformed(obj, kind, f"{'.'.join(path[: depth + 1])} must be a mapping")
+    problem = pod_shape_problem(template)
+    if problem:
+        where = ".".join(path)
+        return _malformed(obj, kind, f"{where}: {problem}" if where else problem)
     if kind == "Pod":
         workload = _pod_workload(meta)
     else:
@@ -190,6 +212,13 @@ def inject(
         if not result.patch and result.reasons[0].code is ReasonCode.INJECTED:
             result.reasons[0] = Reason(ReasonCode.ALREADY_INJECTED, "already injected; nothing to change")
     return result
+
+
+def _malformed(obj: Any, kind: str, problem: str) -> InjectionResult:
+    mutated = dict(obj) if isinstance(obj, Mapping) else {}
+    return InjectionResult(
+        Decision.REJECT, [Reason(ReasonCode.MALFORMED_OBJECT, problem)], mutated=mutated, kind=kind
+    )
 
 
 def inject_many(
@@ -248,7 +277,7 @@ def _pod_workload(meta: Mapping[str, Any]) -> _Workload:
     for ref in meta.get("ownerReferences") or ():
         if not ref.get("controller"):
             continue
-        kind, name, api = ref.get("kind", ""), ref.get("name", ""), ref.get("apiVersion", "")
+        kind, name, api = (str(ref.get(k) or "") for k in ("kind", "name", "apiVersion"))
         template_hash = (meta.get("labels") or {}).get("pod-template-hash")
         if kind == "ReplicaSet" and template_hash and name.endswith("-" + template_hash):
             return _Workload("Deployment", "apps/v1", name[: -len(template_hash) - 1])
@@ -294,8 +323,9 @@ def _named(items: Any) -> list[dict[str, Any]]:
 
 def _env_value(container: Mapping[str, Any], name: str) -> str | None:
     for item in container.get("env") or ():
-        if item.get("name") == name:
-            return item.get("value")
+        if isinstance(item, dict) and item.get("name") == name:
+            value = item.get("value")
+            return value if isinstance(value, str) else None
     return None
 
 
@@ -341,7 +371,11 @@ def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
                 if name not in (VALIDATION_NAME, REDIRECT_INIT_NAME):
                     over = {k: v for k, v in item.items() if k != "restartPolicy"}
                     if "env" in over:
-                        over["env"] = [e for e in over["env"] if e.get("name") not in DERIVED_ENV]
+                        over["env"] = [
+                            e
+                            for e in over["env"]
+                            if not isinstance(e, dict) or e.get("name") not in DERIVED_ENV
+                        ]
                     previous.overlays[name] = over
                 continue
             if probers and key == "containers":

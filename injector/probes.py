@@ -114,7 +114,10 @@ def probers_json(probers: Mapping[str, Any]) -> str | None:
     """Istio's ISTIO_KUBE_APP_PROBERS value: compact JSON, keys sorted; None when empty."""
     if not probers:
         return None
-    return orjson.dumps(probers, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        return orjson.dumps(probers, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # values orjson refuses (64-bit overflow) in hand-written input
+        return json.dumps(probers, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def parse_probers(value: str | None) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class ReasonCode(enum.StrEnum):
     PROXY_UID_CONFLICT = "ProxyUIDConflict"
     INVALID_ANNOTATION = "InvalidAnnotation"
     UNKNOWN_TEMPLATE = "UnknownTemplate"
+    MALFORMED_OBJECT = "MalformedObject"  # the input is not shaped like a Kubernetes object (CLI/dry-run)
     # passthrough
     UNSUPPORTED_KIND = "UnsupportedKind"
 

@@ -131,7 +131,7 @@ REJECT_CODES = {
 }
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pod=pods(), config_name=st.sampled_from(sorted(CONFIGS)))
 def test_random_pods_inject_validly_and_idempotently(pod: dict[str, Any], config_name: str) -> None:
     config = CONFIGS[config_name]
@@ -163,8 +163,40 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(a=json_values, b=json_values)
 def test_patch_turns_any_document_into_any_other(a: Any, b: Any) -> None:
     patch = create_patch(a, b)
     assert jsonpatch.apply_patch(copy.deepcopy(a), patch) == b
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out += _paths(item, (*prefix, i))
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pod=pods(), data=st.data())
+def test_corrupted_pods_get_a_decision_not_a_crash(pod: dict[str, Any], data: st.DataObject) -> None:
+    """What the CLI or dry-run endpoint may be fed: one part replaced by a value of the wrong type."""
+    path = data.draw(st.sampled_from(_paths(pod)[1:]))
+    target = pod
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = data.draw(
+        st.one_of(
+            json_leaf,
+            st.lists(json_leaf, max_size=2),
+            st.dictionaries(st.text(max_size=3), json_leaf, max_size=2),
+        )
+    )
+    result = inject(pod)
+    event(result.decision.value)
+    if result.decision is Decision.INJECT:
+        assert jsonpatch.apply_patch(pod, result.patch) == result.mutated
