@@ -221,7 +221,7 @@ def test_taint_removed_from_own_node_only_once_install_is_valid(
         assert NOT_READY_TAINT_KEY in _taint_keys(identity, own)
         write_shape(host, "calico-conflist")
         wait_for(lambda: NOT_READY_TAINT_KEY not in _taint_keys(identity, own), timeout=15)
-        assert agent.status.counters["mesh_cni_taint_removed_total"] == 1
+        wait_for(lambda: agent.status.counters["mesh_cni_taint_removed_total"] == 1, timeout=5)
     assert "example.com/keep-me" in _taint_keys(identity, own), "other taints of the node stay"
     assert NOT_READY_TAINT_KEY in _taint_keys(identity, other), "another node's taint is not ours to remove"
 
@@ -295,7 +295,8 @@ def test_repair_labels_only_broken_injected_pods_of_its_node(
         identity.apply(_pod(identity, late, node=own))
         _set_validation_exit(identity, late, 126)
         wait_for(lambda: _labels(identity, late).get(REPAIR_LABEL) == "true", timeout=20)
-        assert agent.status.counters["mesh_cni_repair_pods_total|label"] == 2
+        # (counted after the Event is posted, a moment after the label shows)
+        wait_for(lambda: agent.status.counters["mesh_cni_repair_pods_total|label"] == 2, timeout=10)
     for name in cases:
         if name != broken:
             assert REPAIR_LABEL not in _labels(identity, name), f"{name} must be left alone"
