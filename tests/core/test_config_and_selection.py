@@ -213,3 +213,26 @@ def test_large_pod_patch_does_not_repeat_the_unchanged_env() -> None:
     patch_size = len(orjson.dumps(result.patch))
     assert patch_size < 20_000, "the admission response must not carry the pod's unchanged env back"
     assert all(not op["path"].startswith("/spec/containers/0/env") for op in result.patch)
+
+
+@pytest.mark.parametrize(
+    ("obj", "part"),
+    [
+        ({"kind": "Pod", "metadata": 1}, "metadata"),
+        ({"kind": "Pod", "metadata": {"annotations": {"a": 1}}}, "metadata.annotations"),
+        ({"kind": "Pod", "spec": {"containers": [{"image": "x"}]}}, "spec.containers[0].name"),
+        (
+            {"kind": "Pod", "spec": {"containers": [{"name": "a", "readinessProbe": {"httpGet": 5}}]}},
+            "readinessProbe.httpGet",
+        ),
+        ({"kind": "Deployment", "metadata": {"name": "d"}, "spec": {"template": []}}, "spec.template"),
+        ({"kind": "List", "items": [1]}, "items"),
+        ({"kind": 7}, "kind"),
+    ],
+)
+def test_malformed_input_is_rejected_naming_the_part(obj: dict, part: str) -> None:
+    result = inject(obj)
+    assert result.decision is Decision.REJECT
+    assert result.reason.code is ReasonCode.MALFORMED_OBJECT
+    assert part in result.reason.message
+    assert result.patch == []
