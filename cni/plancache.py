@@ -31,7 +31,19 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 
+_FINGERPRINT: bytes | None = None
+
+
 def _fingerprint() -> bytes:
+    """Identity of the code that computes plans, taken once per process: a long-running agent
+    keys its entries by the code it loaded, not by files upgraded underneath it."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        _FINGERPRINT = _read_fingerprint()
+    return _FINGERPRINT
+
+
+def _read_fingerprint() -> bytes:
     here = os.path.dirname(os.path.abspath(__file__))
     parts = [FORMAT]
     for name in SOURCES:
