@@ -135,6 +135,14 @@ def cmd_add(request: Request, log: Log) -> str:
         raise CniError(spec.NETLINK_FAILED,
                        f"programming table inet {nftables.TABLE} failed; nothing applied",
                        str(error)) from None
+    try:
+        from cni import rtnl
+
+        if not rtnl.add_passthrough_v6_in(request.netns):
+            log.debug("no IPv6 in the pod: ::6 passthrough address not added")
+    except OSError as error:
+        raise CniError(spec.NETLINK_FAILED, "adding the inbound passthrough address ::6 to lo failed",
+                       str(error)) from None
     log.info(f"redirect programmed in {request.netns}: {why}")
     return spec.add_result(request)
 

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         nftables.program(args.netns, plan)
+        from cni import rtnl
+
+        rtnl.add_passthrough_v6_in(args.netns)
     except OSError as error:
         sys.stderr.write(f"mesh-cni redirect: programming table inet {nftables.TABLE} failed, "
                          "nothing applied: "

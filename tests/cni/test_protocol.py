@@ -129,3 +129,19 @@ def test_logs_go_to_a_size_bounded_file_never_stdout(bed: CniBed, pod, tmp_path)
     assert os.path.getsize(log) <= 600
     assert (tmp_path / "plugin.log.1").exists()
     json.dumps(out)
+
+
+def test_add_works_in_a_pod_without_ipv6(bed: CniBed, pod) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    from pathlib import Path
+
+    name = Path(pod.netns).name
+    for key in ("all", "default", "lo"):
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"],
+                       check=True)
+    code, out, _ = exec_plugin(bed, "ADD", plugin_config(bed, annotations=INJECTED), pod=pod)
+    assert code == 0, out
+    assert "table inet mesh_cni" in nft_ruleset(pod.netns)
+    addresses = subprocess.run(["ip", "-n", name, "addr", "show", "dev", "lo"], capture_output=True,
+                               text=True)
+    assert "::6" not in addresses.stdout

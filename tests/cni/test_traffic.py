@@ -157,3 +157,22 @@ def test_uninjected_and_excluded_pods_are_left_alone(bed: CniBed, server: Pod) -
     own = bed.add_pod("meshnet", INJECTED, name="mesh-cni-node-x1")
     for pod in (server, opted_out, none_mode, system, own):
         assert "mesh_cni" not in nft_ruleset(pod.netns), pod.name
+
+
+def test_ipv6_loopback_and_exclusions(bed: CniBed, server: Pod) -> None:
+    pod = injected(bed, **{"traffic.sidecar.istio.io/excludeOutboundIPRanges": f"{server.ipv6}/128"})
+    with Listeners(pod, (OUT, IN, 8080)) as local, Listeners(server, (8080,)) as remote:
+        assert connect(pod, server.ipv6, 8080) == "connected"  # excluded v6 address: direct
+        assert remote.next() is not None and local.next(0.3) is None
+        assert connect(pod, server.ipv4, 8080) == "connected"  # its v4 address is still captured
+        assert local.next().port == OUT  # type: ignore[union-attr]
+        assert connect(pod, "::1", 8080) == "connected"
+        assert local.next().port == 8080  # type: ignore[union-attr]
+        assert connect(pod, pod.ipv6, 8080, uid=PROXY) == "connected"  # proxy -> own app: inbound
+        landing = local.next()
+        assert landing is not None and landing.port == IN and landing.original == (pod.ipv6, 8080)
+        assert connect(pod, pod.ipv6, 8080) == "connected"  # app -> itself: direct
+        assert local.next().port == 8080  # type: ignore[union-attr]
+        # The proxy's inbound passthrough from ::6 (which ADD put on lo) reaches the app directly.
+        assert connect(pod, pod.ipv6, 8080, uid=PROXY, source="::6") == "connected"
+        assert local.next().port == 8080  # type: ignore[union-attr]
