@@ -52,6 +52,12 @@ FLAGS: tuple[tuple[str, str, str | None, str], ...] = (
     ),
     ("--node-name", "NODE_NAME", None, "this node (taint removal and repair act on it only)"),
     ("--repair", "MESH_CNI_REPAIR", "label", "pods started without redirect: off | label | delete"),
+    (
+        "--repair-exit-codes",
+        "MESH_CNI_REPAIR_EXIT_CODES",
+        "",
+        "validation exit codes that mean 'no redirect' (comma list; empty: any non-zero)",
+    ),
     ("--resync-seconds", "MESH_CNI_RESYNC_SECONDS", "5", "safety-net re-check period besides inotify"),
     ("--once-timeout", "MESH_CNI_ONCE_TIMEOUT", "60", "with --once: seconds to wait for a CNI config"),
     ("--log-level", "MESH_CNI_LOG_LEVEL", "info", "agent log level"),
@@ -109,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         node_name=args.node_name or None,
         remove_taint=not args.no_remove_taint,
         repair_mode=args.repair,
+        repair_exit_codes=frozenset(int(c) for c in args.repair_exit_codes.split(",") if c.strip()) or None,
         resync_s=float(args.resync_seconds),
     )
 

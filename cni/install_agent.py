@@ -59,6 +59,7 @@ class AgentConfig:
     node_name: str | None = None
     remove_taint: bool = True
     repair_mode: str = "off"  # off | label | delete
+    repair_exit_codes: frozenset[int] | None = None  # validation exit codes meaning "no redirect"
     resync_s: float = 5.0
     contention_window_s: float = 10.0
     contention_threshold: int = 5  # overwrites of our install within the window

@@ -79,11 +79,12 @@ class BrokenPod:
     message: str
 
 
-def broken_pod(pod: Mapping[str, Any]) -> BrokenPod | None:
+def broken_pod(pod: Mapping[str, Any], exit_codes: frozenset[int] | None = None) -> BrokenPod | None:
     """A pod whose ``istio-validation`` init container failed: the CNI redirect was not in place.
 
-    Only injected pods (status annotation) count; pods being deleted or already labelled are
-    left alone so repair is idempotent.
+    Only injected pods (status annotation) count; pods being deleted are left alone. A
+    validation that failed once and then passed (current state: terminated with 0) is fine.
+    ``exit_codes``: only these codes mean "no redirect" (None: any non-zero code).
     """
     meta = pod.get("metadata") or {}
     if STATUS_ANNOTATION not in (meta.get("annotations") or {}):
@@ -93,21 +94,26 @@ def broken_pod(pod: Mapping[str, Any]) -> BrokenPod | None:
     for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
         if status.get("name") != VALIDATION_CONTAINER:
             continue
-        for key in ("state", "lastState"):
-            terminated = (status.get(key) or {}).get("terminated")
-            if terminated and int(terminated.get("exitCode", 0)) != 0:
-                code = int(terminated["exitCode"])
-                return BrokenPod(
-                    namespace=meta.get("namespace", ""),
-                    name=meta.get("name", ""),
-                    uid=meta.get("uid", ""),
-                    resource_version=meta.get("resourceVersion", ""),
-                    exit_code=code,
-                    message=(
-                        f"init container {VALIDATION_CONTAINER} exited {code}: the pod started "
-                        "without its traffic redirect (was mesh-cni missing from the node's CNI chain?)"
-                    ),
-                )
+        current = (status.get("state") or {}).get("terminated")
+        if current and int(current.get("exitCode", 0)) == 0:
+            return None
+        terminated = current or (status.get("lastState") or {}).get("terminated")
+        if not terminated:
+            return None
+        code = int(terminated.get("exitCode", 0))
+        if code == 0 or (exit_codes is not None and code not in exit_codes):
+            return None
+        return BrokenPod(
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            resource_version=meta.get("resourceVersion", ""),
+            exit_code=code,
+            message=(
+                f"init container {VALIDATION_CONTAINER} exited {code}: the pod started "
+                "without its traffic redirect (was mesh-cni missing from the node's CNI chain?)"
+            ),
+        )
     return None
 
 
@@ -279,13 +285,15 @@ class KubeApi:
         self.request("POST", f"/api/v1/namespaces/{namespace}/events", event)
 
 
-def repair_pod(api: KubeApi, pod: Mapping[str, Any], *, mode: str, node: str) -> str | None:
+def repair_pod(
+    api: KubeApi, pod: Mapping[str, Any], *, mode: str, node: str, exit_codes: frozenset[int] | None = None
+) -> str | None:
     """Label or delete one pod if it is broken; returns what was done, or None.
 
     A pod that changed since ``pod`` was read makes the API answer 409/422 (precondition) and is
     left as it is: the watch will deliver its new version and we decide again.
     """
-    broken = broken_pod(pod)
+    broken = broken_pod(pod, exit_codes)
     if broken is None or mode == "off":
         return None
     if mode == "label" and not needs_label(pod):

@@ -67,6 +67,9 @@ def repair_loop(agent: Agent, api: KubeApi, node: str) -> None:
     """List then watch this node's pods; label or delete injected pods that started unmeshed."""
     mode = agent.config.repair_mode
     while not agent._stop.is_set():
+        # Repair only while our install is valid: a pod deleted now would be recreated unmeshed.
+        if not agent._valid.wait(timeout=1.0):
+            continue
         try:
             pods, version = api.pods_on_node(node)
             for pod in pods:
@@ -86,7 +89,10 @@ def repair_loop(agent: Agent, api: KubeApi, node: str) -> None:
 
 
 def _repair(agent: Agent, api: KubeApi, pod: dict, mode: str, node: str) -> None:
-    done = repair_pod(api, pod, mode=mode, node=node)
+    while not agent._valid.wait(timeout=1.0):
+        if agent._stop.is_set():
+            return
+    done = repair_pod(api, pod, mode=mode, node=node, exit_codes=agent.config.repair_exit_codes)
     if done:
         meta = pod.get("metadata") or {}
         agent.status.count(f"mesh_cni_repair_pods_total|{done}")

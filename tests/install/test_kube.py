@@ -284,6 +284,7 @@ def test_repair_labels_only_broken_injected_pods_of_its_node(
         _set_validation_exit(identity, name, code)
     tokens = _tokens(tmp_path, identity)
     broken = f"broken-{tag}"
+    write_shape(host, "bridge-conflist")  # repair acts only while the install is valid
     with running_agent(host, **_agent_config(host, identity, tokens, own, repair_mode="label")) as agent:
         wait_for(lambda: _labels(identity, broken).get(REPAIR_LABEL) == "true", timeout=20)
         uid = identity.get(f"/api/v1/namespaces/{identity.namespace}/pods/{broken}")["metadata"]["uid"]
