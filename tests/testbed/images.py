@@ -396,3 +396,22 @@ def copy_to(archive: Path, dest_dir: Path) -> Path:
     target = dest_dir / archive.name
     shutil.copyfile(archive, target)
     return target
+
+
+MESH_CNI_IMAGE = "docker.io/mesh-injector/mesh-cni:0.1.0"
+
+
+def mesh_cni_image(out_dir: Path = IMAGE_CACHE, ref: str = MESH_CNI_IMAGE, repo: Path | None = None) -> Path:
+    """The CNI/validation image of contract 3: our `cni` package, pyroute2, `mesh-cni` on PATH.
+
+    Built from the working tree each time (a second or two), so a test runs the code under test.
+    """
+    repo = repo or Path(__file__).resolve().parents[2]
+    return python_image(
+        ref,
+        out_dir / "mesh-cni.tar",
+        trees={"/app/cni": repo / "cni"},
+        site_packages=["pyroute2"],
+        executables={"/usr/local/bin/mesh-cni": "cni.cli:main"},
+        entrypoint=["/usr/local/bin/mesh-cni"],
+    )

@@ -71,6 +71,8 @@ SYSCTLS = (
 )
 LOG_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"))
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+#: Points at the work dir of the node running on this machine (one at a time: bridge, kubepods).
+ACTIVE_POINTER = Path("/run/mesh-injector-testbed-node")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -218,6 +220,33 @@ def _kubelet_config(port: int, healthz_port: int) -> dict[str, Any]:
     }
 
 
+def _wait_for_machine(control_plane: ControlPlane, timeout: float) -> None:
+    """One node per machine: wait while another one runs; clean up after one whose owner crashed.
+
+    A node whose kubelet is gone but whose host changes remain (a killed test session) is torn
+    down from its recorded state, so the next session starts from a clean machine.
+    """
+    deadline = time.monotonic() + timeout
+    while ACTIVE_POINTER.exists():
+        workdir = Path(ACTIVE_POINTER.read_text().strip())
+        try:
+            other = Node.attach(workdir, control_plane, owned=True)
+        except (OSError, ValueError, KeyError):
+            ACTIVE_POINTER.unlink(missing_ok=True)
+            return
+        kubelet = next((d for d in other.daemons if d.name == "kubelet"), None)
+        if kubelet is None or not kubelet.alive():
+            other.stop()
+            ACTIVE_POINTER.unlink(missing_ok=True)
+            return
+        if time.monotonic() > deadline:
+            raise TestbedError(
+                f"another test node runs here ({workdir}); stop it with scripts/testbed/node down "
+                f"--dir {workdir}"
+            )
+        time.sleep(2)
+
+
 @dataclass
 class Node:
     """A running single node; see the module docstring."""
@@ -250,6 +279,7 @@ class Node:
         missing = node_prerequisites_missing()
         if missing:
             raise TestbedError("cannot run the node: missing " + ", ".join(missing))
+        _wait_for_machine(control_plane, float(os.environ.get("MESH_NODE_WAIT", "600")))
         for hierarchy in _cgroup_hierarchies():
             if (hierarchy / "kubepods").exists():
                 raise TestbedError(f"{hierarchy / 'kubepods'} exists: another kubelet runs here, refusing")
@@ -271,6 +301,7 @@ class Node:
         )
         node._record_host_state()
         node.save()
+        ACTIVE_POINTER.write_text(str(workdir))
         try:
             node._start_scheduler()
             node._start_containerd(timeout)
@@ -428,6 +459,9 @@ class Node:
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
         self._restore_sysctls()
         self._clean_host_paths()
+        with contextlib.suppress(OSError):
+            if ACTIVE_POINTER.read_text() == str(self.workdir):
+                ACTIVE_POINTER.unlink()
 
     def leftovers(self) -> list[str]:
         """What stop() should have undone but did not (empty after a clean teardown)."""

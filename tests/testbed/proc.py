@@ -69,24 +69,24 @@ class Daemon:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; only if the pid is still the process we started."""
-        if not self.alive():
-            self._reap()
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._reap()
+        try:
             if not self.alive():
                 return
-            time.sleep(0.1)
-        if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while self.alive() and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.05)
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.1)
+            if self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self.alive() and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.05)
+        finally:
+            self._reap()  # a child that exited between two checks must not stay a zombie
 
     def _reap(self) -> None:
         """Collect the exit status when it is our child, so it does not linger as a zombie."""

@@ -98,3 +98,47 @@ def test_scheduler_places_deployment_pods_on_the_node(control_plane: ControlPlan
         assert running and all(p["spec"]["nodeName"] == node.name for p in running)
     finally:
         control_plane.delete_namespace(ns)
+
+
+def test_python_image_runs_our_code_as_the_proxy_uid(control_plane: ControlPlane, node: Node) -> None:
+    """The image built from this machine's Python runs our `cni` package under contract 3's limits."""
+    node.import_image(images.mesh_cni_image())
+    ns = control_plane.create_namespace(prefix="pyimg")
+    try:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "py"},
+            "spec": {
+                "nodeName": node.name,
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "py",
+                        "image": images.MESH_CNI_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": [
+                            "python3",
+                            "-c",
+                            "import os, pyroute2, cni.annotations, shutil; "
+                            "print('uid', os.getuid(), 'launcher', shutil.which('mesh-cni'))",
+                        ],
+                        "securityContext": {
+                            "runAsUser": 1337,
+                            "runAsGroup": 1337,
+                            "runAsNonRoot": True,
+                            "readOnlyRootFilesystem": True,
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+            },
+        }
+        control_plane.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(pod))
+        node.wait_for_pod(ns, "py", phase="Succeeded", timeout=90)
+        logs = control_plane.kubectl("logs", "-n", ns, "py").stdout
+        assert "uid 1337 launcher /usr/local/bin/mesh-cni" in logs
+    finally:
+        control_plane.delete_namespace(ns)
