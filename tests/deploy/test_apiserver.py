@@ -496,6 +496,10 @@ def test_end_to_end_injection_and_rotation_under_a_burst(control_plane: Any, ins
             for w in workers:
                 w.join(30)
 
+        print(
+            f"burst: {len(created)} pods created, {during_rotation} while the CA rotated, "
+            f"{len(failures)} failed; rotation: {result.actions or 'done'}"
+        )
         assert not failures, f"{len(failures)} pod creations failed, e.g. {failures[:3]}"
         assert during_rotation >= 10, f"only {during_rotation} pods were created during the rotation"
         stored = {
