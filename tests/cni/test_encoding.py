@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,43 @@ json_values = st.recursive(
 def test_fastjson_agrees_with_json(value: object) -> None:
     assert fastjson.loads(json.dumps(value)) == value
     assert json.loads(fastjson.dumps(value)) == value
+
+
+ports = st.lists(st.integers(1, 65535), max_size=4).map(lambda ps: ",".join(map(str, ps)))
+v4_nets = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)).map(
+    lambda t: f"{'.'.join(str((t[0] >> s) & 255) for s in (24, 16, 8, 0))}/{t[1]}")
+v6_nets = st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 128)).map(
+    lambda t: f"{':'.join(format((t[0] >> s) & 0xFFFF, 'x') for s in range(112, -1, -16))}/{t[1]}")
+cidrs = st.lists(v4_nets | v6_nets, max_size=3).map(",".join)
+traffic_annotations = st.fixed_dictionaries({}, optional={
+    "traffic.sidecar.istio.io/includeOutboundIPRanges": st.just("*") | cidrs,
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges": cidrs,
+    "traffic.sidecar.istio.io/includeInboundPorts": st.just("*") | ports,
+    "traffic.sidecar.istio.io/excludeInboundPorts": ports,
+    "traffic.sidecar.istio.io/includeOutboundPorts": ports,
+    "traffic.sidecar.istio.io/excludeOutboundPorts": ports,
+    "traffic.sidecar.istio.io/excludeInterfaces": st.lists(st.sampled_from(["eth1", "net1", "lo2"]),
+                                                            max_size=2).map(",".join),
+    "traffic.mesh-injector.io/captureDNS": st.sampled_from(["true", "false"]),
+    "traffic.mesh-injector.io/proxyUID": st.integers(0, 65535).map(str),
+    "status.sidecar.istio.io/port": st.integers(1, 65535).map(str),
+})
+
+
+@pytest.fixture(scope="module")
+def scratch_netns():  # type: ignore[no-untyped-def]
+    from tests.cni.conftest import require_bed
+
+    require_bed()
+    name = f"mcprop{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield f"/run/netns/{name}"
+    subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pod_annotations=traffic_annotations)
+def test_any_valid_plan_programs_and_reads_back_equal(scratch_netns, pod_annotations) -> None:  # type: ignore[no-untyped-def]
+    plan = plan_from_annotations(pod_annotations)
+    nftables.program(scratch_netns, plan)
+    assert nftables.check(scratch_netns, plan) == []
