@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import re
 import socket
 import ssl
@@ -528,3 +529,22 @@ def test_end_to_end_injection_and_rotation_under_a_burst(control_plane: Any, ins
             server.kill()
         if namespace:
             control_plane.delete_namespace(namespace)
+
+
+@pytest.mark.parametrize(("kind", "name"), [("Deployment", "mesh-injector"), ("DaemonSet", "mesh-cni-node")])
+def test_the_pods_the_controllers_would_create_are_admitted(
+    control_plane: Any, installed: Installed, kind: str, name: str
+) -> None:
+    """Pod-level admission (priority classes outside kube-system, service accounts, security
+    contexts) for the pods our workloads make, which the test bed never runs (no images)."""
+    template = find(objects("overlays/kind"), kind, name)["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-admission-check", "namespace": "mesh-system", **template["metadata"]},
+        "spec": template["spec"],
+    }
+    done = control_plane.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod))
+    admitted = json.loads(done.stdout)
+    assert admitted["spec"]["priority"] >= 2_000_000_000, "a system-* priority class was applied"
+    assert admitted["spec"]["serviceAccountName"] == pod["spec"]["serviceAccountName"]

@@ -277,3 +277,18 @@ def test_images_are_multi_stage_and_slim(dockerfile: str) -> None:
         line for line in (REPO / dockerfile).read_text().splitlines() if line.startswith("ARG PYTHON_IMAGE=")
     )
     assert arg.split("=", 1)[1].startswith("python:3.11.") and "slim" in arg
+
+
+def test_kind_nodes_start_with_the_taint_the_agent_removes() -> None:
+    from cni.install_kube import NOT_READY_TAINT_KEY
+
+    config = yaml.safe_load((REPO / "manifests/overlays/kind/kind-cluster.yaml").read_text())
+    for node in config["nodes"]:
+        patches = [yaml.safe_load(p) for p in node["kubeadmConfigPatches"]]
+        taints = [t for p in patches for t in p["nodeRegistration"]["taints"]]
+        assert {"key": NOT_READY_TAINT_KEY, "effect": "NoSchedule"} in taints, node["role"]
+    # ... and the agent tolerates it (it must run to remove it).
+    daemonset = find(objects("overlays/kind"), "DaemonSet", "mesh-cni-node")
+    assert {"operator": "Exists", "effect": "NoSchedule"} in daemonset["spec"]["template"]["spec"][
+        "tolerations"
+    ]
