@@ -96,12 +96,13 @@ add_debsrc() {
   local f tmp_sources tmp_list
   tmp_sources="$(mktemp)"
   tmp_list="$(mktemp)"
-  # deb822: copy each enabled stanza that has Types deb and a bookworm suite, as deb-src.
+  # deb822: copy each enabled Debian stanza that has Types deb and a bookworm suite, as deb-src
+  # (only Debian's archives: another vendor's repository may publish no sources at all).
   for f in /etc/apt/sources.list.d/*.sources; do
     [ -f "$f" ] || continue
     [ "$f" = "$SRC_SOURCES" ] && continue
     awk 'BEGIN{RS=""; ORS="\n\n"}
-         /(^|\n)Types:[^\n]*(^|[ \t])deb([ \t]|\n|$)/ \
+         /(^|\n)Types:[^\n]*(^|[ \t])deb([ \t]|\n|$)/ && /(^|\n)URIs:[^\n]*debian/ \
            && /(^|\n)Suites:[^\n]*[ \t]bookworm([ \t]|\n|$)/ && !/(^|\n)Enabled:[ \t]*no/ {
            n = split($0, lines, "\n"); out = ""
            for (i = 1; i <= n; i++) {
@@ -111,11 +112,11 @@ add_debsrc() {
            printf "%s\n", out
          }' "$f" >>"$tmp_sources"
   done
-  # One-line format: every `deb ... bookworm...` line becomes a `deb-src` line.
+  # One-line format: every Debian `deb ... bookworm...` line becomes a `deb-src` line.
   for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
     [ -f "$f" ] || continue
     [ "$f" = "$SRC_LIST" ] && continue
-    sed -nE 's/^[[:space:]]*deb([[:space:]]+.*[[:space:]]bookworm([-[:alnum:]]*)([[:space:]].*)?)$/deb-src\1/p' \
+    sed -nE '/debian/s/^[[:space:]]*deb([[:space:]]+.*[[:space:]]bookworm([-[:alnum:]]*)([[:space:]].*)?)$/deb-src\1/p' \
       "$f" >>"$tmp_list"
   done
   if [ -s "$tmp_sources" ]; then
