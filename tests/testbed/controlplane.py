@@ -404,7 +404,13 @@ class ControlPlane:
         if binary is None:
             raise TestbedError("kubectl not found; run scripts/setup.d/30-kube.sh")
         text_input = input.decode() if isinstance(input, bytes) else input
-        cmd = [binary, f"--kubeconfig={self.kubeconfig}", *args]
+        # Discovery cache in the work dir, not in ~/.kube: nothing of ours outlives the control plane.
+        cmd = [
+            binary,
+            f"--kubeconfig={self.kubeconfig}",
+            f"--cache-dir={self.workdir / 'kubectl-cache'}",
+            *args,
+        ]
         proc = subprocess.run(
             cmd, input=text_input, capture_output=True, text=True, timeout=timeout, check=False
         )

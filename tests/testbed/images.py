@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -390,14 +389,6 @@ def python_image(
     return write_oci_archive(out, ref, layer, entrypoint=entrypoint, cmd=cmd, env=environment, user=user)
 
 
-def copy_to(archive: Path, dest_dir: Path) -> Path:
-    """Copy an archive next to others (e.g. into a node's work dir for `ctr import`)."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / archive.name
-    shutil.copyfile(archive, target)
-    return target
-
-
 MESH_CNI_IMAGE = "docker.io/mesh-injector/mesh-cni:0.1.0"
 
 
@@ -415,3 +406,16 @@ def mesh_cni_image(out_dir: Path = IMAGE_CACHE, ref: str = MESH_CNI_IMAGE, repo:
         executables={"/usr/local/bin/mesh-cni": "cni.cli:main"},
         entrypoint=["/usr/local/bin/mesh-cni"],
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox and mesh-cni archives."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out_dir = Path(args[0]) if args else IMAGE_CACHE
+    for archive in (pause_image(out_dir), busybox_image(out_dir), mesh_cni_image(out_dir)):
+        print(archive)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,11 +18,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import require
 from tests.testbed.controlplane import ControlPlane, missing_binaries
+
+if TYPE_CHECKING:
+    from tests.testbed.node import Node
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +50,7 @@ def control_plane() -> Iterator[ControlPlane]:
 
 
 @pytest.fixture(scope="session")
-def node(control_plane: ControlPlane) -> Iterator[object]:
+def node(control_plane: ControlPlane) -> Iterator[Node]:
     """A real single node (kubelet + containerd + runc) registered with `control_plane`."""
     from tests.testbed.node import Node, node_prerequisites_missing
 
