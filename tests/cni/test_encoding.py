@@ -92,7 +92,7 @@ json_values = st.recursive(
     lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=20)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(json_values)
 def test_fastjson_agrees_with_json(value: object) -> None:
     assert fastjson.loads(json.dumps(value)) == value
