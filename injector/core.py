@@ -34,6 +34,18 @@ PROXY_NAME = "istio-proxy"
 VALIDATION_NAME = "istio-validation"
 REDIRECT_INIT_NAME = "istio-init"
 
+#: The downward-API volume the redirect init container reads the pod's annotations from.
+PODINFO_MOUNT = "/etc/istio/pod"
+PODINFO_VOLUME: dict[str, Any] = {
+    "name": "istio-podinfo",
+    "downwardAPI": {
+        "items": [
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+        ]
+    },
+}
+
 TEMPLATES = "inject.istio.io/templates"
 NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
 REWRITE_PROBES = "sidecar.istio.io/rewriteAppHTTPProbers"
@@ -598,7 +610,7 @@ def _select_templates(annotations: Mapping[str, str], config: InjectorConfig) ->
     return found
 
 
-def _capture_init(mode: str, resolved: Mapping[str, str], config: InjectorConfig) -> dict[str, Any] | None:
+def _capture_init(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
     proxy = config.proxy
     if mode == ann.MODE_NONE or proxy.capture == "none":
         return None
@@ -610,7 +622,9 @@ def _capture_init(mode: str, resolved: Mapping[str, str], config: InjectorConfig
             "image": proxy.cni_image,
             "imagePullPolicy": proxy.image_pull_policy,
             "command": ["mesh-cni", "redirect"],
-            "args": ["--annotations", _json(dict(resolved), sort=True)],
+            # The pod's own (resolved) annotations through the downward API, as the CNI reads them.
+            "args": ["--annotations-file", f"{PODINFO_MOUNT}/annotations"],
+            "volumeMounts": [{"mountPath": PODINFO_MOUNT, "name": PODINFO_VOLUME["name"], "readOnly": True}],
             "resources": small,
             "securityContext": {
                 "allowPrivilegeEscalation": False,
@@ -822,7 +836,7 @@ def _render_into(
     r_inits = [finish(c) for c in _named(r_spec.get("initContainers"))]
     proxy = next((c for c in r_containers if c.get("name") == PROXY_NAME), None)
     others = [c for c in r_containers if c is not proxy]
-    capture = _capture_init(plan.mode, traffic.annotations, config)
+    capture = _capture_init(plan.mode, config)
     capture_inits = [finish(capture)] if capture else []
 
     if native and proxy is not None:
@@ -844,6 +858,8 @@ def _render_into(
     if init_list or "initContainers" in spec:
         new_spec["initContainers"] = init_list
     r_volumes = _named(r_spec.get("volumes"))
+    if capture is not None and capture["name"] == REDIRECT_INIT_NAME:
+        r_volumes = merge_keyed([PODINFO_VOLUME], r_volumes, "name")
     existing_volumes = {v.get("name") for v in _named(spec.get("volumes"))}
     added_volumes = [v for v in r_volumes if v.get("name") not in existing_volumes]
     if added_volumes or "volumes" in spec:
