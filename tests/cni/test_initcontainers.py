@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from cni import nftables
 from cni.annotations import TrafficDefaults, plan_from_annotations
@@ -22,10 +28,25 @@ from tests.cni.cnitest import (
 PROXY = 1337
 
 
+@functools.cache
+def readable_package_root() -> str:
+    """A world-readable copy of the ``cni`` package: the checkout may sit under a private home
+    directory that the proxy uid cannot traverse (an image would ship the package readable)."""
+    root = tempfile.mkdtemp(prefix="mesh-cni-pkg-")
+    atexit.register(shutil.rmtree, root, True)
+    shutil.copytree(REPO / "cni", Path(root) / "cni", ignore=shutil.ignore_patterns("__pycache__"))
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+    return root
+
+
 def mesh_cni(pod, *args: str, uid: int | None = None):  # type: ignore[no-untyped-def]
     """Run the mesh-cni CLI inside the pod's netns (as uid) the way its init container would."""
     python = UNPRIVILEGED_PYTHON if uid is not None else sys.executable
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from cni.cli import main; sys.exit(main())"
+    root = readable_package_root() if uid is not None else str(REPO)
+    code = f"import sys; sys.path.insert(0, {root!r}); from cni.cli import main; sys.exit(main())"
     return run_in_netns(pod.netns, [python, "-I", "-S", "-c", code, *args], uid=uid, gid=uid,
                         env={"PATH": "/usr/bin:/bin"})
 
