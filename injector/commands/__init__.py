@@ -1,0 +1,1 @@
+"""Subcommands of ``mesh-injector``: one module each, discovered by ``injector.cli``."""
