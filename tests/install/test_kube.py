@@ -265,7 +265,11 @@ def _labels(ident: Identity, name: str) -> dict[str, str]:
 
 def _events_for(ident: Identity, uid: str) -> list[dict[str, Any]]:
     events = ident.get(f"/api/v1/namespaces/{ident.namespace}/events")["items"]
-    return [e for e in events if e["involvedObject"].get("uid") == uid]
+    return [
+        e
+        for e in events
+        if e["involvedObject"].get("uid") == uid and (e.get("source") or {}).get("component") == "mesh-cni"
+    ]
 
 
 def test_repair_labels_only_broken_injected_pods_of_its_node(
@@ -329,3 +333,92 @@ def test_repair_preconditions_protect_a_pod_that_changed(
         gone = err.code == 404
     assert gone
     assert ["deleted it" in e["message"] for e in _events_for(identity, after["metadata"]["uid"])] == [True]
+
+
+@pytest.mark.node
+def test_real_node_unmeshed_pod_is_replaced_by_a_meshed_one(
+    identity: Identity, node: Any, tmp_path: Path
+) -> None:
+    """End to end on kubelet + containerd: a Deployment's pod starts before the plugin is
+    installed, its validation init container fails; the agent installs, then deletes that pod
+    (repair=delete) and the replacement starts through our chain and passes validation."""
+    from cni.install_agent import AgentConfig
+    from cni.install_conflist import EntryOptions
+    from tests.install.conftest import snapshot
+    from tests.testbed import images
+
+    node.import_image(images.mesh_cni_image())
+    before = snapshot(node.cni_conf_dir, node.cni_bin_dir)
+    ns, app = identity.namespace, f"meshed-{uuid.uuid4().hex[:5]}"
+    template = _pod(identity, app, node=None)
+    template["spec"]["initContainers"][0].update(
+        image=images.MESH_CNI_IMAGE,
+        imagePullPolicy="Never",
+        command=["/usr/local/bin/mesh-cni", "validate", "--timeout", "2"],
+        securityContext={"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True},
+    )
+    template["spec"]["containers"][0].update(
+        image=images.BUSYBOX_IMAGE, imagePullPolicy="Never", command=["sleep", "3600"]
+    )
+    template["spec"]["terminationGracePeriodSeconds"] = 1
+    template = {
+        "metadata": {"labels": {"app": app}, "annotations": template["metadata"]["annotations"]},
+        "spec": template["spec"],
+    }
+    identity.apply({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": app, "namespace": ns},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": app}}, "template": template},
+    })  # fmt: skip
+
+    def pods() -> list[dict[str, Any]]:
+        return identity.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=app%3D{app}")["items"]
+
+    def validation(pod: dict[str, Any]) -> dict[str, Any]:
+        for status in pod.get("status", {}).get("initContainerStatuses") or []:
+            if status["name"] == "istio-validation":
+                return status
+        return {}
+
+    def failed(pod: dict[str, Any]) -> bool:
+        status = validation(pod)
+        return any(
+            (status.get(k) or {}).get("terminated", {}).get("exitCode", 0) != 0
+            for k in ("state", "lastState")
+        )
+
+    tokens = _tokens(tmp_path, identity)
+    state = tmp_path / "state"
+    config = AgentConfig(
+        cni_bin_dir=node.cni_bin_dir, cni_net_dir=node.cni_conf_dir, runtime_dir=tmp_path / "opt-mesh-cni",
+        state_dir=state, kubeconfig=state / "kubeconfig",
+        entry=EntryOptions(kubeconfig=str(state / "kubeconfig"), log_file=str(tmp_path / "plugin.log"),
+                           log_level="debug"),
+        api_server=identity.plane.server, token_file=tokens.token, ca_file=Path(identity.plane.ca_file),
+        node_name=node.name, repair_mode="delete", health_port=0,
+    )  # fmt: skip
+    agent = None
+    try:
+        wait_for(lambda: any(failed(p) for p in pods()), timeout=90, interval=0.5)
+        unmeshed = next(p for p in pods() if failed(p))["metadata"]["uid"]
+        with running_agent(config) as agent:
+
+            def meshed() -> bool:
+                return any(
+                    p["metadata"]["uid"] != unmeshed
+                    and p["status"].get("phase") == "Running"
+                    and validation(p).get("state", {}).get("terminated", {}).get("exitCode") == 0
+                    for p in pods()
+                )
+
+            wait_for(meshed, timeout=120, interval=0.5)
+            assert [e["reason"] for e in _events_for(identity, unmeshed)] == ["UnmeshedPodRepaired"]
+            assert "redirect programmed" in (tmp_path / "plugin.log").read_text()
+    finally:
+        identity.plane.kubectl("delete", "deployment", app, "-n", ns, "--wait=false", check=False)
+        for pod in pods():
+            identity.plane.kubectl(
+                "delete", "pod", pod["metadata"]["name"], "-n", ns, "--grace-period=0", "--force", check=False
+            )
+        if agent is not None:
+            agent.uninstall()
+        assert snapshot(node.cni_conf_dir, node.cni_bin_dir) == before
