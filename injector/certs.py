@@ -359,8 +359,9 @@ def write_tls_dir(directory: Path, files: Mapping[str, bytes]) -> bool:
     """Publish ``files`` in ``directory`` atomically; False when they were already there.
 
     Layout as the kubelet makes for a Secret volume: a timestamped directory, a ``..data``
-    symlink swapped with one rename, and per-file symlinks through ``..data``. A reader never
-    sees a certificate next to the key of another."""
+    symlink swapped with one rename, and per-file symlinks through ``..data``. A reader that
+    resolves ``..data`` once never sees a certificate next to the key of another; the previous
+    version is kept until the next write, so such a reader does not lose its files mid-read."""
     directory.mkdir(parents=True, exist_ok=True)
     current = directory / "..data"
     if current.exists() and all(
@@ -381,7 +382,7 @@ def write_tls_dir(directory: Path, files: Mapping[str, bytes]) -> bool:
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
     os.symlink(stamp.name, tmp_link)
-    old_target = os.readlink(current) if current.is_symlink() else None
+    keep = {stamp.name, os.readlink(current) if current.is_symlink() else ""}
     os.replace(tmp_link, current)
     for name in files:
         link = directory / name
@@ -391,11 +392,13 @@ def write_tls_dir(directory: Path, files: Mapping[str, bytes]) -> bool:
                 tmp.unlink()
             os.symlink(f"..data/{name}", tmp)
             os.replace(tmp, link)
-    if old_target and old_target != stamp.name:
-        old_dir = directory / old_target
-        for child in old_dir.iterdir():
-            child.unlink()
-        old_dir.rmdir()
+    # Keep the version just replaced (a reader may have resolved ..data to it a moment ago);
+    # remove anything older.
+    for old in directory.iterdir():
+        if old.is_dir() and not old.is_symlink() and old.name.startswith("..") and old.name not in keep:
+            for child in old.iterdir():
+                child.unlink()
+            old.rmdir()
     return True
 
 

@@ -258,8 +258,10 @@ def test_published_files_swap_atomically(tmp_path: Path) -> None:
                     straddled += 1
                 else:
                     broken.append(f"links: {exc!r}")
-            except FileNotFoundError as exc:
-                broken.append(f"links: {exc!r}")
+            except FileNotFoundError:
+                # Resolved ..data to a version two writes old, removed meanwhile: only possible
+                # with back-to-back writes like here; retried like a straddled pair.
+                straddled += 1
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -274,7 +276,8 @@ def test_published_files_swap_atomically(tmp_path: Path) -> None:
     assert (tmp_path / "tls.crt").read_bytes() == a.serving.cert_pem  # the last one written (i=199)
     entries = {p.name for p in tmp_path.iterdir()}
     assert {"tls.crt", "tls.key", "ca.crt", "..data"} <= entries
-    assert len([e for e in entries if e.startswith("..") and e != "..data"]) == 1, "old versions removed"
+    versions = [e for e in entries if e.startswith("..") and e != "..data"]
+    assert len(versions) == 2, f"the current and the previous version only: {versions}"
 
 
 @pytest.mark.parametrize(
