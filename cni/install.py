@@ -9,6 +9,7 @@ it does for its own node (``NODE_NAME``) once the install is valid.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -42,6 +43,12 @@ FLAGS: tuple[tuple[str, str, str | None, str], ...] = (
         "MESH_CNI_EXCLUDE_NAMESPACES",
         "kube-system",
         "conflist excludeNamespaces (comma list)",
+    ),
+    (
+        "--plugin-extra-json",
+        "MESH_CNI_PLUGIN_EXTRA_JSON",
+        "{}",
+        "JSON object of extra keys for our conflist entry (e.g. the plugin's agentSocket)",
     ),
     ("--health-address", "MESH_CNI_HEALTH_ADDRESS", "0.0.0.0", "health/metrics listen address"),
     (
@@ -93,6 +100,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     if args.repair not in ("off", "label", "delete"):
         raise SystemExit(f"--repair must be off, label or delete, not {args.repair!r}")
     port = int(args.health_port)
+    extra = json.loads(args.plugin_extra_json or "{}")
+    if not isinstance(extra, dict):
+        raise SystemExit("--plugin-extra-json must be a JSON object")
     kubeconfig = Path(args.kubeconfig)
     return AgentConfig(
         cni_bin_dir=Path(args.cni_bin_dir),
@@ -108,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             log_file=args.plugin_log_file,
             log_level=args.plugin_log_level,
             exclude_namespaces=tuple(n.strip() for n in args.exclude_namespaces.split(",") if n.strip()),
+            extra=tuple(sorted(extra.items())),
         ),
         keep_on_exit=args.keep_on_exit,
         health_address=args.health_address,

@@ -547,7 +547,7 @@ class Agent:
                 readable, _, _ = select.select([watcher, self._wake_r], [], [], timeout)
                 if watcher in readable:
                     changed = watcher.drain()
-                    if changed & {self.config.cni_net_dir, self.config.cni_bin_dir}:
+                    if changed - {self.config.token_file.parent}:
                         self._last_net_change = time.monotonic()
                         if contended and not self.chain_installed():
                             # Still being fought over: keep backing off until it is quiet.
@@ -564,10 +564,17 @@ class Agent:
             watcher.close()
 
     def _watch_dirs(self) -> list[Path]:
+        """The dirs to watch; for one that does not exist yet, its nearest existing parent (so
+        its creation wakes us too)."""
         dirs = [self.config.cni_net_dir, self.config.cni_bin_dir]
         if self.config.api_server:
             dirs.append(self.config.token_file.parent)
-        return dirs
+        out = []
+        for directory in dirs:
+            while not directory.is_dir() and directory.parent != directory:
+                directory = directory.parent
+            out.append(directory)
+        return out
 
     def _pass(self, now: float) -> tuple[bool, str]:
         was = self._was_installed

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from cni.install_kube import ApiError, KubeApi, repair_pod
@@ -85,7 +84,6 @@ def repair_loop(agent: Agent, api: KubeApi, node: str) -> None:
         except (ApiError, OSError, ValueError) as err:
             log.warning("pod repair on node %s: %s", node, err)
             agent._stop.wait(2.0)
-        time.sleep(0)
 
 
 def _repair(agent: Agent, api: KubeApi, pod: dict, mode: str, node: str) -> None:

@@ -322,3 +322,30 @@ def test_busy_executable_is_retried_not_failed(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_net_dir_that_appears_later_is_noticed_without_polling(host: AgentConfig, tmp_path: Path) -> None:
+    late = tmp_path / "etc" / "cni" / "net.d"
+    with running_agent(host, cni_net_dir=late) as agent:
+        wait_for(lambda: "no valid CNI network config" in agent.status.reason)
+        late.mkdir(parents=True)
+        (late / "10-bridge.conflist").write_bytes(BRIDGE_CONFLIST)
+        wait_for(lambda: _is_chained(late / "10-bridge.conflist"), timeout=5)  # resync is 60 s
+
+
+def test_extra_entry_keys_from_env(host: AgentConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni.install import main
+
+    write_shape(host, "bridge-conflist", bystanders=False)
+    monkeypatch.setenv("MESH_CNI_PLUGIN_EXTRA_JSON", '{"agentSocket": "/run/mesh-cni/agent.sock"}')
+    monkeypatch.setenv("MESH_CNI_EXCLUDE_NAMESPACES", "kube-system, istio-system")
+    flags = [
+        "--cni-net-dir", str(host.cni_net_dir), "--cni-bin-dir", str(host.cni_bin_dir),
+        "--runtime-dir", str(host.runtime_dir), "--state-dir", str(host.state_dir),
+        "--kubeconfig", str(host.kubeconfig), "--health-port", "-1",
+    ]  # fmt: skip
+    assert main(["--once", *flags]) == 0
+    entry = json.loads((host.cni_net_dir / "10-bridge.conflist").read_bytes())["plugins"][-1]
+    assert entry["agentSocket"] == "/run/mesh-cni/agent.sock"
+    assert entry["excludeNamespaces"] == ["kube-system", "istio-system"]
+    assert entry["kubeconfig"] == str(host.kubeconfig)
