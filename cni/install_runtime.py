@@ -40,6 +40,7 @@ from pathlib import Path
 #: Bump when the bundle layout changes so old bundles get rebuilt.
 LAYOUT_VERSION = "1"
 DEFAULT_PACKAGES: tuple[str, ...] = ("cni", "pyroute2")
+LDD = "ldd"
 #: Stdlib parts the plugin never imports (GUI, tests, packaging tools, docs).
 STDLIB_SKIP_DIRS = frozenset(
     {
@@ -101,7 +102,7 @@ class RuntimeSource:
 
 def _shared_libs(elves: list[Path]) -> tuple[list[Path], Path | None]:
     """(libraries, dynamic loader) that ``elves`` load, as resolved on this machine (one ldd run)."""
-    out = subprocess.run(["ldd", *map(str, elves)], capture_output=True, text=True, check=False).stdout
+    out = subprocess.run([LDD, *map(str, elves)], capture_output=True, text=True, check=False).stdout
     libs: list[Path] = []
     loader: Path | None = None
     for line in out.splitlines():

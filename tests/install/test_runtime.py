@@ -11,6 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cni.install_agent import Agent, AgentConfig
 from tests.conftest import require_root
 from tests.install.conftest import write_shape
@@ -92,3 +94,21 @@ def test_rebuild_switches_current_atomically_and_keeps_one_previous(host_own_run
     assert second != first and second.name == "upgrade-0000000"
     assert first.exists(), "the previous version stays for plugin processes still starting from it"
     assert runtime.python.exists()
+
+
+def test_without_patchelf_the_launcher_falls_back_to_sh_and_the_bundled_loader(
+    host_own_runtime: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images without patchelf still work on hosts that have /bin/sh: the launcher starts the
+    bundled dynamic loader explicitly with the bundled libraries."""
+    host = host_own_runtime
+    monkeypatch.setenv("PATH", "/nonexistent")  # no patchelf (ldd is found by absolute path below)
+    monkeypatch.setattr("cni.install_runtime.LDD", shutil.which("ldd", path="/usr/bin:/bin") or "ldd")
+    write_shape(host, "bridge-conflist", bystanders=False)
+    assert Agent(host).reconcile()[0]
+    launcher = host.cni_bin_dir / "mesh-cni"
+    assert launcher.read_bytes().startswith(b"#!/bin/sh\n")
+    config = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "mesh-cni"}).encode()
+    done = subprocess.run([str(launcher)], input=config, env={"CNI_COMMAND": "VERSION"}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "1.0.0" in json.loads(done.stdout)["supportedVersions"]
