@@ -12,7 +12,6 @@ Everything else, RBAC above all, is applied exactly as rendered.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -85,21 +84,11 @@ def write_kubeconfig(path: Path, control_plane: Any, token: str) -> Path:
 
 
 def cli(*args: str) -> list[str]:
-    """How a user runs `mesh-injector ...` from this checkout (the console script).
-
-    Until the dispatcher `injector.cli` exists, the subcommand module is driven the way the
-    dispatcher drives it (contract 2: `add_arguments` + `run`)."""
-    if importlib.util.find_spec("injector.cli") is not None:
-        script = Path(sys.executable).parent / "mesh-injector"
-        if script.exists():
-            return [str(script), *args]
-        return [sys.executable, "-c", "import sys; from injector.cli import main; sys.exit(main())", *args]
-    module = args[0].replace("-", "_")
-    driver = (
-        f"import argparse, sys; from injector.commands import {module} as c; p = argparse.ArgumentParser(); "
-        "c.add_arguments(p); sys.exit(c.run(p.parse_args(sys.argv[1:])))"
-    )
-    return [sys.executable, "-c", driver, *args[1:]]
+    """How a user runs `mesh-injector ...` from this checkout: the console script."""
+    script = Path(sys.executable).parent / "mesh-injector"
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-c", "import sys; from injector.cli import main; sys.exit(main())", *args]
 
 
 def run_cli(
