@@ -409,13 +409,40 @@ def mesh_cni_image(out_dir: Path = IMAGE_CACHE, ref: str = MESH_CNI_IMAGE, repo:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox and mesh-cni archives."""
+    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox, mesh-cni and proxy archives."""
     args = list(sys.argv[1:] if argv is None else argv)
     out_dir = Path(args[0]) if args else IMAGE_CACHE
-    for archive in (pause_image(out_dir), busybox_image(out_dir), mesh_cni_image(out_dir)):
+    for archive in (
+        pause_image(out_dir),
+        busybox_image(out_dir),
+        mesh_cni_image(out_dir),
+        proxy_image(out_dir),
+    ):
         print(archive)
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:testbed"
+
+
+def proxy_image(out_dir: Path = IMAGE_CACHE, ref: str = TEST_PROXY_IMAGE) -> Path:
+    """The test proxy (tests/testbed/testproxy.py) as the sidecar image, standing in for Envoy.
+
+    Entrypoint runs the proxy and ignores the template's args; `pilot-agent` (for `pilot-agent
+    wait`) and `envoy` (the envoy template's command) are on PATH too.
+    """
+    source = Path(__file__).resolve().parent / "testproxy.py"
+    return python_image(
+        ref,
+        out_dir / "testproxy.tar",
+        files={"/app/testproxy.py": source},
+        executables={
+            "/usr/local/bin/pilot-agent": "testproxy:pilot_agent_main",
+            "/usr/local/bin/envoy": "testproxy:main",
+        },
+        entrypoint=["/usr/bin/python3", "/app/testproxy.py"],
+    )
