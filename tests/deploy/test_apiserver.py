@@ -316,6 +316,12 @@ def test_certs_bootstrap_patches_only_our_webhook_and_only_when_changed(
         assert second.returncode == 0 and "actions: none" in second.stdout, second.stdout + second.stderr
         assert _secret(control_plane)["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
         assert _webhook_bundles(control_plane, "mesh-injector")[1] == rv, "unchanged caBundle patched again"
+
+        # A user re-applying the manifests (`kubectl apply -k` again, e.g. an upgrade) keeps the
+        # certificates and the caBundle: neither is in the manifests.
+        apply(control_plane, installed.objects)
+        assert _secret(control_plane)["data"] == secret["data"]
+        assert _webhook_bundles(control_plane, "mesh-injector")[0] == bundles
     finally:
         control_plane.kubectl(
             "delete", "mutatingwebhookconfiguration", foreign_name, "--ignore-not-found", check=False
@@ -548,3 +554,56 @@ def test_the_pods_the_controllers_would_create_are_admitted(
     admitted = json.loads(done.stdout)
     assert admitted["spec"]["priority"] >= 2_000_000_000, "a system-* priority class was applied"
     assert admitted["spec"]["serviceAccountName"] == pod["spec"]["serviceAccountName"]
+
+
+def test_certs_watch_mode_completes_a_rotation_and_stops_on_sigterm(
+    control_plane: Any, installed: Installed
+) -> None:
+    """The in-cluster sidecar: `certs --watch --rotate-ca` walks the whole rotation by itself."""
+    tls_dir = installed.workdir / "watch-tls"
+    boot = run_cli("certs", "--kubeconfig", str(installed.injector_kubeconfig), "--ip", "127.0.0.1")
+    assert boot.returncode == 0, boot.stdout + boot.stderr
+    old_ca = base64.b64decode(_secret(control_plane)["data"]["ca.crt"])
+    watcher = subprocess.Popen(
+        cli(
+            "certs",
+            "--kubeconfig",
+            str(installed.injector_kubeconfig),
+            "--ip",
+            "127.0.0.1",
+            "--watch",
+            "--interval",
+            "0.2",
+            "--settle",
+            "0.5s",
+            "--overlap",
+            "1s",
+            "--rotate-ca",
+            "--write-dir",
+            str(tls_dir),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        done = False
+        while time.monotonic() < deadline and not done:
+            time.sleep(0.3)
+            data = _secret(control_plane)["data"]
+            ca = base64.b64decode(data["ca.crt"])
+            bundles, _ = _webhook_bundles(control_plane, "mesh-injector")
+            done = (
+                ca != old_ca
+                and all(certs.split_pem_bundle(b) == (ca,) for b in bundles)
+                and certs.signed_by(base64.b64decode(data["tls.crt"]), ca)
+                and (tls_dir / "tls.crt").is_file()
+                and (tls_dir / "tls.crt").read_bytes() == base64.b64decode(data["tls.crt"])
+            )
+        assert done, "rotation not completed by the watcher"
+    finally:
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=15)
+    assert watcher.returncode == 0, out
+    assert "rotate-ca" in out and "retire-ca" in out, out
