@@ -8,10 +8,12 @@ is on the CNI hot path, which runs as a fresh process per pod start.
 
 from __future__ import annotations
 
-import ipaddress
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import _socket
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CNI hot path)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 # --- Annotation and label keys (Istio's names where Istio has one) ---------------------------
 
@@ -79,6 +81,90 @@ class AnnotationError(ValueError):
         super().__init__(f"annotation {annotation}={value!r}: {problem}")
 
 
+# --- Light records: dataclass-like, without importing dataclasses/inspect (~10 ms per plugin run) ---
+
+
+class _Record:
+    """An immutable record with keyword construction, equality, hashing and a readable repr.
+
+    Subclasses list their fields with defaults in ``_defaults``; ``__slots__`` follows from it.
+    """
+
+    __slots__ = ()
+    _defaults: dict[str, Any] = {}
+
+    def __init__(self, **values: Any) -> None:
+        for name in self.__slots__:
+            object.__setattr__(self, name, values.pop(name) if name in values else self._defaults[name])
+        if values:
+            raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(sorted(values))}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; use .replace()")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def replace(self, **changes: Any) -> Any:
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
+
+
+class Cidr:
+    """An IPv4/IPv6 network with host bits masked; parsed with ``_socket`` instead of ``ipaddress``.
+
+    ``packed`` is the network address in network byte order, as netlink wants it.
+    """
+
+    __slots__ = ("packed", "prefixlen", "version")
+
+    def __init__(self, text: str) -> None:
+        address, slash, prefix = text.strip().partition("/")
+        family = _socket.AF_INET6 if ":" in address else _socket.AF_INET
+        try:
+            raw = _socket.inet_pton(family, address)
+        except OSError:
+            raise ValueError(f"{address!r} is not an IP address") from None
+        bits = len(raw) * 8
+        if slash and not (prefix.isdigit() and int(prefix) <= bits):
+            raise ValueError(f"{prefix!r} is not a prefix length for {address}")
+        length = int(prefix) if slash else bits
+        mask = ((1 << length) - 1) << (bits - length)
+        self.packed = (int.from_bytes(raw, "big") & mask).to_bytes(len(raw), "big")
+        self.prefixlen = length
+        self.version = 6 if family == _socket.AF_INET6 else 4
+
+    def __str__(self) -> str:
+        family = _socket.AF_INET6 if self.version == 6 else _socket.AF_INET
+        return f"{_socket.inet_ntop(family, self.packed)}/{self.prefixlen}"
+
+    def __repr__(self) -> str:
+        return f"Cidr({str(self)!r})"
+
+    def _key(self) -> tuple[int, bytes, int]:
+        return (self.version, self.packed, self.prefixlen)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cidr) and self._key() == other._key()
+
+    def __lt__(self, other: Cidr) -> bool:
+        return self._key() < other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
 # --- Value parsers: one per kind of value -----------------------------------------------------
 
 
@@ -112,26 +198,22 @@ def parse_ports(annotation: str, value: str, *, allow_all: bool = False) -> tupl
     return tuple(sorted(ports))
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_cidrs(annotation: str, value: str, *, allow_all: bool = False) -> tuple[Network, ...] | None:
+def parse_cidrs(annotation: str, value: str, *, allow_all: bool = False) -> tuple[Cidr, ...] | None:
     """Comma-separated IPv4/IPv6 CIDRs (host bits are masked); ``*`` (where allowed) is None."""
     text = value.strip()
     if text == ALL:
         if not allow_all:
             raise AnnotationError(annotation, value, "'*' is not allowed here")
         return None
-    networks: dict[str, Network] = {}
+    networks: set[Cidr] = set()
     for item in _items(text):
         if item == ALL:
             raise AnnotationError(annotation, value, "'*' must stand alone")
         try:
-            network = ipaddress.ip_network(item, strict=False)
+            networks.add(Cidr(item))
         except ValueError:
             raise AnnotationError(annotation, value, f"{item!r} is not an IP address or CIDR") from None
-        networks[str(network)] = network
-    return tuple(sorted(networks.values(), key=lambda n: (n.version, n.network_address, n.prefixlen)))
+    return tuple(sorted(networks))
 
 
 def parse_interfaces(annotation: str, value: str) -> tuple[str, ...]:
@@ -175,65 +257,97 @@ def parse_mode(annotation: str, value: str) -> str:
 # --- The redirect plan ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrafficDefaults:
+class TrafficDefaults(_Record):
     """Mesh-wide defaults, used where a pod does not set the annotation (values.global.proxy)."""
 
-    interception_mode: str = MODE_REDIRECT
-    include_outbound_ip_ranges: str = ALL
-    exclude_outbound_ip_ranges: str = ""
-    include_inbound_ports: str = ALL
-    exclude_inbound_ports: str = ""
-    include_outbound_ports: str = ""
-    exclude_outbound_ports: str = ""
-    exclude_interfaces: str = ""
-    status_port: int = STATUS_PORT_DEFAULT
-    proxy_uid: int = PROXY_UID_DEFAULT
-    proxy_gid: int = PROXY_UID_DEFAULT
-    capture_dns: bool = False
+    interception_mode: str
+    include_outbound_ip_ranges: str
+    exclude_outbound_ip_ranges: str
+    include_inbound_ports: str
+    exclude_inbound_ports: str
+    include_outbound_ports: str
+    exclude_outbound_ports: str
+    exclude_interfaces: str
+    status_port: int
+    proxy_uid: int
+    proxy_gid: int
+    capture_dns: bool
+    _defaults = {
+        "interception_mode": MODE_REDIRECT,
+        "include_outbound_ip_ranges": ALL,
+        "exclude_outbound_ip_ranges": "",
+        "include_inbound_ports": ALL,
+        "exclude_inbound_ports": "",
+        "include_outbound_ports": "",
+        "exclude_outbound_ports": "",
+        "exclude_interfaces": "",
+        "status_port": STATUS_PORT_DEFAULT,
+        "proxy_uid": PROXY_UID_DEFAULT,
+        "proxy_gid": PROXY_UID_DEFAULT,
+        "capture_dns": False,
+    }
+    __slots__ = tuple(_defaults)
 
 
-@dataclass(frozen=True)
-class RedirectPlan:
+class RedirectPlan(_Record):
     """What to redirect inside one pod's network namespace (Istio REDIRECT semantics).
 
     ``inbound_ports``/``outbound_include_cidrs`` of None mean "all"; an empty tuple means "none".
     """
 
-    mode: str = MODE_REDIRECT
-    proxy_uid: int = PROXY_UID_DEFAULT
-    proxy_gid: int = PROXY_UID_DEFAULT
-    outbound_capture_port: int = OUTBOUND_CAPTURE_PORT
-    inbound_capture_port: int = INBOUND_CAPTURE_PORT
-    inbound_ports: tuple[int, ...] | None = None
-    inbound_exclude_ports: tuple[int, ...] = PROXY_INBOUND_PORTS
-    outbound_include_cidrs: tuple[Network, ...] | None = None
-    outbound_exclude_cidrs: tuple[Network, ...] = ()
-    outbound_include_ports: tuple[int, ...] = ()
-    outbound_exclude_ports: tuple[int, ...] = ()
-    exclude_interfaces: tuple[str, ...] = ()
-    capture_dns: bool = False
-    dns_capture_port: int = DNS_CAPTURE_PORT
-    status_port: int = STATUS_PORT_DEFAULT
+    mode: str
+    proxy_uid: int
+    proxy_gid: int
+    outbound_capture_port: int
+    inbound_capture_port: int
+    inbound_ports: tuple[int, ...] | None
+    inbound_exclude_ports: tuple[int, ...]
+    outbound_include_cidrs: tuple[Cidr, ...] | None
+    outbound_exclude_cidrs: tuple[Cidr, ...]
+    outbound_include_ports: tuple[int, ...]
+    outbound_exclude_ports: tuple[int, ...]
+    exclude_interfaces: tuple[str, ...]
+    capture_dns: bool
+    dns_capture_port: int
+    status_port: int
+    _defaults = {
+        "mode": MODE_REDIRECT,
+        "proxy_uid": PROXY_UID_DEFAULT,
+        "proxy_gid": PROXY_UID_DEFAULT,
+        "outbound_capture_port": OUTBOUND_CAPTURE_PORT,
+        "inbound_capture_port": INBOUND_CAPTURE_PORT,
+        "inbound_ports": None,
+        "inbound_exclude_ports": PROXY_INBOUND_PORTS,
+        "outbound_include_cidrs": None,
+        "outbound_exclude_cidrs": (),
+        "outbound_include_ports": (),
+        "outbound_exclude_ports": (),
+        "exclude_interfaces": (),
+        "capture_dns": False,
+        "dns_capture_port": DNS_CAPTURE_PORT,
+        "status_port": STATUS_PORT_DEFAULT,
+    }
+    __slots__ = tuple(_defaults)
 
     @property
     def redirects(self) -> bool:
         return self.mode == MODE_REDIRECT
 
 
-@dataclass(frozen=True)
-class ResolvedTraffic:
+class ResolvedTraffic(_Record):
     """A validated plan plus the annotation values that reproduce it, for writing onto the pod."""
 
     plan: RedirectPlan
-    annotations: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str]
+    _defaults = {"plan": None, "annotations": None}
+    __slots__ = tuple(_defaults)
 
 
 def _ports_text(ports: tuple[int, ...] | None) -> str:
     return ALL if ports is None else ",".join(str(p) for p in ports)
 
 
-def _cidrs_text(cidrs: tuple[Network, ...] | None) -> str:
+def _cidrs_text(cidrs: tuple[Cidr, ...] | None) -> str:
     return ALL if cidrs is None else ",".join(str(c) for c in cidrs)
 
 
@@ -312,20 +426,31 @@ def plan_from_annotations(
 # --- Injection status -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InjectionStatus:
+class InjectionStatus(_Record):
     """The parsed ``sidecar.istio.io/status`` annotation (Istio's shape, plus our extras)."""
 
-    init_containers: tuple[str, ...] = ()
-    containers: tuple[str, ...] = ()
-    volumes: tuple[str, ...] = ()
-    image_pull_secrets: tuple[str, ...] = ()
-    revision: str = "default"
-    templates: tuple[str, ...] = ()
-    config_hash: str = ""  # of the config it was rendered with: tells stale pods apart
+    init_containers: tuple[str, ...]
+    containers: tuple[str, ...]
+    volumes: tuple[str, ...]
+    image_pull_secrets: tuple[str, ...]
+    revision: str
+    templates: tuple[str, ...]
+    config_hash: str  # of the config it was rendered with: tells stale pods apart
+    _defaults = {
+        "init_containers": (),
+        "containers": (),
+        "volumes": (),
+        "image_pull_secrets": (),
+        "revision": "default",
+        "templates": (),
+        "config_hash": "",
+    }
+    __slots__ = tuple(_defaults)
 
     def to_json(self) -> str:
-        body = {
+        import json  # lazily: the plugin never writes the status
+
+        body: dict[str, Any] = {
             "initContainers": list(self.init_containers),
             "containers": list(self.containers),
             "volumes": list(self.volumes),
@@ -341,6 +466,8 @@ class InjectionStatus:
 
 def parse_status(value: str) -> InjectionStatus:
     """Parse the status annotation; raise AnnotationError when it is not the JSON object we write."""
+    import json  # lazily: the plugin's gate only checks that the annotation is present
+
     try:
         body = json.loads(value)
     except ValueError:
@@ -365,13 +492,14 @@ def parse_status(value: str) -> InjectionStatus:
     )
 
 
-@dataclass(frozen=True)
-class RedirectDecision:
+class RedirectDecision(_Record):
     """Whether the CNI plugin should program a pod, and why (stable reason code)."""
 
     redirect: bool
     reason: str
     message: str
+    _defaults = {"redirect": False, "reason": "", "message": ""}
+    __slots__ = tuple(_defaults)
 
 
 def redirect_decision(annotations: Mapping[str, str]) -> RedirectDecision:
@@ -380,11 +508,14 @@ def redirect_decision(annotations: Mapping[str, str]) -> RedirectDecision:
     Does not validate the traffic annotations; ``plan_from_annotations`` does.
     """
     if STATUS not in annotations:
-        return RedirectDecision(False, "NotInjected", f"pod has no {STATUS} annotation")
+        return RedirectDecision(redirect=False, reason="NotInjected",
+                                message=f"pod has no {STATUS} annotation")
     inject = annotations.get(INJECT)
     if inject is not None and inject.strip().lower() in ("false", "n", "no", "off", "0"):
-        return RedirectDecision(False, "InjectionDisabled", f"{INJECT}={inject}")
+        return RedirectDecision(redirect=False, reason="InjectionDisabled", message=f"{INJECT}={inject}")
     mode = annotations.get(INTERCEPTION_MODE, MODE_REDIRECT).strip().upper()
     if mode == MODE_NONE:
-        return RedirectDecision(False, "InterceptionNone", f"{INTERCEPTION_MODE}=NONE")
-    return RedirectDecision(True, "Injected", "pod is injected; redirecting its traffic")
+        return RedirectDecision(redirect=False, reason="InterceptionNone",
+                                message=f"{INTERCEPTION_MODE}=NONE")
+    return RedirectDecision(redirect=True, reason="Injected",
+                            message="pod is injected; redirecting its traffic")

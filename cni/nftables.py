@@ -122,8 +122,8 @@ def redirect(port: int) -> list[Expr]:
 
 
 def net_of(network: object) -> Net:
-    """An ipaddress network (from the shared plan) as a Net tuple."""
-    return (network.version, network.network_address.packed, network.prefixlen)  # type: ignore[attr-defined]
+    """A ``cni.annotations.Cidr`` (from the shared plan) as a Net tuple."""
+    return (network.version, network.packed, network.prefixlen)  # type: ignore[attr-defined]
 
 
 def _contains(net: Net, host: Net) -> bool:

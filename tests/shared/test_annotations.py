@@ -115,7 +115,29 @@ def test_resolution_is_a_fixed_point(inbound: list[int], outbound: list[int], ra
     again = a.resolve_traffic(first.annotations)
     assert again == first
     for net in again.plan.outbound_exclude_cidrs:
-        assert any(net == ipaddress.ip_network(r, strict=False) for r in ranges)
+        assert any(str(net) == str(ipaddress.ip_network(r, strict=False)) for r in ranges)
+
+
+@given(st.one_of(st.ip_addresses(v=4).flatmap(lambda ip: st.tuples(st.just(ip), st.integers(0, 32))),
+                 st.ip_addresses(v=6).flatmap(lambda ip: st.tuples(st.just(ip), st.integers(0, 128)))))
+def test_cidr_masks_like_the_standard_library(address_and_prefix: tuple[object, int]) -> None:
+    """Our light CIDR parser (no ipaddress import on the hot path) agrees with ipaddress."""
+    address, prefix = address_and_prefix
+    ours = a.Cidr(f"{address}/{prefix}")
+    reference = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    assert (ours.version, ours.packed, ours.prefixlen) == (
+        reference.version, reference.network_address.packed, reference.prefixlen)
+    assert a.Cidr(str(ours)) == ours
+
+
+def test_records_are_immutable_values() -> None:
+    plan = a.RedirectPlan()
+    with pytest.raises(AttributeError):
+        plan.mode = "NONE"  # type: ignore[misc]
+    assert plan.replace(mode="NONE") == a.RedirectPlan(mode="NONE") != plan
+    assert hash(plan) == hash(a.RedirectPlan())
+    with pytest.raises(TypeError, match="no field"):
+        a.RedirectPlan(mood="happy")
 
 
 def test_module_is_stdlib_only_and_cheap_to_import() -> None:
