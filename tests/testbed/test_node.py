@@ -142,3 +142,63 @@ def test_python_image_runs_our_code_as_the_proxy_uid(control_plane: ControlPlane
         assert "uid 1337 launcher /usr/local/bin/mesh-cni" in logs
     finally:
         control_plane.delete_namespace(ns)
+
+
+def test_test_proxy_image_runs_as_a_ready_sidecar(control_plane: ControlPlane, node: Node) -> None:
+    """The Envoy stand-in runs with the sidecar template's limits and answers its readiness probe."""
+    node.import_image(images.proxy_image())
+    ns = control_plane.create_namespace(prefix="proxy")
+    try:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "app"},
+            "spec": {
+                "nodeName": node.name,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "app",
+                        "image": images.BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["sleep", "3600"],
+                    },
+                    {
+                        "name": "istio-proxy",
+                        "image": images.TEST_PROXY_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "args": ["proxy", "sidecar", "--domain", "x.svc.cluster.local"],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/healthz/ready", "port": 15021},
+                            "periodSeconds": 1,
+                        },
+                        "securityContext": {
+                            "runAsUser": 1337,
+                            "runAsGroup": 1337,
+                            "runAsNonRoot": True,
+                            "readOnlyRootFilesystem": True,
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    },
+                ],
+            },
+        }
+        control_plane.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(pod))
+        node.wait_for_pod(ns, "app", timeout=90)
+        control_plane.kubectl(
+            "wait", "-n", ns, "pod/app", "--for=condition=Ready", "--timeout=60s", timeout=90
+        )
+        ready = control_plane.kubectl(
+            "exec", "-n", ns, "app", "-c", "app", "--", "wget", "-qO-", "http://127.0.0.1:15021/healthz/ready"
+        )
+        assert ready.stdout == "ready"
+        control_plane.kubectl("exec", "-n", ns, "app", "-c", "istio-proxy", "--", "pilot-agent", "wait")
+        logs = control_plane.kubectl("logs", "-n", ns, "app", "-c", "istio-proxy").stdout
+        assert json.loads(logs.splitlines()[0]) == {
+            "event": "ready",
+            "uid": 1337,
+            "ports": [15001, 15006, 15020, 15021],
+        }
+    finally:
+        control_plane.delete_namespace(ns)
