@@ -234,14 +234,17 @@ def main(argv: list[str] | None = None) -> int:
                     run_wrk(wrk, f"{url}/inject", script, seconds, args.connections, args.threads)
                 return count
 
-            early = drive_to(args.total // 10)
-            rss_early, _ = rss_kib(server.pid)
-            final = drive_to(args.total)
-            rss_end, hwm = rss_kib(server.pid)
-            print(f"memory (server process): RSS {rss_early / 1024:.1f} MiB after {early} reviews, "
-                  f"{rss_end / 1024:.1f} MiB after {final} reviews "
-                  f"(growth {(rss_end - rss_early) / 1024:+.1f} MiB); "
-                  f"peak RSS (VmHWM) {hwm / 1024:.1f} MiB")
+            samples: list[tuple[int, float]] = []
+            for step in range(1, 11):
+                count = drive_to(args.total * step // 10)
+                samples.append((count, rss_kib(server.pid)[0] / 1024))
+            _, hwm = rss_kib(server.pid)
+            print("memory (server process RSS, MiB) by reviews answered: "
+                  + ", ".join(f"{n // 1000}k: {mib:.1f}" for n, mib in samples))
+            half = samples[len(samples) // 2 - 1]
+            print(f"  peak RSS (VmHWM) {hwm / 1024:.1f} MiB after {samples[-1][0]} reviews; growth over the "
+                  f"second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
+                  f"{samples[-1][1] - half[1]:+.1f} MiB")
         finally:
             server.send_signal(signal.SIGTERM)
             try:
