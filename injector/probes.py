@@ -28,7 +28,7 @@ def prober_path(container: str, kind: str) -> str:
 
 def _resolve_port(port: Any, container: Mapping[str, Any]) -> Any:
     """A named port becomes its number; an unknown name is kept (the kubelet would fail it too)."""
-    if isinstance(port, str) and not port.isdigit():
+    if isinstance(port, str) and not (port.isascii() and port.isdigit()):
         for item in container.get("ports") or ():
             if item.get("name") == port:
                 return item.get("containerPort")
@@ -41,15 +41,15 @@ def _resolve_port(port: Any, container: Mapping[str, Any]) -> Any:
 def _original(probe: Mapping[str, Any], container: Mapping[str, Any]) -> dict[str, Any] | None:
     """The prober entry for one probe, or None for probes we leave alone (exec, none)."""
     entry: dict[str, Any]
-    if "httpGet" in probe:
+    if probe.get("httpGet") is not None:  # a null handler is an absent one
         action = dict(probe["httpGet"])
         action["port"] = _resolve_port(action.get("port"), container)
         entry = {"httpGet": action}
-    elif "tcpSocket" in probe:
+    elif probe.get("tcpSocket") is not None:
         action = dict(probe["tcpSocket"])
         action["port"] = _resolve_port(action.get("port"), container)
         entry = {"tcpSocket": action}
-    elif "grpc" in probe:
+    elif probe.get("grpc") is not None:
         entry = {"grpc": dict(probe["grpc"])}
     else:
         return None
@@ -75,7 +75,7 @@ def rewrite_probes(
         probers[path] = entry
         rewritten = {k: v for k, v in probe.items() if k not in _HANDLERS}
         http_get: dict[str, Any] = {"path": path, "port": status_port, "scheme": "HTTP"}
-        headers = probe.get("httpGet", {}).get("httpHeaders")
+        headers = (probe.get("httpGet") or {}).get("httpHeaders")
         if headers:
             http_get["httpHeaders"] = headers
         rewritten["httpGet"] = http_get
@@ -93,7 +93,7 @@ def restore_probes(
     out: dict[str, Any] | None = None
     for field, kind in PROBE_KINDS:
         probe = container.get(field)
-        if not probe or "httpGet" not in probe:
+        if not probe or not isinstance(probe.get("httpGet"), dict):
             continue
         path = prober_path(name, kind)
         action = probe["httpGet"]
