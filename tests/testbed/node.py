@@ -69,7 +69,24 @@ SYSCTLS = (
     "kernel.keys.root_maxbytes",
     "net.ipv4.ip_forward",
 )
-LOG_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"))
+#: Host dirs the kubelet, containerd and libcni write to whatever we configure: the kubelet's log
+#: dirs, its device-plugin socket dir (hard-coded in 1.20), libcni's result cache (containerd 1.6
+#: has no setting for it). Entries that appear during our run are ours and are removed, except in
+#: shared dirs (SHARED_DIRS), where only entries with our prefix are (other CNI users write there).
+TRACKED_DIRS = (
+    Path("/var/log/pods"),
+    Path("/var/log/containers"),
+    Path("/var/lib/kubelet"),
+    Path("/var/lib/kubelet/device-plugins"),
+    Path("/var/lib/cni"),
+    Path("/var/lib/cni/results"),
+)
+SHARED_DIRS: dict[str, tuple[str, ...]] = {
+    "/var/lib/cni": (),
+    # libcni names its cache files <network>-<container id>-<ifname>: our conflist's network and
+    # the loopback network containerd's CRI sets up in every sandbox.
+    "/var/lib/cni/results": ("mesh-testbed-", "cni-loopback-"),
+}
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 #: Points at the work dir of the node running on this machine (one at a time: bridge, kubepods).
 ACTIVE_POINTER = Path("/run/mesh-injector-testbed-node")
@@ -317,7 +334,7 @@ class Node:
         self.saved_sysctls = {
             name: _sysctl_path(name).read_text().strip() for name in SYSCTLS if _sysctl_path(name).exists()
         }
-        for directory in LOG_DIRS:
+        for directory in TRACKED_DIRS:
             if directory.exists():
                 self.log_dir_entries[str(directory)] = sorted(os.listdir(directory))
             else:
@@ -406,6 +423,7 @@ class Node:
                 "--container-runtime=remote",
                 f"--container-runtime-endpoint=unix://{self.containerd_socket}",
                 f"--root-dir={kubelet_dir}",
+                f"--cert-dir={kubelet_dir / 'pki'}",
                 f"--hostname-override={self.name}",
                 f"--pod-infra-container-image={images.PAUSE_IMAGE}",
                 "--logtostderr=true",
@@ -476,10 +494,11 @@ class Node:
         if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True, check=False).returncode == 0:
             problems.append(f"bridge {BRIDGE} left")
         problems += [f"mount {point} left" for point in _mounts_under(self.workdir)]
-        problems += [f"{path} left" for path in self.created_paths if Path(path).exists()]
-        for directory, before in self.log_dir_entries.items():
-            extra = set(os.listdir(directory)) - set(before) if Path(directory).exists() else set()
-            problems += [f"{directory}/{entry} left" for entry in sorted(extra)]
+        problems += [
+            f"{path} left" for path in self.created_paths if Path(path).exists() and path not in SHARED_DIRS
+        ]
+        for directory in [*self.log_dir_entries, *(p for p in self.created_paths if p in SHARED_DIRS)]:
+            problems += [f"{directory}/{entry} left" for entry in self._new_entries(directory)]
         if self._own_shims():
             problems.append(f"containerd shims for {self.containerd_socket} left: {self._own_shims()}")
         return problems
@@ -595,22 +614,36 @@ class Node:
                 if path.read_text().strip() != value:
                     path.write_text(value + "\n")
 
+    def _new_entries(self, directory: str) -> list[str]:
+        """Entries of a tracked dir that appeared during our run (in shared dirs: with our prefix)."""
+        try:
+            now = set(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+        new = now - set(self.log_dir_entries.get(directory, []))
+        if directory in SHARED_DIRS:
+            new = {entry for entry in new if entry.startswith(SHARED_DIRS[directory])}
+        return sorted(new)
+
     def _clean_host_paths(self) -> None:
-        for directory, before in self.log_dir_entries.items():
-            with contextlib.suppress(FileNotFoundError):
-                for entry in set(os.listdir(directory)) - set(before):
-                    target = Path(directory) / entry
-                    if target.is_dir() and not target.is_symlink():
-                        shutil.rmtree(target, ignore_errors=True)
-                    else:
-                        target.unlink(missing_ok=True)
+        # Deepest first: /var/lib/kubelet/device-plugins before /var/lib/kubelet, and so on.
+        tracked = sorted({*self.log_dir_entries, *self.created_paths}, key=len, reverse=True)
+        for directory in tracked:
+            for entry in self._new_entries(directory):
+                target = Path(directory) / entry
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
         if SHIM_SOCKET_DIR.exists() and str(SHIM_SOCKET_DIR) not in self.created_paths:
             for entry in set(os.listdir(SHIM_SOCKET_DIR)) - set(self.shim_sockets_before):
                 (SHIM_SOCKET_DIR / entry).unlink(missing_ok=True)
-        # Deepest first: /run/containerd/s before /run/containerd.
         for created in sorted(self.created_paths, key=len, reverse=True):
             path = Path(created)
-            if path.is_dir():
+            if created in SHARED_DIRS:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only when empty: someone else may use it now
+            elif path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- state ------------------------------------------------------------------------------------
