@@ -86,7 +86,7 @@ class ProxyValues(_Model):
     include_outbound_ports: str = ""
     exclude_outbound_ports: str = ""
     exclude_interfaces: str = ""
-    capture_dns: bool = False
+    capture_dns: bool = Field(default=False, alias="captureDNS")
 
     @field_validator("native_sidecars", mode="before")
     @classmethod
