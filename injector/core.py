@@ -696,7 +696,8 @@ def _render_into(
             plain_inits.append(c)
 
     pod_security = spec.get("securityContext") or {}
-    for c in app_containers:
+    captured = plan.redirects and config.proxy.capture != "none"  # without a redirect nothing is bypassed
+    for c in app_containers if captured else ():
         if _effective_uid(c, pod_security) == plan.proxy_uid:
             raise _Rejected(
                 ReasonCode.PROXY_UID_CONFLICT,
