@@ -111,7 +111,8 @@ def main() -> int:
     typical, _ = measure("typical (3 containers)", typical_pod(), args.rounds)
     big, big_json = measure("2,000 env vars", env_pod(), max(200, args.rounds // 10))
     print(
-        f"typical pod: {typical * 1e3:.3f} ms (target <= 0.300 ms) -> {'OK' if typical <= 0.0003 else 'MISSED'}"
+        f"typical pod: {typical * 1e3:.3f} ms (target <= 0.300 ms) -> "
+        f"{'OK' if typical <= 0.0003 else 'MISSED'}"
     )
     print(
         f"2,000-env pod: {big / big_json:.1f}x parse+serialize (target <= 5x) -> "
