@@ -113,16 +113,18 @@ def _json(value: Any, *, sort: bool = False) -> str:
         return json.dumps(value, sort_keys=sort, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-_STATUS_JSON: dict[ann.InjectionStatus, str] = {}
+_STATUS_JSON: dict[tuple[Any, ...], str] = {}
 
 
-def _status_json(status: ann.InjectionStatus) -> str:
-    """The status annotation text; nearly every pod gets one of a handful, so it is memoised."""
-    found = _STATUS_JSON.get(status)
+def _status_json(**fields: Any) -> str:
+    """The status annotation text; nearly every pod gets one of a handful, so it is memoised
+    (keyed on plain tuples: cheaper to hash than the record)."""
+    key = tuple(fields.values())
+    found = _STATUS_JSON.get(key)
     if found is None:
         if len(_STATUS_JSON) >= 1024:
             _STATUS_JSON.clear()
-        found = _STATUS_JSON[status] = status.to_json()
+        found = _STATUS_JSON[key] = ann.InjectionStatus(**fields).to_json()
     return found
 
 
@@ -548,22 +550,24 @@ def _static_context(config: InjectorConfig) -> dict[str, Any]:
     return static
 
 
-_TRAFFIC_CACHE: dict[tuple[Any, ...], ann.ResolvedTraffic] = {}
+_TRAFFIC_CACHE: dict[tuple[Any, ...], tuple[ann.TrafficDefaults, ann.ResolvedTraffic]] = {}
 
 
 def _resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> ann.ResolvedTraffic:
     """resolve_traffic, memoised: most pods carry the same few traffic annotations (usually none)."""
+    defaults = config.traffic_defaults
     present = tuple((k, annotations[k]) for k in ann.TRAFFIC_ANNOTATIONS if k in annotations)
-    key = (config.traffic_defaults, present)
-    found = _TRAFFIC_CACHE.get(key)
-    if found is None:
-        try:
-            found = ann.resolve_traffic(annotations, config.traffic_defaults)
-        except ann.AnnotationError as err:
-            raise _Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
-        if len(_TRAFFIC_CACHE) >= 4096:
-            _TRAFFIC_CACHE.clear()
-        _TRAFFIC_CACHE[key] = found
+    key = (id(defaults), present)
+    cached = _TRAFFIC_CACHE.get(key)
+    if cached is not None and cached[0] is defaults:
+        return cached[1]
+    try:
+        found = ann.resolve_traffic(annotations, defaults)
+    except ann.AnnotationError as err:
+        raise _Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
+    if len(_TRAFFIC_CACHE) >= 4096:
+        _TRAFFIC_CACHE.clear()
+    _TRAFFIC_CACHE[key] = (defaults, found)
     return found
 
 
@@ -886,7 +890,7 @@ def _render_into(
     annotations.update(traffic.annotations)
     if app_containers and DEFAULT_CONTAINER not in annotations:
         annotations[DEFAULT_CONTAINER] = app_containers[0].get("name", "")
-    status = ann.InjectionStatus(
+    annotations[ann.STATUS] = _status_json(
         init_containers=tuple(
             c["name"] for c in capture_inits + ([proxy] if native and proxy else []) + r_inits
         ),
@@ -897,7 +901,6 @@ def _render_into(
         templates=tuple(t.name for t in templates),
         config_hash=config.config_hash,
     )
-    annotations[ann.STATUS] = _status_json(status)
 
     new_meta = dict(meta)
     new_meta["labels"] = labels
