@@ -9,7 +9,9 @@ conflist; the machine's /etc/cni and /opt/cni are never touched) and the IPAM st
 What it cannot keep to itself, it records and undoes in `stop()`:
 - sysctls the kubelet and the bridge plugin set (restored to the values found at start);
 - cgroups under `kubepods` in every v1 hierarchy (processes left in them killed, dirs removed);
-- entries it created in /var/log/pods and /var/log/containers (the dirs too if it created them);
+- entries it created in /var/log/pods and /var/log/containers (the dirs too if it created them),
+  in /var/lib/kubelet/device-plugins (a path fixed in kubelet 1.20) and, by name, libcni's cache
+  files in /var/lib/cni/results (containerd 1.6 cannot move that cache);
 - mounts under its work dir (pod volumes, netns, rootfs), the bridge `mesh-tb0`, shim sockets
   under /run/containerd/s;
 - the Node object in the API.
@@ -697,6 +699,21 @@ class Node:
     def import_image(self, archive: Path) -> None:
         """Load an OCI archive (tests.testbed.images) so pods can use it with imagePullPolicy Never."""
         self.ctr("images", "import", str(archive))
+
+    def pod_netns(self, namespace: str, name: str) -> Path:
+        """The network namespace of a running pod's sandbox (for `nsenter --net=...` checks)."""
+        for container in self.ctr("containers", "ls", "-q").stdout.split():
+            info = json.loads(self.ctr("containers", "info", container).stdout)
+            labels = info.get("Labels") or {}
+            if (
+                labels.get("io.cri-containerd.kind") == "sandbox"
+                and labels.get("io.kubernetes.pod.namespace") == namespace
+                and labels.get("io.kubernetes.pod.name") == name
+            ):
+                for ns in info["Spec"]["linux"]["namespaces"]:
+                    if ns["type"] == "network" and ns.get("path"):
+                        return Path(ns["path"])
+        raise TestbedError(f"no running sandbox for pod {namespace}/{name}")
 
     def wait_for_pod(
         self, namespace: str, name: str, *, phase: str = "Running", timeout: float = 60.0

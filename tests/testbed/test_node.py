@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 import time
 from typing import Any
 
@@ -57,6 +58,16 @@ def test_pod_with_node_name_runs_with_cni_ip_and_exec(control_plane: ControlPlan
         assert f"inet {pod_ip}/" in addr.stdout
         route = control_plane.kubectl("exec", "-n", ns, "bb", "--", "ip", "route").stdout
         assert "default via 10.233.0.1" in route
+
+        # The same interface, seen from the host through the sandbox's network namespace.
+        netns = node.pod_netns(ns, "bb")
+        host_view = subprocess.run(
+            ["nsenter", f"--net={netns}", "ip", "-4", "-o", "addr", "show", "eth0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"inet {pod_ip}/" in host_view
 
         logs = control_plane.kubectl("logs", "-n", ns, "bb").stdout
         assert "started-bb" in logs
