@@ -246,6 +246,7 @@ def _wait_for_machine(control_plane: ControlPlane, timeout: float) -> None:
     down from its recorded state, so the next session starts from a clean machine.
     """
     deadline = time.monotonic() + timeout
+    announced = False
     while ACTIVE_POINTER.exists():
         workdir = Path(ACTIVE_POINTER.read_text().strip())
         try:
@@ -263,6 +264,12 @@ def _wait_for_machine(control_plane: ControlPlane, timeout: float) -> None:
                 f"another test node runs here ({workdir}); stop it with scripts/testbed/node down "
                 f"--dir {workdir}"
             )
+        if not announced:
+            print(
+                f"waiting for the test node in {workdir} to stop (set MESH_NODE={workdir} to use it)",
+                file=sys.stderr,
+            )
+            announced = True
         time.sleep(2)
 
 
