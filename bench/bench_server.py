@@ -228,23 +228,33 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['p99'] / TARGET_P99_MS:.2f})")
             print(f"  non-2xx     {m['non2xx']:8.0f} of {m['requests']:.0f}")
 
-            def drive_to(total: int) -> int:
-                while (count := answered(url, ctx)) < total:
-                    seconds = max(2.0, min(30.0, (total - count) / max(m["rps"], 1.0) + 1))
-                    run_wrk(wrk, f"{url}/inject", script, seconds, args.connections, args.threads)
-                return count
-
+            # Memory: one long run on the same 16 keep-alive connections (as the API server keeps
+            # its connections), RSS sampled at every 10% of the reviews.
+            seconds = int(args.total / max(m["rps"], 1.0) * 3) + 30
+            load = subprocess.Popen(
+                [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "-s", str(script),
+                 f"{url}/inject"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
             samples: list[tuple[int, float]] = []
-            for step in range(1, 11):
-                count = drive_to(args.total * step // 10)
-                samples.append((count, rss_kib(server.pid)[0] / 1024))
+            try:
+                next_mark = args.total // 10
+                while next_mark <= args.total and load.poll() is None:
+                    count = answered(url, ctx)
+                    if count >= next_mark:
+                        samples.append((count, rss_kib(server.pid)[0] / 1024))
+                        next_mark += args.total // 10
+                    time.sleep(0.2)
+            finally:
+                load.terminate()
+                load.wait(10)
             _, hwm = rss_kib(server.pid)
             print("memory (server process RSS, MiB) by reviews answered: "
                   + ", ".join(f"{n // 1000}k: {mib:.1f}" for n, mib in samples))
-            half = samples[len(samples) // 2 - 1]
-            print(f"  peak RSS (VmHWM) {hwm / 1024:.1f} MiB after {samples[-1][0]} reviews; growth over the "
-                  f"second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
-                  f"{samples[-1][1] - half[1]:+.1f} MiB")
+            if len(samples) >= 2:
+                half = samples[len(samples) // 2 - 1]
+                print(f"  peak RSS (VmHWM) {hwm / 1024:.1f} MiB after {samples[-1][0]} reviews; growth over "
+                      f"the second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
+                      f"{samples[-1][1] - half[1]:+.1f} MiB")
         finally:
             server.send_signal(signal.SIGTERM)
             try:
