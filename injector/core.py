@@ -353,8 +353,9 @@ class _Previous:
 def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
     """Take out what the status annotation says we injected, restoring probes and Prometheus annotations.
 
-    Injected containers come back as overlays without their pod-derived env, so a user's
-    ``istio-proxy`` customisation survives and everything computed from the pod is recomputed.
+    When the pod was injected with the current config, injected containers come back as
+    overlays without their pod-derived env, so a user's ``istio-proxy`` customisation survives
+    and everything computed from the pod is recomputed.
     """
     previous = _Previous()
     annotations = view.metadata.get("annotations") or {}
@@ -373,6 +374,10 @@ def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
         if item.get("name") == PROXY_NAME and item.get("name") in injected_containers | injected_inits:
             proxy = item
     status_port = _status_port_hint(annotations, config)
+    # Rendered with this very config (an API-server reinvocation, a second kube-inject): keep
+    # what was injected as the user's overlay. Rendered with another config (or by Istio):
+    # render afresh, or the old proxy would outlive the config that replaced it.
+    keep_overlays = status.config_hash == config.config_hash
     probers = parse_probers(_env_value(proxy, "ISTIO_KUBE_APP_PROBERS")) if proxy else {}
 
     def strip(key: str, names: set[str]) -> None:
@@ -382,7 +387,7 @@ def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
         for item in spec.get(key) or ():
             name = item.get("name") if isinstance(item, dict) else None
             if name in names:
-                if name not in (VALIDATION_NAME, REDIRECT_INIT_NAME):
+                if keep_overlays and name not in (VALIDATION_NAME, REDIRECT_INIT_NAME):
                     over = {k: v for k, v in item.items() if k != "restartPolicy"}
                     if "env" in over:
                         over["env"] = [

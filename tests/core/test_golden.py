@@ -28,20 +28,28 @@ REFRESH = bool(os.environ.get("REFRESH_GOLDEN"))
 _CONFIGS: dict[str, Any] = {}
 
 
+def config_for(case: str) -> Any:
+    settings = SETTINGS.get(case, {})
+    key = yaml.safe_dump(settings.get("config") or {}, sort_keys=True)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = compile_config(settings.get("config") or {})
+    return _CONFIGS[key]
+
+
 def load_input(case: str) -> dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all((GOLDEN / f"{case}.yaml").read_text()) if d is not None]
+    """The input object. ``@CONFIG_HASH@`` stands for the case's current config hash, so a
+    re-injection input stays "injected with this config" when templates change."""
+    text = (GOLDEN / f"{case}.yaml").read_text().replace("@CONFIG_HASH@", config_for(case).config_hash)
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
     assert len(docs) == 1, f"{case}: one object per input file"
     return docs[0]
 
 
 def run(case: str, obj: dict[str, Any]) -> InjectionResult:
     settings = SETTINGS.get(case, {})
-    key = yaml.safe_dump(settings.get("config") or {}, sort_keys=True)
-    if key not in _CONFIGS:
-        _CONFIGS[key] = compile_config(settings.get("config") or {})
     return inject(
         obj,
-        config=_CONFIGS[key],
+        config=config_for(case),
         namespace_labels=settings.get("namespaceLabels", {"istio-injection": "enabled"}),
         namespace=settings.get("namespace"),
     )
