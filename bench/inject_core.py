@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -108,6 +109,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2000)
     args = parser.parse_args()
+    load = os.getloadavg()[0]
+    print(
+        f"{os.cpu_count()} CPUs, load average {load:.2f}"
+        + (" (busy machine: numbers are inflated)" if load > 1 else "")
+    )
     typical, _ = measure("typical (3 containers)", typical_pod(), args.rounds)
     big, big_json = measure("2,000 env vars", env_pod(), max(200, args.rounds // 10))
     print(
