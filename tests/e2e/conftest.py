@@ -1,0 +1,52 @@
+"""Fixtures of the end-to-end suite: the real node with our installer chained in and our webhook.
+
+Session-scoped (the node is the session's): images imported once, one webhook server, one
+installer process. Tests that stop the installer (to show a pod without redirect, or the
+uninstall) leave it to `mesh` to start it again for the next test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.mesh import Installer, Webhook, import_mesh_images
+from tests.install.conftest import snapshot
+
+
+@pytest.fixture(scope="session")
+def pristine_cni(node: Any) -> dict[str, tuple[bytes, int]]:
+    """The node's CNI conf and bin dirs before our installer first ran (bytes + modes)."""
+    return snapshot(node.cni_conf_dir, node.cni_bin_dir)
+
+
+@pytest.fixture(scope="session")
+def webhook(control_plane: Any, node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+    import_mesh_images(node)
+    hook = Webhook.start(control_plane, tmp_path_factory.mktemp("e2e-webhook"))
+    try:
+        yield hook
+    finally:
+        hook.stop()
+
+
+@pytest.fixture(scope="session")
+def installer(
+    node: Any, pristine_cni: dict[str, tuple[bytes, int]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Installer]:
+    agent = Installer(node, Path(tmp_path_factory.mktemp("e2e-mesh-cni")))
+    try:
+        yield agent
+    finally:
+        agent.stop()
+    assert snapshot(node.cni_conf_dir, node.cni_bin_dir) == pristine_cni, "uninstall left the node changed"
+
+
+@pytest.fixture
+def mesh(installer: Installer, webhook: Webhook) -> Installer:
+    """The installer running (started again if a previous test stopped it) and the webhook up."""
+    installer.start()
+    return installer

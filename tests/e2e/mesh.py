@@ -1,0 +1,369 @@
+"""The mesh on the real node: our installer (as the CNI DaemonSet runs it) and our webhook.
+
+Shared by the e2e tests and ``bench/bench_pod_start.py``. Everything runs on this machine:
+- `Installer`: `mesh-cni install` as a host process (what the DaemonSet's container runs), aimed
+  at the node's CNI dirs, with the repair loop on. SIGTERM uninstalls, as in the DaemonSet.
+- `Webhook`: `mesh-injector serve` on loopback HTTPS, registered through the real API server
+  with the selectors of `injector.manifests.webhook_configuration`, plus a per-run scope label
+  so it never sees another test's namespaces.
+- `e2e_config_dir`: the injector config the node can run: the built-in `sidecar` template with
+  the test proxy (tests/testbed/testproxy.py, an Envoy stand-in: Envoy cannot be had here) as
+  proxy image and the script-built mesh-cni image as validation image, `imagePullPolicy: Never`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from injector.manifests import webhook_configuration
+from tests.testbed import images
+
+SCOPE_LABEL = "mesh-injector.test/e2e"
+APP_PORT = 8080
+#: A busybox web server answering with its pod name (the app of every test pod).
+APP_COMMAND = [
+    "sh",
+    "-c",
+    f"mkdir -p /tmp/www && echo hello-from-$(hostname) > /tmp/www/index.html && "
+    f"exec httpd -f -p {APP_PORT} -h /tmp/www",
+]
+
+
+def wait_for(what: str, fetch: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+    """The first truthy value of ``fetch()``; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            value = fetch()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def e2e_config_dir(directory: Path) -> Path:
+    """An injector config dir (as the mounted ConfigMap) for pods that can run on the test node."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(
+        json.dumps(
+            {
+                "policy": "enabled",
+                "defaultTemplates": ["sidecar"],
+                "values": {
+                    "proxy": {
+                        "image": images.TEST_PROXY_IMAGE,
+                        "cniImage": images.MESH_CNI_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "holdApplicationUntilProxyStarts": True,
+                        "capture": "cni",
+                    },
+                    # kubelet 1.20: no native sidecars
+                    "mesh": {"kubernetesVersion": "1.20"},
+                },
+            },
+            indent=1,
+        )
+    )
+    return directory
+
+
+def import_mesh_images(node: Any) -> None:
+    """The validation image (our cni package) and the test proxy, built from the working tree."""
+    node.import_image(images.mesh_cni_image())
+    node.import_image(images.proxy_image())
+
+
+# -- the installer --------------------------------------------------------------------------------
+
+
+@dataclass
+class Installer:
+    """`mesh-cni install` (agent mode, repair on) as a process against the node's CNI dirs.
+
+    The conflist entry it writes carries no kubeconfig (``--plugin-extra-json``): the plugin then
+    cannot reach the API server at all, so every pod it redirects got its annotations from the
+    runtime (runtimeConfig, capability io.kubernetes.cri.pod-annotations). The agent itself
+    talks to the API (repair) with the admin token: RBAC is covered in tests/install.
+    """
+
+    node: Any
+    workdir: Path
+    repair: str = "label"
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    extra_entry: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def plugin_log(self) -> Path:
+        return self.workdir / "log" / "mesh-cni.log"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.workdir / "agent.log"
+
+    @property
+    def plan_cache(self) -> Path:
+        return self.workdir / "plan-cache"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.workdir / "opt-mesh-cni"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "var-lib-mesh-cni"
+
+    def argv(self) -> list[str]:
+        plane = self.node.control_plane
+        token = self.workdir / "token"
+        token.write_text(plane.token)
+        entry = {"kubeconfig": "", "planCacheDir": str(self.plan_cache), **self.extra_entry}
+        return [
+            str(Path(sys.executable).parent / "mesh-cni"), "install",
+            "--cni-bin-dir", str(self.node.cni_bin_dir),
+            "--cni-net-dir", str(self.node.cni_conf_dir),
+            "--runtime-dir", str(self.runtime_dir),
+            "--state-dir", str(self.state_dir),
+            "--kubeconfig", str(self.state_dir / "kubeconfig"),
+            "--token-file", str(token),
+            "--ca-file", str(plane.ca_file),
+            "--api-server", plane.server,
+            "--node-name", self.node.name,
+            "--repair", self.repair,
+            "--no-remove-taint",
+            "--health-port", "-1",
+            "--resync-seconds", "2",
+            "--plugin-log-file", str(self.plugin_log),
+            "--plugin-log-level", "debug",
+            "--plugin-extra-json", json.dumps(entry),
+        ]  # fmt: skip
+
+    def installed(self) -> bool:
+        """Our entry is the last plugin of the conflist containerd uses (the lexically first)."""
+        first = sorted(p for p in self.node.cni_conf_dir.iterdir() if p.suffix in (".conflist", ".conf"))[0]
+        plugins = json.loads(first.read_bytes()).get("plugins", [])
+        return bool(plugins) and plugins[-1].get("type") == "mesh-cni"
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "MESH_CNI_"))}
+        with self.agent_log.open("ab") as log:
+            self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.starts += 1
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                log = self.agent_log.read_text()
+                raise RuntimeError(f"installer exited {self.process.returncode}:\n{log}")
+            return self.installed()
+
+        wait_for("our plugin chained into the node's conflist", ready, timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM: the agent uninstalls (DaemonSet pod deleted); its exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def plugin_lines(self, needle: str = "") -> list[str]:
+        try:
+            return [line for line in self.plugin_log.read_text().splitlines() if needle in line]
+        except FileNotFoundError:
+            return []
+
+
+# -- the webhook ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Webhook:
+    """Our webhook server on loopback, registered with the API server for this run's namespaces."""
+
+    plane: Any
+    server: Any  # tests.server.helpers.RunningServer
+    scope: str
+    name: str
+
+    @classmethod
+    def start(cls, plane: Any, workdir: Path) -> Webhook:
+        from tests.server.helpers import start_server
+
+        server = start_server(
+            workdir,
+            config_dir=e2e_config_dir(workdir / "config"),
+            extra_args=["--kubeconfig", str(plane.kubeconfig)],
+        )
+        scope = uuid.uuid4().hex[:10]
+        name = f"mesh-injector-e2e-{scope}"
+        config = webhook_configuration(
+            name=name, url=f"{server.url}/inject", ca_bundle=base64.b64encode(server.pki.ca.cert_pem).decode()
+        )
+        for hook in config["webhooks"]:
+            hook["namespaceSelector"].setdefault("matchLabels", {})[SCOPE_LABEL] = scope
+        try:
+            plane.kubectl("create", "-f", "-", input=json.dumps(config))
+        except Exception:
+            server.stop()
+            raise
+        return cls(plane, server, scope, name)
+
+    def stop(self) -> None:
+        self.plane.kubectl(
+            "delete", "mutatingwebhookconfiguration", self.name, "--ignore-not-found", check=False
+        )
+        self.server.stop()
+
+    def namespace(self, *, meshed: bool, prefix: str = "e2e") -> str:
+        """A namespace in this run's scope; ``meshed``: labelled istio-injection=enabled, with the
+        istio-ca-root-cert ConfigMap the sidecar template mounts (istiod would publish it)."""
+        labels = {SCOPE_LABEL: self.scope}
+        if meshed:
+            labels["istio-injection"] = "enabled"
+        ns = self.plane.create_namespace(labels=labels, prefix=prefix)
+        if meshed:
+            ca = Path(self.plane.ca_file).read_text()
+            self.plane.kubectl(
+                "create", "configmap", "istio-ca-root-cert", "-n", ns, f"--from-literal=root-cert.pem={ca}"
+            )
+        return ns
+
+
+# -- workloads ------------------------------------------------------------------------------------
+
+
+def app_container(name: str = "app") -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": images.BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": APP_COMMAND,
+        "ports": [{"name": "http", "containerPort": APP_PORT}],
+        "readinessProbe": {"tcpSocket": {"port": APP_PORT}, "periodSeconds": 1},
+    }
+
+
+def app_pod(name: str, *, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {"app": name}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [app_container()]},
+    }
+
+
+def deployment(name: str, replicas: int = 1) -> dict[str, Any]:
+    template = app_pod(name)
+    del template["apiVersion"], template["kind"], template["metadata"]["name"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}, "template": template},
+    }
+
+
+def create(plane: Any, namespace: str, obj: dict[str, Any]) -> None:
+    plane.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+
+def get_pod(plane: Any, namespace: str, name: str) -> dict[str, Any]:
+    return plane.get_json(f"/api/v1/namespaces/{namespace}/pods/{name}")
+
+
+def list_pods(plane: Any, namespace: str, selector: str = "") -> list[dict[str, Any]]:
+    query = f"?labelSelector={selector.replace('=', '%3D')}" if selector else ""
+    return plane.get_json(f"/api/v1/namespaces/{namespace}/pods{query}")["items"]
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def wait_ready(plane: Any, namespace: str, name: str, timeout: float = 90.0) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        pod = get_pod(plane, namespace, name)
+        if pod.get("status", {}).get("phase") == "Failed":
+            raise AssertionError(f"pod {namespace}/{name} failed: {json.dumps(pod['status'])}")
+        return pod if is_ready(pod) else None
+
+    try:
+        return wait_for(f"pod {namespace}/{name} Ready", ready, timeout)
+    except AssertionError:
+        status = get_pod(plane, namespace, name).get("status")
+        raise AssertionError(f"pod {namespace}/{name} not Ready in {timeout}s: {json.dumps(status)}") \
+            from None
+
+
+def container_status(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    status = pod.get("status", {})
+    for entry in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        if entry["name"] == name:
+            return entry
+    return {}
+
+
+def force_delete_pods(plane: Any, namespace: str) -> None:
+    plane.kubectl(
+        "delete", "pods", "--all", "-n", namespace, "--grace-period=0", "--force", "--wait=false",
+        check=False, timeout=30,
+    )  # fmt: skip
+
+
+def netns_tables(netns: Path) -> str:
+    """`nft list tables` inside a pod's network namespace, seen from the host."""
+    done = subprocess.run(
+        ["nsenter", f"--net={netns}", "nft", "list", "tables"], capture_output=True, text=True, timeout=10
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def proxy_events(plane: Any, namespace: str, pod: str) -> list[dict[str, Any]]:
+    """The test proxy's JSON log lines (one per connection) from `kubectl logs`."""
+    out = plane.kubectl("logs", "-n", namespace, pod, "-c", "istio-proxy").stdout
+    events = []
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
+
+
+@contextlib.contextmanager
+def namespaces_cleaned(plane: Any) -> Iterator[list[str]]:
+    """Namespaces appended to the yielded list are force-emptied and deleted (not awaited) on exit."""
+    created: list[str] = []
+    try:
+        yield created
+    finally:
+        for ns in created:
+            force_delete_pods(plane, ns)
+            plane.delete_namespace(ns)
