@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 
@@ -34,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not post Kubernetes Events for rejected pods and warnings")
     parser.add_argument("--events-queue-size", type=int, default=256,
                         help="pending Events kept before new ones are dropped (default: %(default)s)")
+    parser.add_argument("--event-loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="event loop implementation; auto uses uvloop when it is installed "
+                             "(default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log level of the JSON logs on stderr (default: %(default)s)")
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.address,
         port=args.port,
         http=http_impl,
-        loop="asyncio",
+        loop=args.event_loop,
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -107,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
     log.info("serving", extra={"address": args.address, "port": args.port, "config_hash": config.config_hash,
                                "events": bool(events and events.enabled), "api": api is not None,
                                "http": http_impl})
-    asyncio.run(server.serve())
+    server.run()  # with the loop factory of --event-loop
     return 0
