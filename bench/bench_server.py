@@ -130,6 +130,12 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (load-robust: other processes do not inflate it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def answered(url: str, ctx: ssl.SSLContext) -> int:
     text = urllib.request.urlopen(f"{url}/metrics", context=ctx, timeout=10).read().decode()
     match = re.search(r'^mesh_injector_requests_total\{endpoint="inject",code="200"\} (\S+)$', text, re.M)
@@ -217,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
                   f"review {body.stat().st_size} B, response patch {patch_bytes} B (base64)")
             run_wrk(wrk, f"{url}/inject", script, 3, args.connections, args.threads)  # warm-up
+            cpu_before, count_before = cpu_seconds(server.pid), answered(url, ctx)
             m = run_wrk(wrk, f"{url}/inject", script, args.duration, args.connections, args.threads)
+            cpu_ms = (cpu_seconds(server.pid) - cpu_before) * 1000 / max(answered(url, ctx) - count_before, 1)
             print(f"HTTPS keep-alive, {args.connections} connections, 1 server worker, wrk -t{args.threads}, "
                   f"{args.duration:.0f} s:")
             ratio = m["rps"] / TARGET_RPS
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  p99         {m['p99']:8.2f} ms (target <= {TARGET_P99_MS:.0f} ms: ratio "
                   f"{m['p99'] / TARGET_P99_MS:.2f})")
             print(f"  non-2xx     {m['non2xx']:8.0f} of {m['requests']:.0f}")
+            print(f"  server CPU  {cpu_ms:8.3f} ms per review (load-robust): one core serves up to "
+                  f"{1000 / cpu_ms:.0f} reviews/s (ratio to target {1000 / cpu_ms / TARGET_RPS:.2f})")
 
             # Memory: one long run on the same 16 keep-alive connections (as the API server keeps
             # its connections), RSS sampled at every 10% of the reviews.
