@@ -555,6 +555,9 @@ def _static_context(config: InjectorConfig) -> dict[str, Any]:
     return static
 
 
+#: Template value groups that do not depend on the pod: rendered once per distinct value set.
+_FIXED_GROUPS = ("proxy", "mesh")
+
 _TRAFFIC_CACHE: dict[tuple[Any, ...], tuple[ann.TrafficDefaults, ann.ResolvedTraffic]] = {}
 
 
@@ -829,10 +832,26 @@ def _render_into(
         },
         "mesh": static["mesh"],
     }
+    proxy_ctx = context["proxy"]
+    # Identifies every value of the proxy and mesh groups (the mesh group and the rest of the
+    # proxy group are fixed by the config, which owns these template objects).
+    fixed_key = (
+        proxy_ctx["image"],
+        proxy_ctx["envoyImage"],
+        proxy_ctx["logLevel"],
+        proxy_ctx["componentLogLevel"],
+        proxy_ctx["config"],
+        plan.proxy_uid,
+        plan.proxy_gid,
+        plan.status_port,
+        plan.mode,
+        tuple(annotations.get(k) for k in (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)),
+        options.hold_command if hold_effective else None,
+    )
     rendered: dict[str, Any] = {}
     try:
         for template in templates:
-            rendered = deep_merge(rendered, template.render(context))
+            rendered = deep_merge(rendered, template.render_fixed(context, _FIXED_GROUPS, fixed_key))
     except TemplateError as err:
         raise _Rejected(ReasonCode.UNKNOWN_TEMPLATE, f"template rendering failed: {err}") from None
     r_meta = rendered.get("metadata") or {}

@@ -94,6 +94,25 @@ class Template:
     container_names: tuple[str, ...] = ()
     init_container_names: tuple[str, ...] = ()
     variables: frozenset[str] = field(default_factory=frozenset)
+    doc: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    _specialised: dict[Any, Renderer] = field(default_factory=dict, repr=False, compare=False)
+
+    def render_fixed(self, ctx: Mapping[str, Any], fixed: tuple[str, ...], key: Any) -> Any:
+        """Render ``ctx``, treating the groups named in ``fixed`` (e.g. proxy, mesh) as constants.
+
+        ``key`` must identify those groups' values; for each key the template is compiled once
+        more with them substituted, so everything that depends on nothing else becomes a shared
+        constant and only the per-pod parts are built per call. Same output as ``render``.
+        """
+        render = self._specialised.get(key)
+        if render is None:
+            consts = {f"{group}.{name}": value for group in fixed for name, value in ctx[group].items()}
+            static, compiled = _compile(self.doc, set(), consts)
+            render = (lambda _ctx: compiled) if static else compiled
+            if len(self._specialised) >= 256:
+                self._specialised.clear()
+            self._specialised[key] = render
+        return render(ctx)
 
 
 def _lookup(path: tuple[str, ...], text: str) -> Renderer:
@@ -132,15 +151,20 @@ def _placeholders(node: str, used: set[str]) -> list[re.Match[str]]:
     return matches
 
 
-def _compile(node: Any, used: set[str]) -> tuple[bool, Any]:
+def _compile(node: Any, used: set[str], consts: Mapping[str, Any] | None = None) -> tuple[bool, Any]:
     """(True, value) for a part without placeholders, shared by every rendered pod and never
-    copied (rendered output is read-only by contract); else (False, renderer)."""
+    copied (rendered output is read-only by contract); else (False, renderer). Values named in
+    ``consts`` are substituted now; (True, _OMIT) marks a part that a constant None removes."""
+    fixed = consts or {}
     if isinstance(node, str):
         matches = _placeholders(node, used)
         if not matches:
             return True, node
         if len(matches) == 1 and matches[0].span() == (0, len(node)):
-            getter = _lookup(tuple(matches[0].group(1).split(".")), matches[0].group(1))
+            var = matches[0].group(1)
+            if var in fixed:
+                return True, _OMIT if fixed[var] is None else fixed[var]
+            getter = _lookup(tuple(var.split(".")), var)
 
             def whole(ctx: Mapping[str, Any]) -> Any:
                 value = getter(ctx)
@@ -152,10 +176,16 @@ def _compile(node: Any, used: set[str]) -> tuple[bool, Any]:
         for m in matches:
             if m.start() > pos:
                 pieces.append(node[pos : m.start()])
-            pieces.append(_lookup(tuple(m.group(1).split(".")), m.group(1)))
+            var = m.group(1)
+            if var in fixed:
+                pieces.append("" if fixed[var] is None else str(fixed[var]))
+            else:
+                pieces.append(_lookup(tuple(var.split(".")), var))
             pos = m.end()
         if pos < len(node):
             pieces.append(node[pos:])
+        if all(isinstance(piece, str) for piece in pieces):
+            return True, "".join(pieces)  # type: ignore[arg-type]
 
         def interpolate(ctx: Mapping[str, Any]) -> str:
             out = []
@@ -175,8 +205,13 @@ def _compile(node: Any, used: set[str]) -> tuple[bool, Any]:
             if not isinstance(cond_path, str) or cond_path not in VARIABLES:
                 raise TemplateError(f"$if must name a template value, got {cond_path!r}")
             used.add(cond_path)
-            condition = _lookup(tuple(cond_path.split(".")), cond_path)
-        items = [(str(k), *_compile(v, used)) for k, v in node.items() if k != "$if"]
+            if cond_path in fixed:
+                if not fixed[cond_path]:
+                    return True, _OMIT
+            else:
+                condition = _lookup(tuple(cond_path.split(".")), cond_path)
+        items = [(str(k), *_compile(v, used, consts)) for k, v in node.items() if k != "$if"]
+        items = [(k, static, v) for k, static, v in items if not (static and v is _OMIT)]
         if condition is None and all(static for _, static, _ in items):
             return True, {k: v for k, _, v in items}
 
@@ -195,7 +230,8 @@ def _compile(node: Any, used: set[str]) -> tuple[bool, Any]:
 
         return False, render_dict
     if isinstance(node, list):
-        parts = [_compile(item, used) for item in node]
+        parts = [_compile(item, used, consts) for item in node]
+        parts = [(static, v) for static, v in parts if not (static and v is _OMIT)]
         if all(static for static, _ in parts):
             return True, [v for _, v in parts]
 
@@ -259,7 +295,8 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
     if not isinstance(options, dict) or set(options) - {"rewriteProbes", "prometheusMerge", "holdCommand"}:
         raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand")
     used: set[str] = set()
-    static, compiled = _compile({"metadata": metadata, "spec": spec}, used)
+    body = {"metadata": metadata, "spec": spec}
+    static, compiled = _compile(body, used)
     render: Renderer = (lambda ctx: compiled) if static else compiled
     return Template(
         name=name,
@@ -268,6 +305,7 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
         container_names=names("containers"),
         init_container_names=names("initContainers"),
         variables=frozenset(used),
+        doc=body,
     )
 
 
