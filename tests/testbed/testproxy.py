@@ -6,7 +6,9 @@ proxy, just enough of one for the redirect to be observable:
   destination (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST), print one JSON line per connection
   (`{"event": "connection", "listener": ..., "src": ..., "original_dst": ..., "uid": ...}`) and
   forward the bytes to that destination. It runs as the proxy UID (1337, from the injected
-  securityContext), so its own connections are the ones the redirect leaves alone. A connection
+  securityContext), so its own connections are the ones the redirect leaves alone; inbound
+  connections to the pod's own address leave from 127.0.0.6 (::6), as Envoy's inbound
+  passthrough does, since uid 1337 to the pod IP over lo is redirected again. A connection
   whose original destination is one of its own listeners (nothing redirected it) is refused and
   logged as `loop`.
 - 15021 `/healthz/ready` (readiness, what the templates probe) and the status port 15020:
@@ -61,8 +63,24 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
+def _is_local(host: str) -> bool:
+    """Whether `host` is an address of this network namespace (it can be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
 class _Forwarder(socketserver.BaseRequestHandler):
     listener = "outbound"
+
+    def source(self, host: str) -> tuple[str, int] | None:
+        """Outbound: the proxy's own connections go out as uid 1337 (not captured again)."""
+        del host
+        return None
 
     def handle(self) -> None:
         conn: socket.socket = self.request
@@ -85,7 +103,7 @@ class _Forwarder(socketserver.BaseRequestHandler):
             uid=os.getuid(),
         )
         try:
-            upstream = socket.create_connection((host, port), timeout=10)
+            upstream = socket.create_connection((host, port), timeout=10, source_address=self.source(host))
         except OSError as err:
             log(event="upstream_error", listener=self.listener, original_dst=f"{host}:{port}", error=str(err))
             return
@@ -103,6 +121,15 @@ class _Outbound(_Forwarder):
 
 class _Inbound(_Forwarder):
     listener = "inbound"
+
+    def source(self, host: str) -> tuple[str, int] | None:
+        """Inbound to this pod's own address: from the passthrough address (127.0.0.6 / ::6), as
+        Envoy's inbound passthrough does. A uid-1337 connection to the pod's own IP over lo would
+        otherwise be redirected to 15006 again (the rule that lets the proxy reach its app
+        through the pod IP), looping forever; the redirect leaves this source address alone."""
+        if not _is_local(host):
+            return None
+        return ("::6", 0) if ":" in host else ("127.0.0.6", 0)
 
 
 class _Server(socketserver.ThreadingTCPServer):
