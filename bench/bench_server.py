@@ -92,15 +92,11 @@ def typical_review() -> dict[str, Any]:
 
 
 def serve_command() -> list[str]:
-    """``mesh-injector`` as installed; the serve module directly if the dispatcher is absent."""
-    import importlib.util
-
+    """``mesh-injector`` as installed in this interpreter's environment."""
     exe = Path(sys.executable).parent / "mesh-injector"
-    if exe.exists() and importlib.util.find_spec("injector.cli") is not None:
+    if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "import argparse, sys; from injector.commands import serve; "
-            "p = argparse.ArgumentParser(); serve.add_arguments(p); "
-            "sys.exit(serve.run(p.parse_args(sys.argv[2:])))"]
+    return [sys.executable, "-c", "import sys; from injector.cli import main; sys.exit(main())"]
 
 
 def ensure_wrk() -> str:

@@ -89,14 +89,7 @@ def make_pki(directory: Path) -> Pki:
 
 
 def serve_command() -> list[str]:
-    """The installed console script (``mesh-injector``), as a user runs it."""
-    import importlib.util
-
-    if importlib.util.find_spec("injector.cli") is None:  # stand-in until the dispatcher lands
-        return [sys.executable, "-c", "import argparse, importlib, sys; "
-                "m = importlib.import_module('injector.commands.' + sys.argv[1].replace('-', '_')); "
-                "p = argparse.ArgumentParser(); m.add_arguments(p); "
-                "sys.exit(m.run(p.parse_args(sys.argv[2:])))"]
+    """``mesh-injector`` as a user runs it: the installed console script, else its entry point."""
     script = Path(sys.executable).parent / "mesh-injector"
     if script.exists():
         return [str(script)]
