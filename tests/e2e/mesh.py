@@ -319,8 +319,9 @@ def wait_ready(plane: Any, namespace: str, name: str, timeout: float = 90.0) -> 
         return wait_for(f"pod {namespace}/{name} Ready", ready, timeout)
     except AssertionError:
         status = get_pod(plane, namespace, name).get("status")
-        raise AssertionError(f"pod {namespace}/{name} not Ready in {timeout}s: {json.dumps(status)}") \
-            from None
+        raise AssertionError(
+            f"pod {namespace}/{name} not Ready in {timeout}s: {json.dumps(status)}"
+        ) from None
 
 
 def container_status(pod: dict[str, Any], name: str) -> dict[str, Any]:
