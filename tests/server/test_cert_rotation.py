@@ -72,10 +72,12 @@ def test_rotation_under_load_loses_no_request(tmp_path: Path) -> None:
         time.sleep(0.5)
     finally:
         stop.set()
-        for t in threads:
-            if t.is_alive():
-                t.join(10)
-        server.stop()
+        try:
+            for t in threads:
+                if t.is_alive():
+                    t.join(10)
+        finally:
+            server.stop()
     assert len(serials) == 4
     assert counts["keepalive"] > 20 and counts["fresh"] > 20, counts
     assert failures == []
