@@ -243,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             samples: list[tuple[int, float]] = []
             try:
-                next_mark = args.total // 10
+                step = args.total // 10
+                next_mark = (answered(url, ctx) // step + 1) * step
                 while next_mark <= args.total and load.poll() is None:
                     count = answered(url, ctx)
                     if count >= next_mark:
                         samples.append((count, rss_kib(server.pid)[0] / 1024))
-                        next_mark += args.total // 10
+                        next_mark += step
                     time.sleep(0.2)
             finally:
                 load.terminate()
