@@ -94,6 +94,18 @@ def webhook_seconds(client: httpx.Client) -> tuple[float, float]:
     return total, count
 
 
+def configmap_times(client: httpx.Client, namespace: str, start: int, count: int) -> list[float]:
+    out = []
+    for i in range(start, start + count):
+        t0 = time.perf_counter()
+        response = client.post(f"/api/v1/namespaces/{namespace}/configmaps",
+                               json={"metadata": {"name": f"bench-{i}"}, "data": {"k": "v"}})
+        out.append((time.perf_counter() - t0) * 1000)
+        if response.status_code != 201:
+            raise SystemExit(f"configmap create failed: {response.status_code} {response.text[:300]}")
+    return out
+
+
 def injected(client: httpx.Client, namespace: str, name: str) -> bool:
     pod = client.get(f"/api/v1/namespaces/{namespace}/pods/{name}").json()
     spec = pod["spec"]
@@ -189,6 +201,29 @@ def main(argv: list[str] | None = None) -> int:
                 create_times(api, plain_ns, 800_000 + i, 1)
             assert injected(api, mesh_ns, "bench-700000")
 
+            # The API server's fixed cost of calling a webhook: ConfigMap creates, with and without a
+            # webhook on our server that answers allowed/no patch (NotPod) in microseconds.
+            plane.kubectl("delete", "mutatingwebhookconfiguration", config_name)
+            configmap_times(api, plain_ns, 0, 20)
+            cm_without = configmap_times(api, plain_ns, 1000, args.pods)
+            passthrough = {
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": config_name},
+                "webhooks": [{
+                    "name": "configmaps.bench.mesh-injector.io", "admissionReviewVersions": ["v1"],
+                    "sideEffects": "None", "failurePolicy": "Fail",
+                    "clientConfig": {"url": f"https://127.0.0.1:{port}/inject",
+                                     "caBundle": base64.b64encode(ca.cert_pem).decode()},
+                    "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                               "resources": ["configmaps"]}],
+                    "namespaceSelector": {"matchLabels": {SCOPE_LABEL: scope}},
+                }],
+            }
+            plane.kubectl("create", "-f", "-", input=json.dumps(passthrough))
+            time.sleep(3)
+            configmap_times(api, plain_ns, 2000, 20)
+            cm_with = configmap_times(api, plain_ns, 3000, args.pods)
+
         med_without = statistics.median(without)
         med_with = statistics.median(with_webhook)
         med_plain = statistics.median(not_selected)
@@ -204,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         med_once = statistics.median(once)
         print(f"  with webhook, reinvocationPolicy Never median {med_once:7.2f} ms: added "
               f"{med_once - med_without:+.2f} ms (ratio {(med_once - med_without) / TARGET_ADDED_MS:.2f})")
+        cm_added = statistics.median(cm_with) - statistics.median(cm_without)
+        print(f"  the API server's fixed cost of one webhook call (ConfigMap create, our server answers "
+              f"allowed without patch): {cm_added:+.2f} ms")
         calls: dict[str, list[dict[str, Any]]] = {}
         for line in (tmp / "server.log").read_text().splitlines():
             entry = json.loads(line) if line.startswith("{") else {}
