@@ -1,6 +1,6 @@
 """Injection core speed: median in-process inject() time beside orjson parse+serialize of the same pod.
 
-Run: .venv/bin/python bench/inject_core.py [--rounds N]
+Run: .venv/bin/python bench/bench_inject.py [--rounds N]
 Targets (2-core machine): typical pod <= 0.3 ms; 2,000-env pod <= 5x its own parse+serialize.
 """
 
