@@ -6,8 +6,9 @@
     python -m injector.manifests --write
 
 Everything except the selectors (which come from :mod:`injector.selectors`) is fixed here:
-failurePolicy Fail (a pod that should be meshed never starts unmeshed), sideEffects None (so
-server-side dry runs are sent to us too), reinvocationPolicy IfNeeded (another webhook adding
+failurePolicy Fail (a pod that should be meshed never starts unmeshed), sideEffects
+NoneOnDryRun (the server posts Events for rejections, never for dry runs, so server-side dry
+runs are still sent to us), reinvocationPolicy IfNeeded (another webhook adding
 a container gets it injected), both AdmissionReview versions.
 """
 
@@ -80,7 +81,7 @@ def webhook_configuration(
                         "scope": "Namespaced",
                     }
                 ],
-                "sideEffects": "None",
+                "sideEffects": "NoneOnDryRun",
                 "timeoutSeconds": timeout_seconds,
             }
         )

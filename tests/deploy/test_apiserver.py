@@ -120,6 +120,8 @@ INJECTOR_CAN = [
     ("list", "namespaces", "", True),
     ("list", "replicasets.apps", "*", True),
     ("list", "jobs.batch", "*", True),
+    ("get", "replicasets.apps", "default", True),
+    ("get", "jobs.batch", "default", True),
     ("create", "tokenreviews.authentication.k8s.io", "", True),
     ("create", "subjectaccessreviews.authorization.k8s.io", "", True),
     ("create", "events", "default", True),
@@ -204,8 +206,8 @@ def test_service_account_can_do_what_it_needs(
 INJECTOR_RULES = {
     ("pods", ""): {"list"},
     ("namespaces", ""): {"get", "list"},
-    ("replicasets.apps", ""): {"list"},
-    ("jobs.batch", ""): {"list"},
+    ("replicasets.apps", ""): {"get", "list"},
+    ("jobs.batch", ""): {"get", "list"},
     ("tokenreviews.authentication.k8s.io", ""): {"create"},
     ("subjectaccessreviews.authorization.k8s.io", ""): {"create"},
     ("events", ""): {"create"},
@@ -264,7 +266,7 @@ def test_certs_bootstrap_patches_only_our_webhook_and_only_when_changed(
             {
                 "name": "foreign.deploy-test.mesh-injector.io",
                 "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
+                "sideEffects": "NoneOnDryRun",
                 "clientConfig": {
                     "url": "https://127.0.0.1:1/never",
                     "caBundle": base64.b64encode(foreign_ca).decode(),

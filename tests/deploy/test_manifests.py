@@ -91,7 +91,7 @@ def test_webhook_configuration(target: str) -> None:
     assert webhook["webhooks"]
     for hook in webhook["webhooks"]:
         assert hook["failurePolicy"] == "Fail"
-        assert hook["sideEffects"] == "None"
+        assert hook["sideEffects"] == "NoneOnDryRun"
         assert hook["reinvocationPolicy"] == "IfNeeded"
         assert 1 <= hook["timeoutSeconds"] <= 30
         assert hook["admissionReviewVersions"] == ["v1", "v1beta1"]
