@@ -345,9 +345,21 @@ def _env_value(container: Mapping[str, Any], name: str) -> str | None:
 
 @dataclass
 class _Previous:
-    """What an earlier injection left, turned back into user input (overlays) and records."""
+    """What an earlier injection left, turned back into user input (overlays) and records.
+
+    On a reinvocation the API server sends our own output back with its defaults filled in
+    (terminationMessagePath, volume defaultMode, fieldRef apiVersion, the token mount...): the
+    old containers and volumes are kept as overlays so those fields survive, and the volume
+    order is remembered so ours go back where they were.
+    """
 
     overlays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: container name -> env name -> the old item of a pod-derived variable (kept if unchanged).
+    derived_env: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: volume name -> our old volume, laid over the rendered one.
+    volumes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the pod's volumes before ours were taken out (None: not a re-injection).
+    volume_order: list[Any] | None = None
 
 
 def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
@@ -387,14 +399,16 @@ def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
         for item in spec.get(key) or ():
             name = item.get("name") if isinstance(item, dict) else None
             if name in names:
-                if keep_overlays and name not in (VALIDATION_NAME, REDIRECT_INIT_NAME):
+                if keep_overlays:
                     over = {k: v for k, v in item.items() if k != "restartPolicy"}
                     if "env" in over:
-                        over["env"] = [
-                            e
-                            for e in over["env"]
-                            if not isinstance(e, dict) or e.get("name") not in DERIVED_ENV
-                        ]
+                        env = []
+                        for e in over["env"]:
+                            if isinstance(e, dict) and e.get("name") in DERIVED_ENV:
+                                previous.derived_env.setdefault(name, {})[e["name"]] = e
+                            else:
+                                env.append(e)
+                        over["env"] = env
                     previous.overlays[name] = over
                 continue
             if probers and key == "containers":
@@ -405,7 +419,15 @@ def _uninject(view: _PodView, config: InjectorConfig) -> _Previous:
     strip("containers", injected_containers)
     strip("initContainers", injected_inits)
     if "volumes" in spec:
-        spec["volumes"] = [v for v in spec["volumes"] or () if v.get("name") not in set(status.volumes)]
+        ours = set(status.volumes)
+        previous.volume_order = list(spec["volumes"] or ())
+        kept_volumes = []
+        for v in spec["volumes"] or ():
+            if v.get("name") not in ours:
+                kept_volumes.append(v)
+            elif keep_overlays:
+                previous.volumes[v["name"]] = v
+        spec["volumes"] = kept_volumes
     if "imagePullSecrets" in spec:
         spec["imagePullSecrets"] = [
             s for s in spec["imagePullSecrets"] or () if s.get("name") not in set(status.image_pull_secrets)
@@ -865,8 +887,13 @@ def _render_into(
     r_spec = rendered.get("spec") or {}
 
     def finish(container: dict[str, Any]) -> dict[str, Any]:
-        over = overlays.get(container.get("name"))
-        return overlay_container(container, over) if over else container
+        name = container.get("name")
+        over = overlays.get(name)
+        out = overlay_container(container, over) if over else container
+        derived = previous.derived_env.get(name) if previous.derived_env else None
+        if derived:
+            out = _keep_derived_env(out, derived)
+        return out
 
     r_containers = [finish(c) for c in _named(r_spec.get("containers"))]
     r_inits = [finish(c) for c in _named(r_spec.get("initContainers"))]
@@ -901,7 +928,15 @@ def _render_into(
         r_volumes = merge_keyed([PODINFO_VOLUME], r_volumes, "name")
     existing_volumes = {v.get("name") for v in _named(spec.get("volumes"))}
     added_volumes = [v for v in r_volumes if v.get("name") not in existing_volumes]
-    if added_volumes or "volumes" in spec:
+    if previous.volumes:
+        added_volumes = [
+            deep_merge(v, previous.volumes[v["name"]]) if v.get("name") in previous.volumes else v
+            for v in added_volumes
+        ]
+    if previous.volume_order is not None:
+        kept_volumes = spec.get("volumes") or []
+        new_spec["volumes"] = _volumes_in_place(previous.volume_order, kept_volumes, added_volumes)
+    elif added_volumes or "volumes" in spec:
         new_spec["volumes"] = list(spec.get("volumes") or ()) + added_volumes
     secrets = _named(r_spec.get("imagePullSecrets")) + [{"name": n} for n in config.mesh.image_pull_secrets]
     existing_secrets = {s.get("name") for s in _named(spec.get("imagePullSecrets"))}
@@ -940,6 +975,57 @@ def _render_into(
     new_meta["labels"] = labels
     new_meta["annotations"] = annotations
     return new_meta, new_spec
+
+
+def _keep_derived_env(container: dict[str, Any], old: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """Keep an old pod-derived env item whose recomputed value means the same (JSON values
+    compared as data: a pod read back through kubectl has its keys sorted)."""
+    env = container.get("env")
+    if not env:
+        return container
+    out: list[Any] | None = None
+    for i, item in enumerate(env):
+        previous = old.get(item.get("name")) if isinstance(item, dict) else None
+        if previous is None or previous is item or previous == item:
+            continue
+        if not _same_value(previous.get("value"), item.get("value")) or set(previous) != set(item):
+            continue
+        if out is None:
+            out = list(env)
+        out[i] = previous
+    if out is None:
+        return container
+    result = dict(container)
+    result["env"] = out
+    return result
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return False
+
+
+def _volumes_in_place(before: list[Any], kept: list[Any], ours: list[dict[str, Any]]) -> list[Any]:
+    """The pod's volumes with ours back in the places they held (re-injection), new ones last.
+
+    ``before`` is the list as it came, ``kept`` the same without ours, ``ours`` what we add now.
+    """
+    by_name = {v.get("name"): v for v in ours}
+    kept_ids = {id(v) for v in kept}
+    out: list[Any] = []
+    for v in before:
+        if id(v) in kept_ids:
+            out.append(v)
+        elif isinstance(v, dict) and v.get("name") in by_name:
+            out.append(by_name.pop(v.get("name")))
+    out.extend(v for v in ours if v.get("name") in by_name)
+    return out
 
 
 def _with_hold(proxy_config: Mapping[str, Any], hold: bool) -> dict[str, Any]:

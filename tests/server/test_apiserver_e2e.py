@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import os
 import ssl
 import threading
 import time
@@ -21,8 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
+from injector.config import default_config
+from injector.core import inject
 from injector.manifests import webhook_configuration
+from injector.result import Decision, ReasonCode
 from tests.server.helpers import RunningServer, start_server
 from tests.testbed.controlplane import ControlPlane
 
@@ -275,6 +280,53 @@ def test_reinvocation_with_a_second_webhook_adding_a_container(cluster: Cluster,
     assert "/app-health/late-agent/readyz" in probers and "/app-health/app/readyz" in probers
     seen = [e for e in cluster.server.logs() if e.get("namespace") == ns and e.get("pod") == "reinvoked"]
     assert len(seen) >= 2  # called again after the other webhook's change
+
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+def typical_stored_pod(name: str) -> dict[str, Any]:
+    """A pod with the things the API server fills in defaults for: ports without protocol,
+    probes, an init container, a configMap volume, fieldRef env."""
+    template = pod(name, labels={"app": name, "version": "v1"})
+    spec = template["spec"]
+    spec["containers"][0]["livenessProbe"] = {"tcpSocket": {"port": 8080}}
+    spec["containers"][0]["env"] = [{"name": "MY_POD",
+                                     "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    spec["containers"][0]["volumeMounts"] = [{"name": "settings", "mountPath": "/etc/settings"}]
+    spec["containers"].append({"name": "worker", "image": "busybox", "command": ["sleep", "3600"],
+                               "ports": [{"containerPort": 9100}]})
+    spec["initContainers"] = [{"name": "migrate", "image": "busybox", "command": ["true"]}]
+    spec["volumes"] = [{"name": "settings", "configMap": {"name": "settings"}}]
+    return template
+
+
+def test_reinvocation_finds_nothing_to_do(cluster: Cluster) -> None:
+    """reinvocationPolicy IfNeeded (our manifests' setting) with no other webhook: the pod is
+    stored with each container once, any later call of ours answers AlreadyInjected without a
+    patch, and injecting the stored pod again does too."""
+    ns = cluster.namespace({"istio-injection": "enabled"})
+    cluster.apply(typical_stored_pod("stored"), "-n", ns)
+    # A plain GET: the object as the API server serialises it (its field order, as in a review).
+    stored = cluster.plane.get_json(f"/api/v1/namespaces/{ns}/pods/stored")
+    assert container_names(stored) == ["istio-validation", "migrate", "app", "worker", "istio-proxy"]
+    calls = [e for e in cluster.server.logs()
+             if e.get("msg") == "admission" and e.get("namespace") == ns and e.get("pod") == "stored"]
+    assert calls and calls[0]["reason"] == "Injected" and calls[0]["patched"]
+    assert [(e["reason"], e["patched"]) for e in calls[1:]] == [("AlreadyInjected", False)] * (len(calls) - 1)
+
+    # What a reinvocation would be sent: our own output, defaulted by the API server.
+    again = inject(stored, config=default_config())
+    assert again.decision is Decision.INJECT
+    assert again.reason.code is ReasonCode.ALREADY_INJECTED, again.reasons
+    assert again.patch == []
+    if os.environ.get("CAPTURE_GOLDEN"):  # refresh tests/golden/reinject-stored-by-apiserver.yaml
+        status = json.loads(stored["metadata"]["annotations"]["sidecar.istio.io/status"])
+        text = yaml.safe_dump(stored, sort_keys=False, width=120)
+        text = text.replace(status["configHash"], "@CONFIG_HASH@")
+        header = ("# A pod as kube-apiserver 1.20 stored it after our webhook (IfNeeded), captured by\n"
+                  "# CAPTURE_GOLDEN=1 pytest tests/server/test_apiserver_e2e.py -k reinvocation_finds\n")
+        (GOLDEN / "reinject-stored-by-apiserver.yaml").write_text(header + text)
 
 
 def test_audit_requires_a_token_allowed_to_list_pods(cluster: Cluster) -> None:
