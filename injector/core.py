@@ -886,6 +886,11 @@ def _render_into(
     r_meta = rendered.get("metadata") or {}
     r_spec = rendered.get("spec") or {}
 
+    # The API server's ServiceAccount plugin mounts the token into every container that lacks
+    # it; it re-runs after a webhook changes the pod, and would then change ours, which calls us
+    # again (reinvocationPolicy IfNeeded). Mount it as it would, so nothing changes after us.
+    token_mount = _token_mount(app_containers, plain_inits)
+
     def finish(container: dict[str, Any]) -> dict[str, Any]:
         name = container.get("name")
         over = overlays.get(name)
@@ -893,6 +898,8 @@ def _render_into(
         derived = previous.derived_env.get(name) if previous.derived_env else None
         if derived:
             out = _keep_derived_env(out, derived)
+        if token_mount is not None:
+            out = _with_mount(out, token_mount)
         return out
 
     r_containers = [finish(c) for c in _named(r_spec.get("containers"))]
@@ -975,6 +982,31 @@ def _render_into(
     new_meta["labels"] = labels
     new_meta["annotations"] = annotations
     return new_meta, new_spec
+
+
+SERVICE_ACCOUNT_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _token_mount(*groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The service-account token mount the pod's own containers carry (any volume name), as
+    the ServiceAccount admission plugin writes it; None when they have none (opted out)."""
+    for containers in groups:
+        for c in containers:
+            for mount in c.get("volumeMounts") or ():
+                if isinstance(mount, dict) and mount.get("mountPath") == SERVICE_ACCOUNT_MOUNT_PATH:
+                    return {"mountPath": mount["mountPath"], "name": mount.get("name"), "readOnly": True}
+    return None
+
+
+def _with_mount(container: dict[str, Any], mount: dict[str, Any]) -> dict[str, Any]:
+    """``container`` with ``mount`` appended, unless something is mounted at its path already."""
+    mounts = container.get("volumeMounts") or []
+    path = mount["mountPath"]
+    if any(isinstance(m, dict) and m.get("mountPath") == path for m in mounts):
+        return container
+    out = dict(container)
+    out["volumeMounts"] = [*mounts, dict(mount)]  # a copy each: no object shared between containers
+    return out
 
 
 def _keep_derived_env(container: dict[str, Any], old: Mapping[str, dict[str, Any]]) -> dict[str, Any]:

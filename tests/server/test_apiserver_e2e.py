@@ -283,6 +283,7 @@ def test_reinvocation_with_a_second_webhook_adding_a_container(cluster: Cluster,
 
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def typical_stored_pod(name: str) -> dict[str, Any]:
@@ -303,17 +304,24 @@ def typical_stored_pod(name: str) -> dict[str, Any]:
 
 def test_reinvocation_finds_nothing_to_do(cluster: Cluster) -> None:
     """reinvocationPolicy IfNeeded (our manifests' setting) with no other webhook: the pod is
-    stored with each container once, any later call of ours answers AlreadyInjected without a
-    patch, and injecting the stored pod again does too."""
+    stored with each container once, our containers carry the service-account token mount as the
+    app's do (so the ServiceAccount plugin, re-run after our patch, changes nothing and we are
+    called once), and injecting the stored pod again answers AlreadyInjected with no patch."""
     ns = cluster.namespace({"istio-injection": "enabled"})
     cluster.apply(typical_stored_pod("stored"), "-n", ns)
     # A plain GET: the object as the API server serialises it (its field order, as in a review).
     stored = cluster.plane.get_json(f"/api/v1/namespaces/{ns}/pods/stored")
     assert container_names(stored) == ["istio-validation", "migrate", "app", "worker", "istio-proxy"]
+    spec = stored["spec"]
+    for container in spec["initContainers"] + spec["containers"]:
+        token_mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == TOKEN_PATH]
+        assert len(token_mounts) == 1 and token_mounts[0]["readOnly"], container["name"]
+
     calls = [e for e in cluster.server.logs()
              if e.get("msg") == "admission" and e.get("namespace") == ns and e.get("pod") == "stored"]
     assert calls and calls[0]["reason"] == "Injected" and calls[0]["patched"]
     assert [(e["reason"], e["patched"]) for e in calls[1:]] == [("AlreadyInjected", False)] * (len(calls) - 1)
+    assert len(calls) == 1, "called again: an in-tree plugin changed the pod after our patch"
 
     # What a reinvocation would be sent: our own output, defaulted by the API server.
     again = inject(stored, config=default_config())
