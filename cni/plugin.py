@@ -128,7 +128,7 @@ def cmd_add(request: Request, log: Log) -> str:
     from cni import netns, nfnl, nftables
 
     try:
-        nftables.run_batch(request.netns, ops)
+        nftables.run_add_ops(request.netns, ops)
     except netns.NetnsMissing as error:
         raise CniError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {request.netns}: {error.strerror}") from None
     except (nfnl.NetlinkError, OSError) as error:

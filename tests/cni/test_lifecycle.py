@@ -90,6 +90,34 @@ def test_a_failing_batch_applies_nothing(bed: CniBed, backend: str) -> None:
     assert nftables.check(pod.netns, plan_from_annotations({})) == []
 
 
+@pytest.mark.parametrize("backend", ["raw", "pyroute2"])
+def test_add_creates_fresh_or_replaces_whole(bed: CniBed, backend: str) -> None:
+    """ADD's fast path (exclusive create in a new netns) and its fallback (replace an existing
+    table) end in the same rules; a failing batch on either path applies nothing."""
+    plan = plan_from_annotations({})
+    good = nftables.add_ops(nftables.build_ruleset(plan))
+    bad_rule = ("outbound", tuple(nftables.jump("no-such-chain")))
+    bad = [*good, (nfnl.NFT_MSG_NEWRULE, nfnl.NLM_F_CREATE | nfnl.NLM_F_APPEND,
+                   nfnl.rule_payload(nftables.TABLE, *bad_rule), "bad rule",
+                   ("rule", nftables.TABLE, *bad_rule))]
+    fresh = bed.new_pod()
+    with pytest.raises(OSError):
+        nftables.run_add_ops(fresh.netns, bad, backend)
+    assert "mesh_cni" not in nft_ruleset(fresh.netns)
+    nftables.run_add_ops(fresh.netns, good, backend)
+    assert nftables.check(fresh.netns, plan) == []
+
+    stale = bed.new_pod()
+    nft_in(stale, "add", "table", "inet", "mesh_cni")
+    nft_in(stale, "add", "chain", "inet", "mesh_cni", "leftover")
+    with pytest.raises(OSError):
+        nftables.run_add_ops(stale.netns, bad, backend)
+    assert "chain leftover" in nft_ruleset(stale.netns)  # the failed replace changed nothing
+    nftables.run_add_ops(stale.netns, good, backend)
+    assert nftables.check(stale.netns, plan) == []  # replaced whole: the stray chain is gone
+    assert nft_ruleset(stale.netns) == nft_ruleset(fresh.netns)
+
+
 def test_twenty_pods_add_and_del_concurrently(bed: CniBed) -> None:
     variants = [INJECTED, {**INJECTED, "traffic.sidecar.istio.io/excludeOutboundPorts": "3306"}, {}]
     pods = [bed.new_pod(variants[i % 3], name=f"burst{i}") for i in range(20)]
