@@ -1,8 +1,10 @@
 """Fixtures of the end-to-end suite: the real node with our installer chained in and our webhook.
 
-Session-scoped (the node is the session's): images imported once, one webhook server, one
-installer process. Tests that stop the installer (to show a pod without redirect, or the
-uninstall) leave it to `mesh` to start it again for the next test.
+Package-scoped: images imported once, one webhook server, one installer process, all stopped
+when the last e2e test is done (other suites use the same node: tests/install runs its own
+installer there and must find the node's CNI config as it came). Tests that stop the
+installer (to show a pod without redirect, or the uninstall) leave it to `mesh` to start it
+again for the next test.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from tests.e2e.mesh import Installer, Webhook, import_mesh_images
 from tests.install.conftest import snapshot
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pristine_cni(node: Any) -> dict[str, tuple[bytes, int]]:
     """The node's CNI conf and bin dirs before our installer first ran (bytes + modes)."""
     return snapshot(node.cni_conf_dir, node.cni_bin_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def webhook(control_plane: Any, node: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
     import_mesh_images(node)
     hook = Webhook.start(control_plane, tmp_path_factory.mktemp("e2e-webhook"))
@@ -33,7 +35,7 @@ def webhook(control_plane: Any, node: Any, tmp_path_factory: pytest.TempPathFact
         hook.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def installer(
     node: Any, pristine_cni: dict[str, tuple[bytes, int]], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Installer]:
