@@ -6,7 +6,8 @@ for byte. The injector image starts its CLI and imports the server.
 
 Opt-in: build the archives with tests/e2e/build_images_buildah.sh (debootstrap + buildah, a few
 minutes, needs the Debian mirror and PyPI) and point MESH_BUILDAH_IMAGES at their directory.
-Without it the test skips: the script-built images (tests/testbed/images.py) are the tested path.
+Without it the test is not collected (tests/e2e/conftest.py): the script-built images
+(tests/testbed/images.py) are the tested path.
 """
 
 from __future__ import annotations
