@@ -8,9 +8,7 @@ Targets (2 cores): ADD adds <= 25 ms, DEL <= 20 ms. Needs root + scripts/setup.d
 
     sudo .venv/bin/python bench/bench_cni.py [--rounds 25] [--pyroute2-rounds 5]
 
-Variants: standalone with the node-local plan cache (the steady state: pods of a workload share
-mesh annotations), standalone with it off (first pod of a workload), via the node agent, and
-the pyroute2 reference encoder.
+Variants: standalone, via the node agent, and the pyroute2 reference encoder.
 """
 
 from __future__ import annotations
@@ -164,7 +162,6 @@ def main() -> int:
         agent_socket = Path(tmp) / "agent.sock"
         bed.conflist("base", with_plugin=False)
         bed.conflist("mesh", plugin={"logFile": ""})
-        bed.conflist("nocache", plugin={"logFile": "", "planCacheDir": ""})
         bed.conflist("agent", plugin={"logFile": "", "agentSocket": str(agent_socket)})
         launcher = str(bed.bin_dir / "mesh-cni")
         agent = subprocess.Popen([launcher, "agent", "--socket", str(agent_socket)],
@@ -172,7 +169,7 @@ def main() -> int:
         try:
             while not agent_socket.exists():
                 time.sleep(0.05)
-            variants = ["base", "mesh", "nocache", "agent"]
+            variants = ["base", "mesh", "agent"]
             for variant in variants:  # warm-up: page cache, bridge creation, pyc files
                 one_pod(bed, variant)
             samples: dict[str, tuple[list[float], list[float]]] = {v: ([], []) for v in variants}
@@ -195,9 +192,7 @@ def main() -> int:
                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             print(f"{'chain':44s} {'ADD ms':>8s} {'DEL ms':>8s} {'ours ADD':>9s} {'ours DEL':>9s}")
             print(f"{'bridge + host-local':44s} {base_add:8.1f} {base_del:8.1f}")
-            rows = [("+ mesh-cni standalone (plan cache hit)", med["mesh"]),
-                    ("+ mesh-cni standalone, plan cache off", med["nocache"]),
-                    ("+ mesh-cni via node agent", med["agent"])]
+            rows = [("+ mesh-cni standalone", med["mesh"]), ("+ mesh-cni via node agent", med["agent"])]
             if pyroute2[0]:
                 rows.append((f"+ mesh-cni standalone, pyroute2 ({args.pyroute2_rounds} rounds)",
                              (statistics.median(pyroute2[0]), statistics.median(pyroute2[1]))))
@@ -208,7 +203,7 @@ def main() -> int:
                       f"target ADD <= {ADD_TARGET_MS:.0f}, DEL <= {DEL_TARGET_MS:.0f}: "
                       f"{'met' if meets else 'missed'} (wall clock, this machine, now)")
 
-            print("\nbreakdown of one standalone ADD without the plan cache (medians, ms):")
+            print("\nbreakdown of one standalone ADD (medians, ms):")
             print(f"  {'interpreter start (python -I -S -c pass)':52s} {start_ms:7.2f}")
             version_env = {"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]}
             print(f"  {'launcher + VERSION (start-up floor of the plugin)':52s} "
@@ -223,14 +218,12 @@ def main() -> int:
                    "CNI_IFNAME": "eth0", "CNI_PATH": str(bed.bin_dir), "PATH": os.environ["PATH"],
                    "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name}"}
             config = {"cniVersion": "1.0.0", "name": "mesh", "type": "mesh-cni",
-                      "planCacheDir": str(bed.plan_cache),
                       "runtimeConfig": {"io.kubernetes.cri.pod-annotations": INJECTED}}
-            no_cache = {**config, "planCacheDir": ""}
-            standalone = peak_rss_kib([launcher], env, json.dumps(no_cache).encode())
+            standalone = peak_rss_kib([launcher], env, json.dumps(config).encode())
             forwarded = peak_rss_kib([launcher], env,
                                      json.dumps({**config, "agentSocket": str(agent_socket)}).encode())
             pyroute2_rss = peak_rss_kib([launcher], {**env, "MESH_CNI_NETLINK": "pyroute2"},
-                                        json.dumps(no_cache).encode())
+                                        json.dumps(config).encode())
             agent_rss = int(Path(f"/proc/{agent.pid}/status").read_text().split("VmHWM:")[1].split()[0])
             print("\nCPU time per plugin run (user+sys, median; robust to a busy machine), ms;\n"
                   "'idle est.' is our cost above the interpreter floor plus the issue's "
@@ -239,8 +232,7 @@ def main() -> int:
             uninjected = {**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {}}}
             floor, _ = cpu_ms([python, "-I", "-S", "-c", "pass"], None, b"", agent.pid)
             print(f"  {'python -I -S -c pass (floor of any Python plugin)':52s} {floor:7.2f}")
-            cases = (("ADD standalone (plan cache hit)", "ADD", config),
-                     ("ADD standalone, plan cache off", "ADD", no_cache),
+            cases = (("ADD standalone", "ADD", config),
                      ("ADD via agent", "ADD", agent_config),
                      ("DEL standalone", "DEL", config), ("DEL via agent", "DEL", agent_config),
                      ("ADD standalone, uninjected pod", "ADD", uninjected))

@@ -118,7 +118,7 @@ def run_variant(
     watch = ReadyWatch(plane, namespace)
     started_times, ready_times = [], []
     try:
-        for i in range(count + 1):  # the first one warms up (image in page cache, plan cache)
+        for i in range(count + 1):  # the first one warms up (image in page cache)
             name = f"{label}-{i}"
             created = time.monotonic()
             post_pod(plane, namespace, app_pod(name))

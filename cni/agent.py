@@ -74,9 +74,7 @@ def serve(path: str, *, ready: object | None = None) -> None:
     import socketserver
 
     # Warm everything the plugin may need.
-    from cni import annotations, netns, nfnl, nftables, plancache, plugin, podinfo  # noqa: F401
-
-    plancache.key({}, False)  # fingerprint the code this agent runs, now
+    from cni import annotations, netns, nfnl, nftables, plugin, podinfo  # noqa: F401
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 STATUS_ANNOTATION = "sidecar.istio.io/status"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
 DEFAULT_CNI_POD_PREFIX = "mesh-cni-"
-DEFAULT_PLAN_CACHE_DIR = "/var/run/mesh-cni/plan-cache"  # = cni.plancache.DEFAULT_DIR
 
 
 def _log_for(config: Mapping[str, object], request: Request | None = None) -> Log:
@@ -94,34 +93,19 @@ def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
     return decide(request, annotations)
 
 
-def _add_ops(request: Request, annotations: dict[str, str], log: Log) -> tuple[list | None, str]:
-    """ADD's batch for the pod (None: leave it alone), from the plan cache when it has this input."""
+def _add_ops(request: Request, annotations: dict[str, str]) -> tuple[list | None, str]:
+    """ADD's batch for the pod (None: leave it alone) and why."""
     from cni import nftables
 
-    directory = request.config.get("planCacheDir", DEFAULT_PLAN_CACHE_DIR)
-    cache = None
-    if directory and nftables.backend_name() == "raw":
-        from cni import plancache
-
-        cache = plancache.PlanCache.open(str(directory))
-    if cache is not None:
-        cache_key = plancache.key(annotations, bool(request.config.get("captureDNS", False)))
-        entry = cache.get(cache_key)
-        if entry is not None:
-            log.debug(f"plan cache hit {cache_key[:12]}")
-            return (None, entry[1]) if entry[0] == "skip" else (entry[1], entry[2])
     plan, why = decide(request, annotations)
-    ops = None if plan is None else nftables.add_ops(nftables.build_ruleset(plan))
-    if cache is not None:
-        cache.put(cache_key, ("skip", why) if ops is None else ("ops", [op[:4] for op in ops], why))
-    return ops, why
+    return (None if plan is None else nftables.add_ops(nftables.build_ruleset(plan))), why
 
 
 def cmd_add(request: Request, log: Log) -> str:
     annotations, why = pod_annotations(request, log)
     ops = None
     if annotations is not None:
-        ops, why = _add_ops(request, annotations, log)
+        ops, why = _add_ops(request, annotations)
     if ops is None:
         log.info(f"not redirecting: {why}")
         return spec.add_result(request)

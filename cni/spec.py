@@ -34,7 +34,7 @@ CHECK_FAILED = 103  # CHECK: the netns's rules differ from what ADD programs
 #: Conflist keys this plugin reads (unknown keys are ignored, as the spec asks).
 CONFIG_KEYS = ("cniVersion", "name", "type", "capabilities", "runtimeConfig", "prevResult",
                "kubeconfig", "logFile", "logLevel", "logMaxBytes", "excludeNamespaces", "captureDNS",
-               "agentSocket", "cniPodNamePrefix", "apiTimeoutSeconds", "apiRetries", "planCacheDir",
+               "agentSocket", "cniPodNamePrefix", "apiTimeoutSeconds", "apiRetries",
                "cni.dev/valid-attachments")
 POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 
@@ -155,7 +155,7 @@ def _validate_config(request: Request) -> None:
     if command == "CHECK" and not request.at_least("0.4.0"):
         raise CniError(INCOMPATIBLE_VERSION, f"CHECK needs cniVersion 0.4.0 or later, got {request.version}")
     checks: tuple[tuple[str, type | tuple[type, ...]], ...] = (
-        ("kubeconfig", str), ("logFile", str), ("logLevel", str), ("agentSocket", str), ("planCacheDir", str),
+        ("kubeconfig", str), ("logFile", str), ("logLevel", str), ("agentSocket", str),
         ("cniPodNamePrefix", str), ("captureDNS", bool), ("excludeNamespaces", list),
         ("runtimeConfig", dict), ("prevResult", dict), ("logMaxBytes", int),
         ("apiTimeoutSeconds", (int, float)), ("apiRetries", int))

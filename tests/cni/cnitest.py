@@ -91,7 +91,6 @@ class CniBed:
         self.conf_dir = root / "net.d"
         self.cache_dir = root / "cache"
         self.log_file = root / "mesh-cni.log"
-        self.plan_cache = root / "plan-cache"
         for directory in (self.bin_dir, self.conf_dir, self.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for plugin in ("bridge", "host-local", "loopback"):
@@ -124,7 +123,7 @@ class CniBed:
         if with_plugin:
             entry = {"type": "mesh-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": True},
                      "logFile": str(self.log_file), "logLevel": "debug", "excludeNamespaces": ["kube-system"],
-                     "captureDNS": False, "planCacheDir": str(self.plan_cache)}
+                     "captureDNS": False}
             entry.update(plugin or {})
             plugins.append(entry)
         (self.conf_dir / f"{name}.conflist").write_text(
@@ -385,8 +384,7 @@ def plugin_config(bed: CniBed, *, version: str = "1.0.0", annotations: Mapping[s
                   prev_result: dict | None = None, **extra: object) -> dict:
     """One plugin's stdin config as libcni builds it from the conflist."""
     config: dict = {"cniVersion": version, "name": "meshnet", "type": "mesh-cni",
-                    "logFile": str(bed.log_file), "excludeNamespaces": ["kube-system"],
-                    "planCacheDir": str(bed.plan_cache)}
+                    "logFile": str(bed.log_file), "excludeNamespaces": ["kube-system"]}
     if annotations is not None:
         config["runtimeConfig"] = {"io.kubernetes.cri.pod-annotations": dict(annotations)}
     if prev_result is not None:

@@ -115,10 +115,6 @@ class Installer:
         return self.workdir / "agent.log"
 
     @property
-    def plan_cache(self) -> Path:
-        return self.workdir / "plan-cache"
-
-    @property
     def runtime_dir(self) -> Path:
         return self.workdir / "opt-mesh-cni"
 
@@ -130,7 +126,7 @@ class Installer:
         plane = self.node.control_plane
         token = self.workdir / "token"
         token.write_text(plane.token)
-        entry = {"kubeconfig": "", "planCacheDir": str(self.plan_cache), **self.extra_entry}
+        entry = {"kubeconfig": "", **self.extra_entry}
         return [
             str(Path(sys.executable).parent / "mesh-cni"), "install",
             "--cni-bin-dir", str(self.node.cni_bin_dir),

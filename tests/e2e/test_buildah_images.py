@@ -91,7 +91,7 @@ def test_buildah_built_images_install_validate_and_uninstall_on_the_node(
         "--runtime-dir", str(host / "opt-mesh-cni"), "--state-dir", str(host / "state"),
         "--kubeconfig", str(host / "state" / "kubeconfig"), "--health-port", "-1",
         "--plugin-log-file", str(host / "plugin.log"),
-        "--plugin-extra-json", json.dumps({"kubeconfig": "", "planCacheDir": str(host / "plan-cache")}),
+        "--plugin-extra-json", json.dumps({"kubeconfig": ""}),
     ]  # fmt: skip
     ns = control_plane.create_namespace(prefix="buildah")
     try:
