@@ -21,6 +21,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.kill()
         if not attach:
             plane.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
