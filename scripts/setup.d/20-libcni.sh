@@ -4,17 +4,8 @@
 # libcni source. Idempotent; the binary is cached under ~/.cache/mesh-injector/ by source hash.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export DEBIAN_FRONTEND=noninteractive
-need=(nftables iproute2 containernetworking-plugins golang-go golang-github-appc-cni-dev)
-missing=()
-for pkg in "${need[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/lib.sh
+apt_need nftables iproute2 containernetworking-plugins golang-go golang-github-appc-cni-dev
 
 cache="${HOME}/.cache/mesh-injector/libcni-driver"
 src_hash=$(sha256sum tools/libcni-driver/main.go | cut -c1-16)
