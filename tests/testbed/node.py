@@ -710,7 +710,10 @@ class Node:
     def pod_netns(self, namespace: str, name: str) -> Path:
         """The network namespace of a running pod's sandbox (for `nsenter --net=...` checks)."""
         for container in self.ctr("containers", "ls", "-q").stdout.split():
-            info = json.loads(self.ctr("containers", "info", container).stdout)
+            done = self.ctr("containers", "info", container, check=False)
+            if done.returncode != 0:
+                continue  # removed since the listing (another pod being deleted): not ours
+            info = json.loads(done.stdout)
             labels = info.get("Labels") or {}
             if (
                 labels.get("io.cri-containerd.kind") == "sandbox"
