@@ -23,12 +23,12 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from bench.bench_server import free_port, serve_command  # noqa: E402
+from bench.bench_server import free_port, serve_command, wait_ready  # noqa: E402
 from injector import pki  # noqa: E402
 from injector.manifests import webhook_configuration  # noqa: E402
 from tests.testbed.controlplane import ControlPlane  # noqa: E402
@@ -138,19 +138,9 @@ def main(argv: list[str] | None = None) -> int:
              "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        import ssl
-
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=ctx, timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print((tmp / "server.log").read_text())
-                    return 1
-                time.sleep(0.1)
+        if not wait_ready(f"https://127.0.0.1:{port}", ctx, server, tmp / "server.log"):
+            return 1
 
         mesh_ns = plane.create_namespace(labels={SCOPE_LABEL: scope, "istio-injection": "enabled"},
                                          prefix="bench-mesh")

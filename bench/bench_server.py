@@ -114,6 +114,20 @@ def ensure_wrk() -> str:
     return found
 
 
+def wait_ready(url: str, ctx: ssl.SSLContext, server: subprocess.Popen[bytes], log: Path) -> bool:
+    """Poll ``url``/readyz for up to 30 s; on failure print the server's log and return False."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/readyz", context=ctx, timeout=2)
+            return True
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print(log.read_text())
+                return False
+            time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,16 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/readyz", context=ctx, timeout=2)
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        print((tmp / "server.log").read_text())
-                        return 1
-                    time.sleep(0.1)
+            if not wait_ready(url, ctx, server, tmp / "server.log"):
+                return 1
             # Sanity: the review is answered with a patch.
             request = urllib.request.Request(f"{url}/inject", data=body.read_bytes(),
                                              headers={"content-type": "application/json"})
