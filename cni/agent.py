@@ -4,7 +4,10 @@ A fresh plugin process pays Python start-up plus imports on every pod start; the
 them once. When the conflist names ``agentSocket``, the plugin forwards its environment and
 stdin over that Unix socket and prints the agent's answer; the agent runs exactly the same
 ``cni.plugin.run`` (each request in its own thread: netns switches are per thread). When no
-agent answers, the plugin does the work itself, so the agent is a speed-up, never a dependency.
+agent answers, or it declines a netns it cannot see, the plugin does the work itself, so the
+agent is a speed-up, never a dependency. It answers as soon as the kernel has acknowledged the
+batch and closes the netlink socket afterwards: that close waits out the kernel's reclamation of
+a deleted table (a grace period), which would otherwise be most of a DEL.
 
 Wire format: one JSON object each way, the request ended by shutdown(SHUT_WR):
 ``{"env": {...}, "stdin": "<config text>"}`` -> ``{"code": 0, "stdout": "..."}``.
@@ -19,7 +22,7 @@ from cni import fastjson
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 FORWARDED_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 SO_PEERCRED = 17
@@ -67,6 +70,25 @@ def forward(env: Mapping[str, str], stdin: bytes, timeout: float = 10.0) -> tupl
         sock.close()
 
 
+def _background_closer() -> Callable[[object], None]:
+    """A put() that closes netlink sockets on a thread of their own, so replies never wait.
+
+    Closing an nfnetlink socket waits for the kernel to reclaim what the last commits deleted (a
+    grace period after DEL). One thread closes them in order; a burst of DELs costs one flush.
+    """
+    import queue
+    import threading
+
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+
+    def close_forever() -> None:
+        while True:
+            pending.get().close()
+
+    threading.Thread(target=close_forever, name="nfnl-closer", daemon=True).start()
+    return pending.put
+
+
 def serve(path: str, *, ready: object | None = None) -> None:
     """Serve forever on a Unix socket at ``path`` (replacing a stale one)."""
     import contextlib
@@ -75,6 +97,8 @@ def serve(path: str, *, ready: object | None = None) -> None:
 
     # Warm everything the plugin may need.
     from cni import annotations, netns, nfnl, nftables, plugin, podinfo  # noqa: F401
+
+    nftables.release_socket = _background_closer()  # answer at the kernel's ACK, close after
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -90,6 +114,11 @@ def serve(path: str, *, ready: object | None = None) -> None:
                 stdin = str(request["stdin"]).encode()  # type: ignore[index]
             except (ValueError, KeyError, TypeError, AttributeError):
                 return  # the plugin falls back to doing the work itself
+            netns_path = env.get("CNI_NETNS")
+            if netns_path and not os.path.exists(netns_path):
+                # Not visible from here (e.g. the DaemonSet lacks the runtime's netns mount, or the
+                # netns is gone): decline, and the plugin, which sees the host's paths, decides.
+                return
             code, out = plugin.run(env, stdin)
             conn.sendall(fastjson.dumps({"code": code, "stdout": out}).encode())
 

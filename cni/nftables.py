@@ -25,7 +25,7 @@ from cni.nfnl import Expr
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 TABLE = "mesh_cni"
 FAMILY = nfnl.NFPROTO_INET
@@ -291,6 +291,17 @@ def backend_name() -> str:
     return os.environ.get("MESH_CNI_NETLINK", "raw")
 
 
+def _close_now(sock: nfnl.NftSocket) -> None:
+    sock.close()
+
+
+#: What happens to a socket once its batch is acknowledged. Closing the last nfnetlink socket of
+#: a netns makes the kernel flush the reclamation of what earlier commits deleted, a grace
+#: period (~4-16 ms) after a DEL. The batch's effect is complete and visible at the ACK, so the
+#: resident agent swaps this for a background closer and answers first. Plain processes close.
+release_socket: Callable[[nfnl.NftSocket], None] = _close_now
+
+
 def run_batch(netns_path: str, ops: Sequence[Op], backend: str | None = None) -> None:
     """Send ops as one transaction inside the netns, with the chosen encoder."""
     backend = backend or backend_name()
@@ -301,8 +312,11 @@ def run_batch(netns_path: str, ops: Sequence[Op], backend: str | None = None) ->
         return
     from cni import netns
 
-    with netns.nft_socket(netns_path) as sock:
+    sock = netns.nft_socket(netns_path)
+    try:
         sock.batch([op[:4] for op in ops])
+    finally:
+        release_socket(sock)
 
 
 EEXIST, ENOENT = 17, 2  # errno values, without importing errno on the hot path

@@ -85,18 +85,32 @@ def test_annotations_come_from_the_real_api_server(bed: CniBed, control_plane) -
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
-@pytest.fixture()
-def agent(bed: CniBed, tmp_path: Path):  # type: ignore[no-untyped-def]
-    path = tmp_path / "agent.sock"
-    process = subprocess.Popen([str(bed.bin_dir / "mesh-cni"), "agent", "--socket", str(path)],
+def start_agent(bed: CniBed, path: Path, wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([*wrapper, str(bed.bin_dir / "mesh-cni"), "agent", "--socket", str(path)],
                                stderr=subprocess.PIPE, env={"PATH": os.environ["PATH"]})
     deadline = time.monotonic() + 20
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert path.exists(), "agent did not start"
+    return process
+
+
+@pytest.fixture()
+def agent(bed: CniBed, tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "agent.sock"
+    process = start_agent(bed, path)
     yield process, path
     process.terminate()
     process.wait(10)
+
+
+def log_lines_of(bed: CniBed, pid: int, text: str) -> list[str]:
+    lines = bed.log_file.read_text().splitlines()
+    return [line for line in lines if f"mesh-cni[{pid}]" in line and text in line]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_agent_serves_the_plugin_and_the_plugin_works_without_it(bed: CniBed, agent) -> None:  # type: ignore[no-untyped-def]
@@ -135,3 +149,44 @@ def test_the_installers_kubeconfig_is_read_without_yaml(tmp_path: Path) -> None:
     config = load_kubeconfig(str(path))
     assert (config.server, config.token, config.ca_data, config.insecure) == (
         "https://10.96.0.1:443", "s3cret", b"PEM", False)
+
+
+def test_agent_answers_del_with_the_table_gone_and_keeps_no_sockets(bed: CniBed, agent) -> None:  # type: ignore[no-untyped-def]
+    """The agent replies at the kernel's ACK and closes the netlink socket after replying (the
+    close waits out the kernel's reclamation of the deleted table). The reply must still mean
+    'gone', and the deferred closes must not pile up in the agent."""
+    process, path = agent
+    bed.conflist("agentdel", plugin={"agentSocket": str(path)})
+    warm = bed.add_pod("agentdel", INJECTED)
+    bed.driver("del", warm, "agentdel")
+    baseline = open_fds(process.pid)
+    pods = [bed.add_pod("agentdel", INJECTED) for _ in range(8)]
+    for pod in pods:
+        bed.driver("del", pod, "agentdel")
+        assert "mesh_cni" not in nft_ruleset(pod.netns)  # gone when DEL returned, not later
+    assert len(log_lines_of(bed, process.pid, "table removed")) == 9  # the agent did every DEL
+    deadline = time.monotonic() + 10
+    while open_fds(process.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(process.pid) <= baseline, "the agent kept netlink sockets (and their netns) open"
+
+
+def test_agent_that_cannot_see_the_netns_leaves_the_pod_to_the_plugin(bed: CniBed, tmp_path: Path) -> None:
+    """A DaemonSet without the runtime's netns mount must not break pods: the agent declines a
+    netns path it cannot open and the plugin, on the host, programs the pod itself."""
+    path = tmp_path / "blind.sock"
+    netns_dir = Path(bed.new_pod(None).netns).parent
+    blind = start_agent(bed, path, ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                    f'mount -t tmpfs none {netns_dir} && exec "$0" "$@"'))
+    try:
+        bed.conflist("blindnet", plugin={"agentSocket": str(path)})
+        pod = bed.add_pod("blindnet", INJECTED)
+        assert "redirect to :15001" in nft_ruleset(pod.netns)
+        assert not log_lines_of(bed, blind.pid, "redirect programmed")
+        assert any(pod.netns in line for line in bed.log_file.read_text().splitlines()
+                   if "redirect programmed" in line)
+        bed.driver("del", pod, "blindnet")
+        assert "mesh_cni" not in nft_ruleset(pod.netns)
+    finally:
+        blind.terminate()
+        blind.wait(10)

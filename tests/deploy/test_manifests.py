@@ -4,6 +4,7 @@ rendered objects, not on the source files)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -237,6 +238,25 @@ def test_cni_daemonset(target: str) -> None:
     assert flags.plugin_log_file.startswith(mounts["cni-log-dir"] + "/")
     assert env["CNI_BIN_DIR"]["value"] == mounts["cni-bin-dir"]
     assert env["CNI_NET_DIR"]["value"] == mounts["cni-net-dir"]
+    # The resident plugin (node-agent) serves the socket the installer names in our conflist entry,
+    # on a host path the plugin (run by the runtime on the host) reaches, and sees the runtime's
+    # netns files at their host paths, including ones mounted after it started.
+    agent = next(c for c in pod["containers"] if c["name"] == "node-agent")
+    assert agent["image"] == container["image"]
+    socket_path = json.loads(env["MESH_CNI_PLUGIN_EXTRA_JSON"]["value"])["agentSocket"]
+    assert agent["command"][:2] == ["mesh-cni", "agent"] and agent["command"][-1] == socket_path
+    agent_mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    socket_dir = agent_mounts["agent-socket-dir"]["mountPath"]
+    assert Path(socket_path).parent == Path(socket_dir) == Path(host_paths["agent-socket-dir"])
+    netns = agent_mounts["netns-dir"]
+    assert netns["mountPath"] == host_paths["netns-dir"] == "/var/run/netns"
+    assert netns["mountPropagation"] == "HostToContainer"
+    for volume in ("cni-state-dir", "cni-log-dir"):  # the plugin's kubeconfig and log file
+        assert agent_mounts[volume]["mountPath"] == host_paths[volume], volume
+    agent_sc = agent["securityContext"]
+    assert agent_sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert not agent_sc.get("privileged") and agent_sc["allowPrivilegeEscalation"] is False
+    assert agent_sc["readOnlyRootFilesystem"] is True
 
 
 def test_rendered_yaml_has_no_anchors() -> None:

@@ -103,6 +103,8 @@ class Installer:
     workdir: Path
     repair: str = "label"
     process: subprocess.Popen[bytes] | None = None
+    #: The resident plugin (`mesh-cni agent`, the DaemonSet's node-agent container) beside it.
+    node_agent: subprocess.Popen[bytes] | None = None
     starts: int = 0
     extra_entry: dict[str, Any] = field(default_factory=dict)
 
@@ -113,6 +115,10 @@ class Installer:
     @property
     def agent_log(self) -> Path:
         return self.workdir / "agent.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.workdir / "agent.sock"
 
     @property
     def runtime_dir(self) -> Path:
@@ -126,7 +132,7 @@ class Installer:
         plane = self.node.control_plane
         token = self.workdir / "token"
         token.write_text(plane.token)
-        entry = {"kubeconfig": "", **self.extra_entry}
+        entry = {"kubeconfig": "", "agentSocket": str(self.agent_socket), **self.extra_entry}
         return [
             str(Path(sys.executable).parent / "mesh-cni"), "install",
             "--cni-bin-dir", str(self.node.cni_bin_dir),
@@ -159,8 +165,14 @@ class Installer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "MESH_CNI_"))}
         with self.agent_log.open("ab") as log:
+            if self.node_agent is None or self.node_agent.poll() is not None:
+                self.agent_socket.unlink(missing_ok=True)
+                binary = str(Path(sys.executable).parent / "mesh-cni")
+                argv = [binary, "agent", "--socket", str(self.agent_socket)]
+                self.node_agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
             self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env)
         self.starts += 1
+        wait_for("the node agent's socket", self.agent_socket.exists, timeout)
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:
@@ -176,6 +188,10 @@ class Installer:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM: the agent uninstalls (DaemonSet pod deleted); its exit code."""
+        if self.node_agent is not None:
+            self.node_agent.terminate()
+            self.node_agent.wait(timeout)
+            self.node_agent = None
         if self.process is None:
             return 0
         if self.process.poll() is None:

@@ -58,6 +58,8 @@ def test_containerd_calls_the_plugin_on_every_pod_start_with_runtime_annotations
         assert "not redirecting: pod has no sidecar.istio.io/status annotation" in skipped
         meshed_line = adds(mesh_ns, "meshed-1")[0]
         assert "redirect programmed in " in meshed_line, meshed_line
+        # containerd's plugin process handed the pod to the resident node agent, as on a DaemonSet.
+        assert mesh.node_agent is not None and f"mesh-cni[{mesh.node_agent.pid}]" in meshed_line
         # Never on this path: the plugin's fallback to the API server (a debug line) or an error.
         assert mesh.plugin_lines("asking the API server") == []
         assert [line for line in mesh.plugin_lines(" ERROR ")] == []
