@@ -222,7 +222,8 @@ def inject(
     elif result.decision is not Decision.INJECT:
         result.mutated = dict(obj)
     if result.decision is Decision.INJECT:
-        result.patch = create_patch(obj, result.mutated)
+        spec_path = "".join(f"/{part}" for part in (*path, "spec"))
+        result.patch = create_patch(obj, result.mutated, whole_fields_at=spec_path)
         if not result.patch and result.reasons[0].code is ReasonCode.INJECTED:
             result.reasons[0] = Reason(ReasonCode.ALREADY_INJECTED, "already injected; nothing to change")
     return result

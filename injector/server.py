@@ -219,15 +219,25 @@ class InjectEndpoint:
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
+        accounted: list[tuple[admission.Outcome, float]] = []
         try:
-            status, payload = await self._answer(scope, receive)
+            status, payload = await self._answer(scope, receive, accounted)
         except Exception as exc:  # last line of defence: an answer, never a 500
             log.exception("admission request failed")
             status, payload = 400, admission.error_body(f"cannot process this request: {type(exc).__name__}")
-        metrics.requests.inc("inject", str(status))
         await _respond(send, status, payload)
+        # Metrics, the log line and Events after the answer is on its way: the API server (and
+        # the pod create waiting on it) should not wait for our bookkeeping.
+        try:
+            metrics.requests.inc("inject", str(status))
+            for outcome, elapsed in accounted:
+                self._account(outcome, elapsed)
+        except Exception:  # bookkeeping must never break the connection of an answered request
+            log.exception("admission bookkeeping failed")
 
-    async def _answer(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+    async def _answer(
+        self, scope: Scope, receive: Receive, accounted: list[tuple[admission.Outcome, float]]
+    ) -> tuple[int, bytes]:
         state = self.state
         media = _media_type(scope)
         if media not in JSON_TYPES:
@@ -253,8 +263,7 @@ class InjectEndpoint:
         except Exception as exc:  # a bug in our own envelope handling: answer, do not crash
             log.exception("admission review failed")
             return 400, admission.error_body(f"cannot process this AdmissionReview: {type(exc).__name__}")
-        elapsed = time.perf_counter() - started
-        self._account(outcome, elapsed)
+        accounted.append((outcome, time.perf_counter() - started))
         return 200, payload
 
     def _account(self, outcome: admission.Outcome, elapsed: float) -> None:

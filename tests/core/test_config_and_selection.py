@@ -205,6 +205,32 @@ def test_bad_quantities(text: str) -> None:
         parse_quantity(text)
 
 
+@pytest.mark.parametrize("kind", ["Pod", "Deployment"])
+def test_patch_replaces_changed_pod_spec_fields_whole_and_keeps_label_ops_per_key(kind: str) -> None:
+    """The admission response's shape: per-key label/annotation ops, whole spec fields (the API
+    server applies those faster than ops reaching into list items)."""
+    import jsonpatch
+
+    obj = pod(annotations={"team": "a"})
+    obj["spec"]["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/ready", "port": 8080}}
+    obj["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    spec_at = "/spec"
+    if kind == "Deployment":
+        obj = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "apps"},
+               "spec": {"selector": {"matchLabels": {"app": "p"}},
+                        "template": {"metadata": obj["metadata"], "spec": obj["spec"]}}}
+        spec_at = "/spec/template/spec"
+    result = inject(obj)
+    assert result.decision is Decision.INJECT
+    paths = {op["path"]: op["op"] for op in result.patch}
+    assert paths[f"{spec_at}/containers"] == "replace" and paths[f"{spec_at}/volumes"] == "replace"
+    assert paths[f"{spec_at}/initContainers"] == "add"
+    assert not [p for p in paths if p.startswith((f"{spec_at}/containers/", f"{spec_at}/volumes/"))]
+    label_ops = [p for p in paths if p.startswith(spec_at.removesuffix("/spec") + "/metadata/labels/")]
+    assert label_ops, "labels are added one key at a time, the user's own labels untouched"
+    assert jsonpatch.apply_patch(obj, result.patch) == result.mutated
+
+
 def test_large_pod_patch_does_not_repeat_the_unchanged_env() -> None:
     big = pod()
     big["spec"]["containers"][0]["env"] = [{"name": f"V{i}", "value": "x" * 40} for i in range(2000)]
