@@ -96,10 +96,17 @@ def _diff_fields_whole(a: dict[str, Any], b: dict[str, Any], path: str, ops: Pat
         old = a[key]
         if old is value or _same(old, value):
             continue
-        if type(old) in (dict, list) and len(orjson.dumps(old)) > WHOLE_FIELD_LIMIT:
+        if type(old) in (dict, list) and _size(old) > WHOLE_FIELD_LIMIT:
             _diff(old, value, where, ops)  # a large field (thousands of env vars): only what changed
         else:
             ops.append({"op": "replace", "path": where, "value": value})
+
+
+def _size(value: Any) -> int:
+    try:
+        return len(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
+    except TypeError:  # something JSON cannot hold (from YAML): diff it rather than guess
+        return WHOLE_FIELD_LIMIT + 1
 
 
 def create_patch(original: Any, mutated: Any, *, whole_fields_at: str | None = None) -> Patch:
