@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from injector.manifests import webhook_configuration
-from tests.testbed import images
+from tests.testbed import images, proc
 
 SCOPE_LABEL = "mesh-injector.test/e2e"
 APP_PORT = 8080
@@ -42,16 +41,8 @@ APP_COMMAND = [
 
 
 def wait_for(what: str, fetch: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
-    """The first truthy value of ``fetch()``; AssertionError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            value = fetch()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """``tests.testbed.proc.wait_for``, treating a log or API answer not there yet as "not yet"."""
+    return proc.wait_for(what, fetch, timeout, interval=interval, transient=(OSError, ValueError, KeyError))
 
 
 def e2e_config_dir(directory: Path) -> Path:

@@ -34,6 +34,15 @@ from tests.install.conftest import (
 )
 
 
+def cli_flags(host: AgentConfig) -> list[str]:
+    """`mesh-cni install` flags aiming it at the test host's directories, health port off."""
+    return [
+        "--cni-net-dir", str(host.cni_net_dir), "--cni-bin-dir", str(host.cni_bin_dir),
+        "--runtime-dir", str(host.runtime_dir), "--state-dir", str(host.state_dir),
+        "--kubeconfig", str(host.kubeconfig), "--health-port", "-1",
+    ]  # fmt: skip
+
+
 def _installed_path(config: AgentConfig, shape: str) -> Path:
     name = SHAPES[shape][0]
     return config.cni_net_dir / (name.rsplit(".", 1)[0] + ".conflist")
@@ -284,11 +293,7 @@ def test_uninstall_command_equals_sigterm(host_own_runtime: AgentConfig) -> None
 
     write_shape(host, "single-conf")
     before = snapshot(host.cni_net_dir, host.cni_bin_dir)
-    flags = [
-        "--cni-net-dir", str(host.cni_net_dir), "--cni-bin-dir", str(host.cni_bin_dir),
-        "--runtime-dir", str(host.runtime_dir), "--state-dir", str(host.state_dir),
-        "--kubeconfig", str(host.kubeconfig), "--health-port", "-1",
-    ]  # fmt: skip
+    flags = cli_flags(host)
     assert main(["--once", *flags]) == 0
     assert snapshot(host.cni_net_dir, host.cni_bin_dir) != before
     assert uninstall_main(flags) == 0
@@ -339,11 +344,7 @@ def test_extra_entry_keys_from_env(host: AgentConfig, monkeypatch: pytest.Monkey
     write_shape(host, "bridge-conflist", bystanders=False)
     monkeypatch.setenv("MESH_CNI_PLUGIN_EXTRA_JSON", '{"agentSocket": "/run/mesh-cni/agent.sock"}')
     monkeypatch.setenv("MESH_CNI_EXCLUDE_NAMESPACES", "kube-system, istio-system")
-    flags = [
-        "--cni-net-dir", str(host.cni_net_dir), "--cni-bin-dir", str(host.cni_bin_dir),
-        "--runtime-dir", str(host.runtime_dir), "--state-dir", str(host.state_dir),
-        "--kubeconfig", str(host.kubeconfig), "--health-port", "-1",
-    ]  # fmt: skip
+    flags = cli_flags(host)
     assert main(["--once", *flags]) == 0
     entry = json.loads((host.cni_net_dir / "10-bridge.conflist").read_bytes())["plugins"][-1]
     assert entry["agentSocket"] == "/run/mesh-cni/agent.sock"

@@ -14,9 +14,8 @@ import json
 import os
 import ssl
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +29,12 @@ from injector.manifests import webhook_configuration
 from injector.result import Decision, ReasonCode
 from tests.server.helpers import RunningServer, start_server
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.proc import wait_for
 
 pytestmark = pytest.mark.apiserver
 
 SCOPE_LABEL = "mesh-injector.test/server-e2e"
 UNSCHEDULABLE = {"mesh-injector.test/no-such-node": "true"}  # pods stay Pending even with a node
-
-
-def wait_for(what: str, fetch: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def scoped_webhooks(name: str, url: str, ca_pem: bytes, scope: str, **kwargs: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CACHE_DIR = Path(os.environ.get("MESH_INJECTOR_CACHE", Path.home() / ".cache" / "mesh-injector"))
 #: Where scripts/setup.d/30-kube.sh leaves the Kubernetes binaries it built (and kubectl 1.20).
@@ -151,6 +152,30 @@ def wait_until(
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {d.name} ({d.log})\n{d.log_tail()}" for d in daemons)
             raise TestbedError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+        time.sleep(interval)
+
+
+def wait_for(
+    what: str,
+    fetch: Callable[[], Any],
+    timeout: float = 60.0,
+    *,
+    interval: float = 0.2,
+    transient: tuple[type[Exception], ...] = (),
+) -> Any:
+    """The first truthy value of ``fetch()``; AssertionError naming ``what`` after ``timeout`` s.
+
+    ``transient``: exceptions from ``fetch`` that mean "not yet" (e.g. a file not written yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = fetch()
+        except transient:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
 
 

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,12 @@ import pytest
 
 from tests.conftest import REPO, require
 from tests.testbed.controlplane import ControlPlane, missing_binaries
+from tests.testbed.proc import wait_for
 
 pytestmark = pytest.mark.apiserver
 
 #: Matches no node, so the pods stay Pending even when the session also runs the real node.
 UNSCHEDULABLE = {"mesh-injector.test/no-such-node": "true"}
-
-
-def _wait_for(what: str, fetch: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def _items(control_plane: ControlPlane, kind: str, namespace: str) -> list[dict[str, Any]]:
@@ -58,9 +48,9 @@ def test_deployment_yields_replicaset_and_pending_pods_with_token(control_plane:
         }
         control_plane.kubectl("apply", "-f", "-", input=json.dumps(deployment))
 
-        replicasets = _wait_for("a ReplicaSet", lambda: _items(control_plane, "replicasets", ns))
+        replicasets = wait_for("a ReplicaSet", lambda: _items(control_plane, "replicasets", ns))
         assert replicasets[0]["metadata"]["ownerReferences"][0]["name"] == "web"
-        pods = _wait_for("2 pods", lambda: p if len(p := _items(control_plane, "pods", ns)) == 2 else None)
+        pods = wait_for("2 pods", lambda: p if len(p := _items(control_plane, "pods", ns)) == 2 else None)
         for pod in pods:
             assert pod["metadata"]["ownerReferences"][0]["name"] == replicasets[0]["metadata"]["name"]
             assert pod["status"]["phase"] == "Pending"
