@@ -32,18 +32,22 @@ def _diff(a: Any, b: Any, path: str, ops: Patch, whole_at: str | None = None) ->
     if type(a) is not type(b):
         ops.append({"op": "replace", "path": path, "value": b})
         return
-    if path == whole_at and type(a) is dict:
-        _diff_fields_whole(a, b, path, ops)
-        return
     if type(a) is dict:
+        whole = path == whole_at  # a pod spec: replace its changed fields whole (create_patch)
         for key in a:
             if key not in b:
                 ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
         for key, value in b.items():
             if key in a:
                 old = a[key]
-                if old is not value:  # shared subtrees (most of them) cost one identity check
-                    _diff(old, value, f"{path}/{_escape(key)}", ops, whole_at)
+                if old is value:  # shared subtrees (most of them) cost one identity check
+                    continue
+                where = f"{path}/{_escape(key)}"
+                if whole and type(old) in (dict, list) and not _same(old, value) and \
+                        _size(old) <= WHOLE_FIELD_LIMIT:
+                    ops.append({"op": "replace", "path": where, "value": value})
+                else:  # scalars, and large fields (thousands of env vars): only what changed
+                    _diff(old, value, where, ops, whole_at)
             else:
                 ops.append({"op": "add", "path": f"{path}/{_escape(key)}", "value": value})
         return
@@ -82,24 +86,6 @@ def _diff_list(a: list[Any], b: list[Any], path: str, ops: Patch) -> None:
 #: A changed field of the pod spec whose old value serializes to at most this many bytes is
 #: replaced whole instead of diffed (see ``create_patch``).
 WHOLE_FIELD_LIMIT = 8192
-
-
-def _diff_fields_whole(a: dict[str, Any], b: dict[str, Any], path: str, ops: Patch) -> None:
-    for key in a:
-        if key not in b:
-            ops.append({"op": "remove", "path": f"{path}/{_escape(key)}"})
-    for key, value in b.items():
-        where = f"{path}/{_escape(key)}"
-        if key not in a:
-            ops.append({"op": "add", "path": where, "value": value})
-            continue
-        old = a[key]
-        if old is value or _same(old, value):
-            continue
-        if type(old) in (dict, list) and _size(old) > WHOLE_FIELD_LIMIT:
-            _diff(old, value, where, ops)  # a large field (thousands of env vars): only what changed
-        else:
-            ops.append({"op": "replace", "path": where, "value": value})
 
 
 def _size(value: Any) -> int:
