@@ -30,7 +30,9 @@ def plugin_mode() -> int:
     (importing only what forwarding needs: not even ``os``, ~2 ms), else runs the plugin here."""
     from posix import environ  # bytes -> bytes; already loaded by the interpreter
 
-    stdin = sys.stdin.buffer.read()
+    from cni.spec import MAX_STDIN_BYTES
+
+    stdin = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)  # one byte over: parse_request names the limit
     outcome = None
     if environ.get(b"CNI_COMMAND") != b"VERSION" and b'"agentSocket"' in stdin:
         from cni.agent import forward

@@ -29,18 +29,26 @@ _scan = _json.make_scanner(_ScanContext())
 
 def loads(data: bytes | str) -> object:
     """Parse one JSON document; raise ValueError with a position when it is not valid JSON."""
-    text = data.decode() if isinstance(data, bytes) else data
+    try:
+        text = data.decode() if isinstance(data, bytes) else data
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8: {error}") from None
     start = len(text) - len(text.lstrip(_WS))
     try:
         value, end = _scan(text, start)
         if not text[end:].strip(_WS):
             return value
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (deeper than the interpreter's recursion limit)") from None
     except (StopIteration, ValueError, SystemError):
         pass
     # Invalid input is rare: let the full json module find and describe the error.
     import json
 
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _default(obj: object) -> object:

@@ -49,12 +49,63 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     _setns(fd, nstype)
 
 
-def open_netns(path: str) -> int:
+NS_GET_NSTYPE = 0xB703  # ioctl: the CLONE_NEW* type of a namespace fd
+
+
+class NetnsRefused(OSError):
+    """The path is a namespace we must never program (ours, the host's) or not a netns at all."""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def open_netns(path: str) -> int:
+    """An fd of the network namespace at ``path``, after proving it is a pod's netns.
+
+    Opened O_PATH first (never blocks, even on a FIFO) and checked by identity, not by name:
+    a symlink or bind mount of our own, the calling thread's or PID 1's namespace is refused,
+    and so is anything that is not a network namespace.
+    """
+    try:
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NetnsMissing(2, f"network namespace {path} does not exist") from None
+    try:
+        st = os.fstat(handle)
+        ours = _identity("/proc/self/ns/net")
+        if not (stat_is_reg(st.st_mode) and ours is not None and st.st_dev == ours[0]):
+            raise NetnsRefused(22, f"{path} is not a network namespace")
+        identity = (st.st_dev, st.st_ino)
+        for own in ("/proc/self/ns/net", "/proc/thread-self/ns/net", "/proc/1/ns/net"):
+            if identity == _identity(own):
+                raise NetnsRefused(1, f"{path} is the host's or the plugin's own network namespace "
+                                      f"({own}); refusing to program it")
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
+    try:
+        import fcntl
+
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+            raise NetnsRefused(22, f"{path} is a namespace, but not a network namespace")
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def stat_is_reg(mode: int) -> bool:
+    return mode & 0o170000 == 0o100000  # S_ISREG without importing stat (namespace files are)
+
+
+#: ``path`` meaning "the namespace we already run in": only ``mesh-cni redirect`` (an init
+#: container programming its own pod) asks for it; a plugin's CNI_NETNS is never empty here.
+CURRENT = ""
 
 
 class entered:
@@ -66,6 +117,8 @@ class entered:
         self.target = -1
 
     def __enter__(self) -> entered:
+        if self.path == CURRENT:
+            return self
         self.target = open_netns(self.path)
         self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -79,6 +132,8 @@ class entered:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.path == CURRENT:
+            return
         try:
             setns(self.home)
         finally:

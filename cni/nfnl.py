@@ -47,6 +47,16 @@ NLM_F_APPEND = 0x800
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLA_F_NESTED = 0x8000
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10  # ACKs carry the request's header only, not the whole request back
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
+ETIMEDOUT = 110
+#: Receive-buffer room per queued ACK: each is its own skb, and the kernel charges its truesize
+#: (~0.7-1.3 KiB) against the buffer. The whole batch is answered inside sendmsg, so every ACK
+#: must fit at once, or the kernel drops the rest and the outcome is unknown.
+ACK_ROOM = 2048
+#: Replies we wait for before declaring the kernel silent (it never is; this only bounds a bug).
+REPLY_TIMEOUT_S = 10.0
 NLA_TYPE_MASK = 0x3FFF
 
 # Attribute numbers (linux/netfilter/nf_tables.h).
@@ -232,7 +242,31 @@ class NftSocket:
     def __init__(self) -> None:
         self.sock = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
+        self.sock.settimeout(REPLY_TIMEOUT_S)
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        except OSError:  # kernels before 4.3: ACKs echo whole requests; the buffer sizing covers it
+            self.cap_ack = False
+        else:
+            self.cap_ack = True
         self.seq = 0
+
+    def size_buffers(self, send_bytes: int, replies: int) -> None:
+        """Make room for one batch of ``send_bytes`` and its ``replies`` ACKs, both at once.
+
+        As root (CAP_NET_ADMIN) the FORCE options pass the rmem/wmem sysctl caps; otherwise the
+        plain options apply within them, and a too-large batch fails with EMSGSIZE before the
+        kernel sees it (nothing applied).
+        """
+        per_reply = ACK_ROOM if self.cap_ack else ACK_ROOM + send_bytes // max(replies, 1)
+        for force, plain, want in ((SO_SNDBUFFORCE, SO_SNDBUF, send_bytes + 65536),
+                                   (SO_RCVBUFFORCE, SO_RCVBUF, replies * per_reply + 65536)):
+            if self.sock.getsockopt(_socket.SOL_SOCKET, plain) >= want:
+                continue
+            try:
+                self.sock.setsockopt(_socket.SOL_SOCKET, force, want)
+            except PermissionError:
+                self.sock.setsockopt(_socket.SOL_SOCKET, plain, want)
 
     def close(self) -> None:
         self.sock.close()
@@ -263,10 +297,18 @@ class NftSocket:
                                  payload, seq))
         parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, NFPROTO_UNSPEC, b"", self.next_seq(),
                              NFNL_SUBSYS_NFTABLES))
-        self.sock.send(b"".join(parts))
+        data = b"".join(parts)
+        self.size_buffers(len(data), len(pending))
+        self.sock.send(data)
         first_error: NetlinkError | None = None
         while pending:
-            data = self.sock.recv(1 << 20)
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError as error:
+                # ENOBUFS: replies were dropped, so whether the batch committed is unknown;
+                # the caller must treat the table as possibly present (and remove it).
+                raise NetlinkError(error.errno or ETIMEDOUT,
+                                   f"reading the batch's replies ({len(pending)} missing)") from None
             for msg_type, _flags, seq, body in _iter_messages(data):
                 if msg_type != NLMSG_ERROR:
                     continue
@@ -281,11 +323,14 @@ class NftSocket:
             raise first_error
 
     def _drain(self) -> None:
-        while True:
-            try:
-                self.sock.recv(1 << 20, _socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.sock.recv(1 << 20)
+        except OSError:  # EAGAIN: empty (or ENOBUFS: what was dropped is gone anyway)
+            return
+        finally:
+            self.sock.settimeout(REPLY_TIMEOUT_S)
 
     def dump(self, msg_type: int, family: int, payload: bytes = b"") -> list[bytes]:
         """A GET dump; returns each reply's attribute bytes (after nfgenmsg)."""

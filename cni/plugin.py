@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 STATUS_ANNOTATION = "sidecar.istio.io/status"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
 DEFAULT_CNI_POD_PREFIX = "mesh-cni-"
+#: = cni.annotations' limits (interface 1); these stand in until the vocabulary defines them.
+MAX_CIDRS, MAX_PORTS, MAX_INTERFACES = 256, 1024, 64
 
 
 def _log_for(config: Mapping[str, object], request: Request | None = None) -> Log:
@@ -74,6 +76,7 @@ def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None
     decision = vocabulary.redirect_decision(annotations)
     if not decision.redirect:
         return None, decision.message
+    _check_limits(request, annotations)
     defaults = vocabulary.TrafficDefaults(capture_dns=bool(request.config.get("captureDNS", False)))
     try:
         plan = vocabulary.plan_from_annotations(annotations, defaults)
@@ -83,6 +86,26 @@ def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None
     if not plan.redirects:
         return None, f"interception mode {plan.mode}"
     return plan, decision.message
+
+
+def _check_limits(request: Request, annotations: Mapping[str, str]) -> None:
+    """The injector's per-annotation limits (interface 1), so every batch we build is one we have
+    tested as atomic; checked on the raw item count, before parsing 10,000 CIDRs."""
+    from cni import annotations as v
+
+    cidrs, ports = getattr(v, "MAX_CIDRS", MAX_CIDRS), getattr(v, "MAX_PORTS", MAX_PORTS)
+    limits = ((v.INCLUDE_OUTBOUND_IP_RANGES, cidrs, "MAX_CIDRS"),
+              (v.EXCLUDE_OUTBOUND_IP_RANGES, cidrs, "MAX_CIDRS"),
+              (v.INCLUDE_INBOUND_PORTS, ports, "MAX_PORTS"), (v.EXCLUDE_INBOUND_PORTS, ports, "MAX_PORTS"),
+              (v.INCLUDE_OUTBOUND_PORTS, ports, "MAX_PORTS"), (v.EXCLUDE_OUTBOUND_PORTS, ports, "MAX_PORTS"),
+              (v.EXCLUDE_INTERFACES, getattr(v, "MAX_INTERFACES", MAX_INTERFACES), "MAX_INTERFACES"))
+    for key, limit, name in limits:
+        value = annotations.get(key)
+        if value is not None and value.count(",") >= limit and len(
+                [item for item in value.split(",") if item.strip()]) > limit:
+            pod = f"{request.args.get('K8S_POD_NAMESPACE')}/{request.args.get('K8S_POD_NAME')}"
+            raise CniError(spec.INVALID_ANNOTATION,
+                           f"pod {pod}: annotation {key} has more than {name} ({limit}) items")
 
 
 def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
@@ -101,7 +124,21 @@ def _add_ops(request: Request, annotations: dict[str, str]) -> tuple[list | None
     return (None if plan is None else nftables.add_ops(nftables.build_ruleset(plan))), why
 
 
+def _pod_netns(request: Request) -> None:
+    """Refuse a CNI_NETNS that is ours, the host's or no network namespace, before anything else."""
+    from cni import netns
+
+    try:
+        os.close(netns.open_netns(request.netns))
+    except netns.NetnsMissing as error:
+        code = spec.UNKNOWN_CONTAINER if request.command == "CHECK" else spec.INVALID_ENVIRONMENT
+        raise CniError(code, f"CNI_NETNS {request.netns}: {error.strerror}") from None
+    except OSError as error:
+        raise CniError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {request.netns}: {error.strerror}") from None
+
+
 def cmd_add(request: Request, log: Log) -> str:
+    _pod_netns(request)
     annotations, why = pod_annotations(request, log)
     ops = None
     if annotations is not None:
@@ -109,13 +146,14 @@ def cmd_add(request: Request, log: Log) -> str:
     if ops is None:
         log.info(f"not redirecting: {why}")
         return spec.add_result(request)
-    from cni import netns, nfnl, nftables
+    from cni import netns, nftables
 
     try:
         nftables.run_add_ops(request.netns, ops)
-    except netns.NetnsMissing as error:
+    except (netns.NetnsMissing, netns.NetnsRefused) as error:
         raise CniError(spec.INVALID_ENVIRONMENT, f"CNI_NETNS {request.netns}: {error.strerror}") from None
-    except (nfnl.NetlinkError, OSError) as error:
+    except OSError as error:
+        _undo_add(request, log)
         raise CniError(spec.NETLINK_FAILED,
                        f"programming table inet {nftables.TABLE} failed; nothing applied",
                        str(error)) from None
@@ -125,10 +163,21 @@ def cmd_add(request: Request, log: Log) -> str:
         if not rtnl.add_passthrough_v6_in(request.netns):
             log.debug("no IPv6 in the pod: ::6 passthrough address not added")
     except OSError as error:
-        raise CniError(spec.NETLINK_FAILED, "adding the inbound passthrough address ::6 to lo failed",
-                       str(error)) from None
+        _undo_add(request, log)
+        raise CniError(spec.NETLINK_FAILED, "adding the inbound passthrough address ::6 to lo failed; "
+                       "nothing applied", str(error)) from None
     log.info(f"redirect programmed in {request.netns}: {why}")
     return spec.add_result(request)
+
+
+def _undo_add(request: Request, log: Log) -> None:
+    """A failed ADD leaves nothing: the batch may have committed before its replies were lost."""
+    from cni import nftables
+
+    try:
+        nftables.remove(request.netns)
+    except OSError as error:
+        log.warn(f"could not remove table inet {nftables.TABLE} after the failed ADD: {error}")
 
 
 def cmd_del(request: Request, log: Log) -> str:
@@ -141,6 +190,8 @@ def cmd_del(request: Request, log: Log) -> str:
         nftables.remove(request.netns)
     except netns.NetnsMissing:
         log.info(f"netns {request.netns} is gone: nothing to remove")
+    except netns.NetnsRefused as error:  # never touch it; failing DEL would wedge the pod's teardown
+        log.warn(f"CNI_NETNS {request.netns}: {error.strerror}; left alone")
     except OSError as error:  # best effort: the rules die with the netns anyway
         log.warn(f"could not remove table inet {nftables.TABLE} from {request.netns}: {error}")
     else:
@@ -149,6 +200,7 @@ def cmd_del(request: Request, log: Log) -> str:
 
 
 def cmd_check(request: Request, log: Log) -> str:
+    _pod_netns(request)
     plan, why = pod_plan(request, log)
     from cni import netns, nftables
 
@@ -192,7 +244,7 @@ def _error_version(stdin: bytes) -> str:
     from cni import fastjson
 
     try:
-        config = fastjson.loads(stdin)
+        config = fastjson.loads(stdin) if len(stdin) <= spec.MAX_STDIN_BYTES else None
         version = config.get("cniVersion") if isinstance(config, dict) else None
     except ValueError:
         version = None

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mesh-cni redirect", description=__doc__.splitlines()[0])
     parser.add_argument("--annotations-file", default="/etc/istio/pod/annotations",
                         help="downward-API annotations file (default /etc/istio/pod/annotations)")
-    parser.add_argument("--netns", default="/proc/self/ns/net",
-                        help="network namespace to program (default: our own)")
+    parser.add_argument("--netns", default="",
+                        help="path of the network namespace to program (default: our own)")
     parser.add_argument("--capture-dns", action="store_true",
                         help="capture DNS (TCP/UDP 53 -> 15053) unless the pod's annotation says otherwise")
     parser.add_argument("--dry-run", action="store_true", help="print the rules instead of programming them")

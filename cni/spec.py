@@ -37,6 +37,9 @@ CONFIG_KEYS = ("cniVersion", "name", "type", "capabilities", "runtimeConfig", "p
                "agentSocket", "cniPodNamePrefix", "apiTimeoutSeconds", "apiRetries",
                "cni.dev/valid-attachments")
 POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
+#: Largest network configuration we read from stdin. A pod's annotations are at most 256 KiB
+#: (the API server's limit) and a prevResult a few KiB; anything near this is hostile.
+MAX_STDIN_BYTES = 1 << 20
 
 
 class CniError(Exception):
@@ -103,6 +106,9 @@ def parse_request(env: Mapping[str, str], stdin: bytes) -> Request:
     command = env.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise CniError(INVALID_ENVIRONMENT, f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}")
+    if len(stdin) > MAX_STDIN_BYTES:
+        raise CniError(DECODING_FAILURE, f"the network configuration on stdin exceeds the limit "
+                       f"MAX_STDIN_BYTES ({MAX_STDIN_BYTES} bytes)")
     try:
         config = fastjson.loads(stdin) if stdin.strip() else ({} if command == "VERSION" else None)
     except ValueError as error:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cni import annotations, fastjson, nfnl, nft_pyroute2, nftables, plugin
 from cni.annotations import TrafficDefaults, plan_from_annotations
-from tests.cni.cnitest import REPO
+from tests.cni.cnitest import REPO, CniBed
 
 PLANS = [
     {},
@@ -66,9 +66,9 @@ def test_status_annotation_shortcut_matches_the_shared_vocabulary() -> None:
     assert plugin.STATUS_ANNOTATION == annotations.STATUS
 
 
-def test_hot_path_imports_stay_lean() -> None:
+def test_hot_path_imports_stay_lean(bed: CniBed) -> None:
     """An uninjected pod's ADD imports neither pyroute2 nor the annotation module nor json."""
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/proc/self/ns/net",
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": bed.new_pod().netns,
            "CNI_IFNAME": "eth0", "CNI_PATH": "/x", "CNI_ARGS": "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b"}
     stdin = json.dumps({"cniVersion": "1.0.0", "name": "n",
                         "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {}}})
