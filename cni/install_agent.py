@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from cni import install_conflist as chain
-from cni.install_files import FileChangedError, atomic_write, read_dir_files, remove_file
+from cni.install_files import (
+    MAX_CONFIG_BYTES,
+    ConfigTooLarge,
+    FileChangedError,
+    atomic_write,
+    read_dir_files,
+    read_regular,
+    remove_file,
+)
 from cni.install_inotify import DirWatcher
 from cni.install_runtime import DEFAULT_PACKAGES, Runtime, RuntimeSource, build
 
@@ -86,9 +94,11 @@ class FileRecord:
     gid: int
     written_sha: str = ""
     converted_to: str | None = None  # a .conf we replaced by this .conflist
+    link: str | None = None  # the name was a symlink to this target (restored as a link)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "link": self.link,
             "original": base64.b64encode(self.original).decode(),
             "mode": self.mode,
             "uid": self.uid,
@@ -106,6 +116,7 @@ class FileRecord:
             gid=int(body["gid"]),
             written_sha=body.get("written_sha", ""),
             converted_to=body.get("converted_to"),
+            link=body.get("link"),
         )
 
 
@@ -278,12 +289,27 @@ class Agent:
     # ---- chain ----
 
     def _chain_files(self) -> dict[str, tuple[bytes, os.stat_result]]:
-        return read_dir_files(self.config.cni_net_dir)
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[dict[str, tuple[bytes, os.stat_result]], dict[str, int]]:
+        """The net dir's config files (regular, CNI suffixes, under the size cap) and the
+        oversized ones apart; FIFOs, devices and other names are never opened."""
+        return read_dir_files(self.config.cni_net_dir, chain.CONFIG_SUFFIXES)
+
+    def _plan(self) -> tuple[dict[str, tuple[bytes, os.stat_result]], chain.ChainPlan | None, str | None]:
+        """(files, the chain plan, a problem text): an oversized file that sorts before the
+        runtime's primary may itself be the primary, so we do not chain past it."""
+        files, oversized = self._scan()
+        plan = chain.plan_chain(((n, d) for n, (d, _) in files.items()), self.entry)
+        for name, size in sorted(oversized.items()):
+            if plan is None or name < plan.target:
+                return files, None, (f"{self.config.cni_net_dir / name} is {size} bytes, over "
+                                     f"MAX_CONFIG_BYTES ({MAX_CONFIG_BYTES}); not reading it")
+        return files, plan, None
 
     def chain_installed(self) -> bool:
-        files = self._chain_files()
-        plan = chain.plan_chain(((n, d) for n, (d, _) in files.items()), self.entry)
-        return plan is not None and plan.already_installed
+        _, plan, problem = self._plan()
+        return problem is None and plan is not None and plan.already_installed
 
     def _record_original(self, name: str, data: bytes, st: os.stat_result, converted_to: str | None) -> None:
         """Remember the bytes before us, unless the file is just our own last write."""
@@ -297,17 +323,22 @@ class Agent:
             if record is not None:
                 return
             original = chain.render(chain.without_our_entry(parsed.conflist))
+        path = self.config.cni_net_dir / name
         self.state.files[name] = FileRecord(
-            original, st.st_mode & 0o7777, st.st_uid, st.st_gid, converted_to=converted_to
+            original,
+            st.st_mode & 0o7777,
+            st.st_uid,
+            st.st_gid,
+            converted_to=converted_to,
+            link=os.readlink(path) if path.is_symlink() else None,
         )
 
     def _install_chain(self) -> str | None:
         """One attempt to chain into the primary config; a reason text while we cannot."""
-        files = self._chain_files()
+        files, plan, problem = self._plan()
         held = self._hold_for_rewrite(files)
-        if held:
-            return held
-        plan = chain.plan_chain(((n, d) for n, (d, _) in files.items()), self.entry)
+        if held or problem:
+            return held or problem
         if plan is None:
             return f"no valid CNI network config in {self.config.cni_net_dir} yet"
         net = self.config.cni_net_dir
@@ -321,7 +352,7 @@ class Agent:
                 atomic_write(
                     net / plan.target, plan.content, mode=st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid)
                 )
-                remove_file(net / plan.replaces)
+                remove_file(net / plan.replaces)  # a symlink goes as a link; uninstall puts it back
                 log.info("converted %s to %s and chained mesh-cni", plan.replaces, plan.target)
             else:
                 data, st = files[plan.target]
@@ -329,7 +360,7 @@ class Agent:
                 self.state.files[plan.target].written_sha = _sha(plan.content)
                 self.state.save()
                 try:
-                    atomic_write(net / plan.target, plan.content, expect_unchanged=st)
+                    atomic_write(net / plan.target, plan.content, expect_unchanged=st, through_links=True)
                 except FileChangedError:
                     return f"{plan.target} changed while we wrote it; retrying"
                 log.info("chained mesh-cni into %s", plan.target)
@@ -358,19 +389,21 @@ class Agent:
 
     def _unchain(self, name: str) -> None:
         """Give a net-dir file back its pre-install content (exact bytes when untouched since)."""
+        try:
+            self._restore(name)
+        except ConfigTooLarge as err:
+            log.warning("leaving %s alone: %s", err.filename, err.strerror)
+
+    def _restore(self, name: str) -> None:
         net = self.config.cni_net_dir
         record = self.state.files.get(name)
         if record is not None and record.converted_to:
             target = net / record.converted_to
-            try:
-                current = target.read_bytes()
-            except FileNotFoundError:
-                current = None
+            found = read_regular(target)
+            current = None if found is None else found[0]
             if current is not None and _sha(current) == record.written_sha:
-                if not (net / name).exists():
-                    atomic_write(
-                        net / name, record.original, mode=record.mode, owner=(record.uid, record.gid)
-                    )
+                if not os.path.lexists(net / name):
+                    self._put_back(net / name, record)
                 remove_file(target)
                 self.state.files.pop(record.converted_to, None)
             elif current is not None:
@@ -379,26 +412,38 @@ class Agent:
             self.state.save()
             return
         path = net / name
-        try:
-            current = path.read_bytes()
-        except FileNotFoundError:
+        found = read_regular(path)
+        if found is None:
             if record is not None:
                 del self.state.files[name]
                 self.state.save()
             return
+        current = found[0]
         if record is not None and _sha(current) == record.written_sha:
-            atomic_write(path, record.original, mode=record.mode, owner=(record.uid, record.gid))
+            atomic_write(
+                path, record.original, mode=record.mode, owner=(record.uid, record.gid), through_links=True
+            )
         else:
             self._strip_entry(name, current)
         if record is not None:
             del self.state.files[name]
             self.state.save()
 
+    @staticmethod
+    def _put_back(path: Path, record: FileRecord) -> None:
+        """Recreate a file we removed: the symlink it was, or its exact bytes and mode."""
+        if record.link is not None:
+            os.symlink(record.link, path)
+            return
+        atomic_write(path, record.original, mode=record.mode, owner=(record.uid, record.gid))
+
     def _strip_entry(self, name: str, current: bytes) -> None:
         parsed = chain.parse_config(name, current)
         if parsed is not None and parsed.is_conflist and chain.has_our_entry(parsed.conflist):
             atomic_write(
-                self.config.cni_net_dir / name, chain.render(chain.without_our_entry(parsed.conflist))
+                self.config.cni_net_dir / name,
+                chain.render(chain.without_our_entry(parsed.conflist)),
+                through_links=True,
             )
 
     # ---- reconcile / verify ----
@@ -433,7 +478,7 @@ class Agent:
     def uninstall(self) -> None:
         """Remove exactly what we added: our entry (exact old bytes), binary, kubeconfig, runtime."""
         net = self.config.cni_net_dir
-        names = set(self.state.files) | set(read_dir_files(net))
+        names = set(self.state.files) | set(self._chain_files())
         for name in sorted(names):
             if name in self.state.files or (net / name).exists():
                 self._unchain(name)

@@ -20,6 +20,17 @@ T = TypeVar("T")
 
 #: How long to retry while the kernel says "text file busy" (a runtime is exec'ing the file).
 ETXTBSY_RETRY_SECONDS = 5.0
+#: Largest CNI config file we read. Real ones are a few KiB; a huge file in the net dir must not
+#: cost the agent (limited to a few hundred MiB) its memory.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigTooLarge(OSError):
+    """A net-dir file over MAX_CONFIG_BYTES: not read, reported by name and size."""
+
+    def __init__(self, path: Path, size: int, limit: int) -> None:
+        super().__init__(errno.EFBIG, f"{size} bytes, over MAX_CONFIG_BYTES ({limit})", str(path))
+        self.size = size
 
 
 def retry_busy(action: Callable[[], T], *, deadline_s: float = ETXTBSY_RETRY_SECONDS) -> T:
@@ -43,14 +54,20 @@ def atomic_write(
     mode: int | None = None,
     owner: tuple[int, int] | None = None,
     expect_unchanged: os.stat_result | None = None,
+    through_links: bool = False,
 ) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename.
 
     ``mode``/``owner`` default to the existing file's (so other agents' files keep theirs).
     ``expect_unchanged``: the stat we read the old content under; if the file was replaced in
     the meantime we raise ``FileChangedError`` instead of clobbering the newer content.
+    ``through_links``: when ``path`` is a symlink, replace the file it points to and keep the
+    link (a net dir managed by links stays managed by links). On any error (ENOSPC included)
+    the old file is untouched and the temp file removed.
     """
     path = Path(path)
+    if through_links and path.is_symlink():
+        path = Path(os.path.realpath(path))
     try:
         current = path.stat()
     except FileNotFoundError:
@@ -110,24 +127,63 @@ def same_file_version(path: Path, seen: os.stat_result) -> bool:
     return (now.st_ino, now.st_mtime_ns, now.st_size) == (seen.st_ino, seen.st_mtime_ns, seen.st_size)
 
 
-def read_dir_files(directory: Path) -> dict[str, tuple[bytes, os.stat_result]]:
-    """Regular files of a directory with their bytes and the stat they were read under."""
+def read_regular(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> tuple[bytes, os.stat_result] | None:
+    """A regular file's bytes (through symlinks) and its stat; None when missing or not regular.
+
+    Never blocks and never opens special files: stat first, then open O_NONBLOCK and check the
+    opened file again (it may have been swapped). Over ``max_bytes``: ConfigTooLarge, unread.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    if st.st_size > max_bytes:
+        raise ConfigTooLarge(path, st.st_size, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        chunks, size = [], 0
+        while chunk := os.read(fd, max_bytes + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise ConfigTooLarge(path, size, max_bytes)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def read_dir_files(
+    directory: Path, suffixes: tuple[str, ...], *, max_bytes: int = MAX_CONFIG_BYTES
+) -> tuple[dict[str, tuple[bytes, os.stat_result]], dict[str, int]]:
+    """The regular files of a directory with one of ``suffixes`` (hidden ones skipped), with their
+    bytes and the stat they were read under; and, apart, the names and sizes of those too large."""
     out: dict[str, tuple[bytes, os.stat_result]] = {}
+    oversized: dict[str, int] = {}
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return out
+        return out, oversized
     for name in names:
-        path = directory / name
-        try:
-            with open(path, "rb") as handle:
-                st = os.fstat(handle.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                out[name] = (handle.read(), st)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
+        if name.startswith(".") or not name.endswith(suffixes):
             continue
-    return out
+        try:
+            found = read_regular(directory / name, max_bytes=max_bytes)
+        except ConfigTooLarge as err:
+            oversized[name] = err.size
+            continue
+        except (IsADirectoryError, PermissionError):
+            continue
+        if found is not None:
+            out[name] = found
+    return out, oversized
 
 
 def remove_file(path: Path) -> bool:
