@@ -37,12 +37,19 @@ def _agent_socket(stdin: bytes) -> str | None:
     return path if isinstance(path, str) and path else None
 
 
-def _recv_all(sock: _socket.socket) -> bytes:
-    chunks = []
+#: A request is the env plus stdin (at most spec.MAX_STDIN_BYTES) escaped as JSON (<= 6x).
+MAX_MESSAGE_BYTES = 6 * (1 << 20) + 65536
+
+
+def _recv_all(sock: _socket.socket, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    chunks, size = [], 0
     while True:
         chunk = sock.recv(65536)
         if not chunk:
             return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"message over {limit} bytes")
         chunks.append(chunk)
 
 
@@ -142,9 +149,9 @@ def serve(path: str, *, ready: object | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from cni.cli import argument_parser
 
-    parser = argparse.ArgumentParser(prog="mesh-cni agent", description=__doc__.splitlines()[0])
+    parser = argument_parser("mesh-cni agent", __doc__)
     parser.add_argument("--socket", default="/var/run/mesh-cni/agent.sock",
                         help="Unix socket to serve on; put the same path in the conflist's agentSocket")
     args = parser.parse_args(argv)

@@ -22,7 +22,22 @@ def _usage() -> str:
     lines = ["usage: mesh-cni <command> [options]   (CNI plugin mode when CNI_COMMAND is set)", "",
              "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
+    lines += ["", "`mesh-cni <command> --help` lists the command's options with their defaults."]
     return "\n".join(lines) + "\n"
+
+
+def argument_parser(prog: str, doc: str | None):  # type: ignore[no-untyped-def]
+    """A subcommand's parser: the module docstring's first line as plain text (no reST markup)
+    and every option's default shown in --help."""
+    import argparse
+
+    summary = (doc or "").strip().splitlines()[0] if doc else ""
+    summary = summary.replace("``", "")
+    if summary.startswith(prog + ":"):
+        summary = summary[len(prog) + 1:].strip()
+    summary = summary[:1].upper() + summary[1:]
+    return argparse.ArgumentParser(prog=prog, description=summary,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def plugin_mode() -> int:

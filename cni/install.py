@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from cni.cli import argument_parser
 from cni.install_agent import Agent, AgentConfig, install_signal_handlers
 from cni.install_conflist import EntryOptions
 from cni.install_kube import api_server_url
@@ -81,7 +82,7 @@ def _truthy(value: str | None) -> bool:
 
 
 def build_parser(prog: str = "mesh-cni install") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argument_parser(prog, __doc__)
     for flag, env, default, text in FLAGS:
         parser.add_argument(flag, default=os.environ.get(env, default), help=f"{text} [env {env}]")
     for flag, env, text in BOOL_FLAGS:

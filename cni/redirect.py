@@ -7,7 +7,6 @@ plan and the same atomic netlink batch as the plugin's ADD.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -49,11 +48,13 @@ def _hex_escapes(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mesh-cni redirect", description=__doc__.splitlines()[0])
+    from cni.cli import argument_parser
+
+    parser = argument_parser("mesh-cni redirect", __doc__)
     parser.add_argument("--annotations-file", default="/etc/istio/pod/annotations",
-                        help="downward-API annotations file (default /etc/istio/pod/annotations)")
-    parser.add_argument("--netns", default="",
-                        help="path of the network namespace to program (default: our own)")
+                        help="downward-API annotations file")
+    parser.add_argument("--netns", default=None,
+                        help="path of the network namespace to program (default: this container's own)")
     parser.add_argument("--capture-dns", action="store_true",
                         help="capture DNS (TCP/UDP 53 -> 15053) unless the pod's annotation says otherwise")
     parser.add_argument("--dry-run", action="store_true", help="print the rules instead of programming them")
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"{chain}: {exprs}\n")
         return 0
     try:
-        nftables.program(args.netns, plan)
-        from cni import rtnl
+        from cni import netns, rtnl
 
-        rtnl.add_passthrough_v6_in(args.netns)
+        nftables.program(args.netns or netns.CURRENT, plan)
+        rtnl.add_passthrough_v6_in(args.netns or netns.CURRENT)
     except OSError as error:
         sys.stderr.write(f"mesh-cni redirect: programming table inet {nftables.TABLE} failed, "
                          "nothing applied: "

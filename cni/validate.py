@@ -23,11 +23,11 @@ OK, NOT_REDIRECTED, SETUP_FAILED = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inbound-port", type=int, default=15006, help="inbound capture port (15006)")
-    parser.add_argument("--outbound-port", type=int, default=15001, help="outbound capture port (15001)")
+    parser.add_argument("--inbound-port", type=int, default=15006, help="inbound capture port")
+    parser.add_argument("--outbound-port", type=int, default=15001, help="outbound capture port")
     parser.add_argument("--probe", default="127.0.0.2:15999",
-                        help="loopback address:port to connect to, not 127.0.0.1 (default 127.0.0.2:15999)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the probe (5)")
+                        help="loopback address:port to connect to, not 127.0.0.1 ")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the probe")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
@@ -94,7 +94,9 @@ def _uid() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mesh-cni validate", description=__doc__.splitlines()[0])
+    from cni.cli import argument_parser
+
+    parser = argument_parser("mesh-cni validate", __doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     host, _, port_text = args.probe.rpartition(":")
