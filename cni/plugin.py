@@ -271,9 +271,3 @@ def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         return 1, CniError(spec.IO_FAILURE, f"internal error: {type(error).__name__}: {error}").to_json(
             request.version)
 
-
-def main() -> int:
-    """Plugin-mode entry (CNI_COMMAND set); see cni.cli.plugin_mode."""
-    from cni.cli import plugin_mode
-
-    return plugin_mode()

@@ -31,11 +31,6 @@ INVALID_ANNOTATION = 101  # the pod's traffic annotations cannot be turned into 
 POD_LOOKUP_FAILED = 102  # the API server answered, but not with the pod (403/404/uid mismatch)
 CHECK_FAILED = 103  # CHECK: the netns's rules differ from what ADD programs
 
-#: Conflist keys this plugin reads (unknown keys are ignored, as the spec asks).
-CONFIG_KEYS = ("cniVersion", "name", "type", "capabilities", "runtimeConfig", "prevResult",
-               "kubeconfig", "logFile", "logLevel", "logMaxBytes", "excludeNamespaces", "captureDNS",
-               "agentSocket", "cniPodNamePrefix", "apiTimeoutSeconds", "apiRetries",
-               "cni.dev/valid-attachments")
 POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 #: Largest network configuration we read from stdin. A pod's annotations are at most 256 KiB
 #: (the API server's limit) and a prevResult a few KiB; anything near this is hostile.

@@ -17,9 +17,9 @@ import pytest
 
 from cni.install_agent import Agent, AgentConfig
 from cni.install_conflist import EntryOptions
+from tests.cni import cnitest
 from tests.conftest import REPO
 
-cnitest = pytest.importorskip("tests.cni.cnitest")
 OUT = 15001
 
 
