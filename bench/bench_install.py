@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cni.install_agent import Agent, AgentConfig  # noqa: E402
-from cni.install_conflist import EntryOptions  # noqa: E402
+from cni.install.agent import Agent, AgentConfig  # noqa: E402
+from cni.install.conflist import EntryOptions  # noqa: E402
 
 PRIMARY = {
     "cniVersion": "1.0.0",

@@ -103,7 +103,7 @@ def serve(path: str, *, ready: object | None = None) -> None:
     import socketserver
 
     # Warm everything the plugin may need.
-    from cni import annotations, netns, nfnl, nftables, plugin, podinfo  # noqa: F401
+    from cni import annotations, netns, nfnl, nftables, plugin  # noqa: F401
 
     nftables.release_socket = _background_closer()  # answer at the kernel's ACK, close after
 

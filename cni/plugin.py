@@ -50,9 +50,7 @@ def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, 
     prefix = str(config.get("cniPodNamePrefix") or DEFAULT_CNI_POD_PREFIX)
     if name.startswith(prefix):
         return None, f"pod {name} is the CNI's own pod"
-    from cni import podinfo
-
-    annotations = podinfo.runtime_annotations(config)
+    annotations = runtime_annotations(config)
     if annotations is None:
         kubeconfig = config.get("kubeconfig")
         if not kubeconfig:
@@ -60,13 +58,64 @@ def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, 
                            f"configured; declare the capability {spec.POD_ANNOTATIONS_CAPABILITY} "
                            "or set kubeconfig")
         log.debug("no annotations from the runtime; asking the API server")
-        annotations = podinfo.api_annotations(
+        annotations = api_annotations(
             str(kubeconfig), namespace, name, request.args.get("K8S_POD_UID"),
             timeout=float(config.get("apiTimeoutSeconds") or 2.0),  # type: ignore[arg-type]
             attempts=int(config.get("apiRetries") or 3))  # type: ignore[call-overload]
     if STATUS_ANNOTATION not in annotations:
         return None, f"pod has no {STATUS_ANNOTATION} annotation"
     return annotations, "pod is injected"
+
+
+def runtime_annotations(config: Mapping[str, object]) -> dict[str, str] | None:
+    """Pod annotations passed by the runtime (containerd, CRI-O: the capability), or None."""
+    runtime = config.get("runtimeConfig")
+    if not isinstance(runtime, dict):
+        return None
+    annotations = runtime.get(spec.POD_ANNOTATIONS_CAPABILITY)
+    if not isinstance(annotations, dict):
+        return None
+    return {str(k): str(v) for k, v in annotations.items()}
+
+
+def api_annotations(kubeconfig_path: str, namespace: str, name: str, uid: str | None, *,
+                    timeout: float = 2.0, attempts: int = 3) -> dict[str, str]:
+    """The pod's annotations from the API server, failing closed: unreachable or 429/5xx after
+    bounded retries is code 11 (the runtime retries), any other refusal code 102."""
+    import http.client
+    import time
+
+    from cni.kube import ApiError, KubeApi, KubeconfigError
+
+    try:
+        api = KubeApi.from_kubeconfig(kubeconfig_path, timeout_s=timeout)
+    except KubeconfigError as error:
+        raise CniError(spec.INVALID_CONFIG, str(error)) from None
+    last = ""
+    pod = None
+    for attempt in range(max(1, attempts)):
+        if attempt:
+            time.sleep(min(0.2 * 2 ** (attempt - 1), 1.0))
+        try:
+            pod = api.get_pod(namespace, name)
+            break
+        except ApiError as error:
+            if error.status != 429 and error.status < 500:
+                raise CniError(spec.POD_LOOKUP_FAILED, f"cannot read pod {namespace}/{name} from "
+                               f"{api.server}: HTTP {error.status}", error.body[:300]) from None
+            last = f"HTTP {error.status}"
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            last = f"{type(error).__name__}: {error}"
+    if pod is None:
+        raise CniError(spec.TRY_AGAIN_LATER, f"the API server {api.server} is unreachable; cannot read pod "
+                       f"{namespace}/{name} to decide its redirect (failing closed, retry later)", last)
+    metadata = pod.get("metadata") or {}
+    if uid and metadata.get("uid") and metadata["uid"] != uid:
+        raise CniError(spec.TRY_AGAIN_LATER,
+                       f"pod {namespace}/{name} on the API server has uid {metadata['uid']}, "
+                       f"not {uid} (recreated?)")
+    annotations = metadata.get("annotations") or {}
+    return {str(k): str(v) for k, v in annotations.items()}
 
 
 def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None, str]:

@@ -140,13 +140,13 @@ def test_agent_serves_the_plugin_and_the_plugin_works_without_it(bed: CniBed, ag
 
 
 def test_the_installers_kubeconfig_is_read_without_yaml(tmp_path: Path) -> None:
-    """The installer renders a JSON kubeconfig with the CA and token embedded (cni.install_kube)."""
-    from cni.install_kube import render_kubeconfig
-    from cni.podinfo import load_kubeconfig
+    """The installer renders a JSON kubeconfig with the CA and token embedded (cni.install.kubeconfig)."""
+    from cni.install.kubeconfig import render_kubeconfig
+    from cni.kube import KubeApi
 
     path = tmp_path / "kubeconfig"
     path.write_bytes(render_kubeconfig(server="https://10.96.0.1:443", token="s3cret\n", ca_pem=b"PEM"))
-    config = load_kubeconfig(str(path))
+    config = KubeApi.from_kubeconfig(str(path))
     assert (config.server, config.token, config.ca_data, config.insecure) == (
         "https://10.96.0.1:443", "s3cret", b"PEM", False)
 

@@ -300,7 +300,7 @@ def test_images_are_multi_stage_and_slim(dockerfile: str) -> None:
 
 
 def test_kind_nodes_start_with_the_taint_the_agent_removes() -> None:
-    from cni.install_kube import NOT_READY_TAINT_KEY
+    from cni.repair.taint import NOT_READY_TAINT_KEY
 
     config = yaml.safe_load((REPO / "manifests/overlays/kind/kind-cluster.yaml").read_text())
     for node in config["nodes"]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cni.install_kube import REPAIR_LABEL
+from cni.repair.repair import REPAIR_LABEL
 from tests.conftest import require_root
 from tests.e2e.mesh import (
     Installer,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cni.install_agent import Agent, AgentConfig
-from cni.install_conflist import EntryOptions
-from cni.install_runtime import RuntimeSource, build
+from cni.install.agent import Agent, AgentConfig
+from cni.install.conflist import EntryOptions
+from cni.install.runtime import RuntimeSource, build
 from tests.conftest import require
 
 #: A plain bridge chain, as kubeadm guides and kind-like setups write it.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cni.install_agent import Agent, AgentConfig
-from cni.install_conflist import EntryOptions
+from cni.install.agent import Agent, AgentConfig
+from cni.install.conflist import EntryOptions
 from tests.cni import cnitest
 from tests.conftest import REPO
 

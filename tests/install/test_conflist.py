@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cni import install_conflist as chain
+from cni.install import conflist as chain
 from tests.install.conftest import BRIDGE_CONFLIST, BYSTANDERS, CALICO_CONFLIST, SINGLE_CONF
 
 ENTRY = chain.EntryOptions().entry()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cni.install_agent import Agent, AgentConfig
-from cni.install_files import MAX_CONFIG_BYTES
+from cni.install.agent import Agent, AgentConfig
+from cni.install.files import MAX_CONFIG_BYTES
 from tests.conftest import REPO, require_root
 from tests.install.conftest import SHAPES, plugin_types, snapshot, write_shape
 from tests.install.test_install import cli_flags

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cni.install_agent import Agent, AgentConfig
-from cni.install_files import retry_busy
+from cni.install.agent import Agent, AgentConfig
+from cni.install.files import retry_busy
 from tests.conftest import REPO
 from tests.install.conftest import (
     BRIDGE_CONFLIST,

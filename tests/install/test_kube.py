@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 import yaml
 
-from cni.install_agent import AgentConfig
-from cni.install_kube import NOT_READY_TAINT_KEY, REPAIR_LABEL, KubeApi, repair_pod
+from cni.install.agent import AgentConfig
+from cni.kube import KubeApi
+from cni.repair.repair import REPAIR_LABEL, repair_pod
+from cni.repair.taint import NOT_READY_TAINT_KEY
 from tests.conftest import REPO
 from tests.install.conftest import running_agent, wait_for, write_shape
 
@@ -339,8 +341,8 @@ def test_real_node_unmeshed_pod_is_replaced_by_a_meshed_one(
     """End to end on kubelet + containerd: a Deployment's pod starts before the plugin is
     installed, its validation init container fails; the agent installs, then deletes that pod
     (repair=delete) and the replacement starts through our chain and passes validation."""
-    from cni.install_agent import AgentConfig
-    from cni.install_conflist import EntryOptions
+    from cni.install.agent import AgentConfig
+    from cni.install.conflist import EntryOptions
     from tests.install.conftest import snapshot
     from tests.testbed import images
 

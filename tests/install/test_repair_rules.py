@@ -5,15 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from cni.install_kube import (
-    NOT_READY_TAINT_KEY,
-    REPAIR_LABEL,
-    broken_pod,
-    label_patch,
-    render_kubeconfig,
-    repair_event,
-    taints_without_not_ready,
-)
+from cni.install.kubeconfig import render_kubeconfig
+from cni.repair.repair import REPAIR_LABEL, broken_pod, label_patch, repair_event
+from cni.repair.taint import NOT_READY_TAINT_KEY, taints_without_not_ready
 
 
 def _pod(
@@ -79,7 +73,7 @@ def test_only_our_taint_is_dropped() -> None:
 def test_kubeconfig_is_json_with_embedded_ca_and_bracketed_ipv6() -> None:
     import json
 
-    from cni.install_kube import api_server_url
+    from cni.install.kubeconfig import api_server_url
 
     body = json.loads(render_kubeconfig(server=api_server_url("fd00::1", 443), token="t\n", ca_pem=b"PEM"))
     assert body["clusters"][0]["cluster"]["server"] == "https://[fd00::1]:443"

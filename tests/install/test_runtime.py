@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cni.install_agent import Agent, AgentConfig
+from cni.install.agent import Agent, AgentConfig
 from tests.conftest import require_root
 from tests.install.conftest import write_shape
 
@@ -81,7 +81,7 @@ def test_bundled_interpreter_does_netlink_in_the_bare_root(host: AgentConfig, tm
 
 def test_rebuild_switches_current_atomically_and_keeps_one_previous(host_own_runtime: AgentConfig) -> None:
     host = host_own_runtime
-    from cni.install_runtime import RuntimeSource, build
+    from cni.install.runtime import RuntimeSource, build
 
     runtime = build(RuntimeSource.current(), host.runtime_dir)
     first = (host.runtime_dir / "current").resolve()
@@ -103,7 +103,7 @@ def test_without_patchelf_the_launcher_falls_back_to_sh_and_the_bundled_loader(
     bundled dynamic loader explicitly with the bundled libraries."""
     host = host_own_runtime
     monkeypatch.setenv("PATH", "/nonexistent")  # no patchelf (ldd is found by absolute path below)
-    monkeypatch.setattr("cni.install_runtime.LDD", shutil.which("ldd", path="/usr/bin:/bin") or "ldd")
+    monkeypatch.setattr("cni.install.runtime.LDD", shutil.which("ldd", path="/usr/bin:/bin") or "ldd")
     write_shape(host, "bridge-conflist", bystanders=False)
     assert Agent(host).reconcile()[0]
     launcher = host.cni_bin_dir / "mesh-cni"

@@ -11,11 +11,8 @@ Side threads, each optional: the health/metrics HTTP server, the taint remover, 
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import select
@@ -23,12 +20,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
-from cni import install_conflist as chain
-from cni.install_files import (
+from cni.install import conflist as chain
+from cni.install import health
+from cni.install.files import (
     MAX_CONFIG_BYTES,
     ConfigTooLarge,
     FileChangedError,
@@ -37,12 +34,14 @@ from cni.install_files import (
     read_regular,
     remove_file,
 )
-from cni.install_inotify import DirWatcher
-from cni.install_runtime import DEFAULT_PACKAGES, Runtime, RuntimeSource, build
+from cni.install.health import Status
+from cni.install.inotify import DirWatcher
+from cni.install.runtime import DEFAULT_PACKAGES, Runtime, RuntimeSource, build
+from cni.install.state import STATE_FILE, FileRecord, InstallState
+from cni.install.state import sha256 as _sha
 
 log = logging.getLogger("mesh-cni.install")
 
-STATE_FILE = "install-state.json"
 LAUNCHER_MARK = b"# Written by `mesh-cni install`"
 
 
@@ -75,128 +74,6 @@ class AgentConfig:
     settle_s: float = 0.02  # coalesce a burst of inotify events into one pass
     invalid_grace_s: float = 5.0
     taint_recheck_s: float = 60.0
-
-
-# --- install state: what we changed, so uninstall can give back the exact bytes ------------------
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class FileRecord:
-    """A net-dir file we changed: its bytes/mode before us and the bytes we wrote."""
-
-    original: bytes
-    mode: int
-    uid: int
-    gid: int
-    written_sha: str = ""
-    converted_to: str | None = None  # a .conf we replaced by this .conflist
-    link: str | None = None  # the name was a symlink to this target (restored as a link)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "link": self.link,
-            "original": base64.b64encode(self.original).decode(),
-            "mode": self.mode,
-            "uid": self.uid,
-            "gid": self.gid,
-            "written_sha": self.written_sha,
-            "converted_to": self.converted_to,
-        }
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> FileRecord:
-        return cls(
-            original=base64.b64decode(body["original"]),
-            mode=int(body["mode"]),
-            uid=int(body["uid"]),
-            gid=int(body["gid"]),
-            written_sha=body.get("written_sha", ""),
-            converted_to=body.get("converted_to"),
-            link=body.get("link"),
-        )
-
-
-class InstallState:
-    """Persisted under the state dir (a host path) so a restarted agent still restores exactly."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.files: dict[str, FileRecord] = {}
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-            body = json.loads(path.read_bytes())
-            self.files = {name: FileRecord.from_json(rec) for name, rec in body.get("files", {}).items()}
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"files": {name: rec.to_json() for name, rec in sorted(self.files.items())}}
-        atomic_write(self.path, json.dumps(body, indent=1).encode(), mode=0o600)
-
-
-# --- metrics + readiness --------------------------------------------------------------------------
-
-
-@dataclass
-class Status:
-    """What the health endpoint and metrics report; written by the loop, read by the HTTP thread."""
-
-    ready: bool = False
-    reason: str = "starting"
-    contended: bool = False
-    counters: collections.Counter[str] = field(default_factory=collections.Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def set(self, ready: bool, reason: str, contended: bool) -> None:
-        with self.lock:
-            self.ready, self.reason, self.contended = ready, reason, contended
-
-    def count(self, name: str, amount: int = 1) -> None:
-        with self.lock:
-            self.counters[name] += amount
-
-    def metrics_text(self) -> str:
-        with self.lock:
-            lines = [
-                "# HELP mesh_cni_install_ready 1 while the plugin is installed and chained.",
-                "# TYPE mesh_cni_install_ready gauge",
-                f"mesh_cni_install_ready {int(self.ready)}",
-                "# HELP mesh_cni_install_contended 1 while another agent keeps overwriting the chain.",
-                "# TYPE mesh_cni_install_contended gauge",
-                f"mesh_cni_install_contended {int(self.contended)}",
-            ]
-            for name, value in sorted(self.counters.items()):
-                metric, _, label = name.partition("|")
-                labels = f'{{action="{label}"}}' if label else ""
-                lines += [f"# TYPE {metric} counter", f"{metric}{labels} {value}"]
-        return "\n".join(lines) + "\n"
-
-
-def _health_handler(status: Status) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.startswith("/readyz"):
-                with status.lock:
-                    code, text = (200, "ok\n") if status.ready else (503, f"not ready: {status.reason}\n")
-            elif self.path.startswith("/healthz"):
-                code, text = 200, "ok\n"
-            elif self.path.startswith("/metrics"):
-                code, text = 200, status.metrics_text()
-            else:
-                code, text = 404, "not found\n"
-            body = text.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-    return Handler
 
 
 # --- the agent ------------------------------------------------------------------------------------
@@ -256,7 +133,7 @@ class Agent:
 
     def desired_kubeconfig(self) -> bytes | None:
         """None when no API server is configured; raises FileNotFoundError while the token is missing."""
-        from cni.install_kube import render_kubeconfig
+        from cni.install.kubeconfig import render_kubeconfig
 
         if not self.config.api_server:
             return None
@@ -523,24 +400,30 @@ class Agent:
     def start_health(self) -> None:
         if self.config.health_port is None:
             return
-        self._server = ThreadingHTTPServer(
-            (self.config.health_address, self.config.health_port), _health_handler(self.status)
-        )
-        self._server.daemon_threads = True
+        self._server, thread = health.serve(self.status, self.config.health_address, self.config.health_port)
         self.health_port = self._server.server_address[1]
-        thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
-        thread.start()
         self._threads.append(thread)
-        log.info(
-            "health endpoint on %s:%d (/readyz /healthz /metrics)",
-            self.config.health_address,
-            self.health_port,
-        )
 
     def start_kube_workers(self) -> None:
-        from cni.install_kube_workers import start_workers
+        """Taint removal and repair threads, seeing us only through explicit stop/valid events."""
+        from cni.kube import KubeApi
+        from cni.repair import Signals, WorkerConfig, start_workers
 
-        self._threads += start_workers(self)
+        config = self.config
+        if not config.api_server or not config.node_name:
+            if config.remove_taint or config.repair_mode != "off":
+                log.warning("no API server or NODE_NAME: taint removal and repair are off")
+            return
+        ca = str(config.ca_file) if config.ca_file and config.ca_file.exists() else None
+        api = KubeApi(config.api_server, str(config.token_file), ca)
+        workers = WorkerConfig(
+            node=config.node_name,
+            remove_taint=config.remove_taint,
+            repair_mode=config.repair_mode,
+            repair_exit_codes=config.repair_exit_codes,
+            taint_recheck_s=config.taint_recheck_s,
+        )
+        self._threads += start_workers(api, workers, Signals(self._stop, self._valid, self.status.count))
 
     def run(self, *, once: bool = False, once_timeout_s: float = 60.0) -> int:
         """Reconcile until stopped (or, with ``once``, until valid / timeout); uninstall on stop."""
@@ -596,8 +479,7 @@ class Agent:
                         self._last_net_change = time.monotonic()
                         if contended and not self.chain_installed():
                             # Still being fought over: keep backing off until it is quiet.
-                            self._overwrites.append(self._last_net_change)
-                            self.status.count("mesh_cni_install_overwrites_total")
+                            self._note_overwrite(self._last_net_change)
                             self._valid.clear()
                             self.status.set(False, "contended: waiting for the CNI config to be quiet", True)
                     pending = True

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from cni.cli import argument_parser
-from cni.install_agent import Agent, AgentConfig, install_signal_handlers
-from cni.install_conflist import EntryOptions
-from cni.install_kube import api_server_url
+from cni.install.agent import Agent, AgentConfig, install_signal_handlers
+from cni.install.conflist import EntryOptions
+from cni.install.kubeconfig import api_server_url
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -177,7 +177,3 @@ def uninstall_main(argv: list[str] | None = None) -> int:
     finally:
         agent.close()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
