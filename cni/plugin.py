@@ -165,7 +165,7 @@ def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
     return decide(request, annotations)
 
 
-def _add_ops(request: Request, annotations: dict[str, str]) -> tuple[list | None, str]:
+def add_ops_for(request: Request, annotations: dict[str, str]) -> tuple[list | None, str]:
     """ADD's batch for the pod (None: leave it alone) and why."""
     from cni import nftables
 
@@ -191,7 +191,7 @@ def cmd_add(request: Request, log: Log) -> str:
     annotations, why = pod_annotations(request, log)
     ops = None
     if annotations is not None:
-        ops, why = _add_ops(request, annotations)
+        ops, why = add_ops_for(request, annotations)
     if ops is None:
         log.info(f"not redirecting: {why}")
         return spec.add_result(request)

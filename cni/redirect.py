@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"mesh-cni redirect: not redirecting: interception mode {plan.mode}\n")
         return 0
     if args.dry_run:
-        for chain, exprs in nftables.build_ruleset(plan)[1]:
-            sys.stdout.write(f"{chain}: {exprs}\n")
+        from cni import nftext
+
+        sys.stdout.write(nftext.render(nftables.add_ops(nftables.build_ruleset(plan))))
         return 0
     try:
         from cni import netns, rtnl
