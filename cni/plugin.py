@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from cni import spec
+from cni.config import PluginConfig
 from cni.log import Log
 from cni.spec import CniError, Request
 
@@ -20,19 +21,16 @@ if TYPE_CHECKING:
 #: = cni.annotations.STATUS; repeated so non-injected pods are skipped without importing the
 #: annotation module (tests assert the two agree).
 STATUS_ANNOTATION = "sidecar.istio.io/status"
-DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
-DEFAULT_CNI_POD_PREFIX = "mesh-cni-"
 #: = cni.annotations' limits (interface 1); these stand in until the vocabulary defines them.
 MAX_CIDRS, MAX_PORTS, MAX_INTERFACES = 256, 1024, 64
 
 
-def _log_for(config: Mapping[str, object], request: Request | None = None) -> Log:
+def _log_for(config: PluginConfig, request: Request | None = None) -> Log:
     context = ""
     if request is not None:
         pod = f"{request.args.get('K8S_POD_NAMESPACE', '')}/{request.args.get('K8S_POD_NAME', '')}"
         context = f"{request.command} {request.container_id[:12]} {pod if pod != '/' else ''} "
-    return Log(str(config.get("logFile") or ""), str(config.get("logLevel") or "info"),
-               int(config.get("logMaxBytes") or 1 << 20), context)  # type: ignore[call-overload]
+    return Log(config.log_file, config.log_level, config.log_max_bytes, context)
 
 
 def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, str]:
@@ -42,40 +40,23 @@ def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, 
     name = request.args.get("K8S_POD_NAME", "")
     if not namespace or not name:
         return None, "no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: not a Kubernetes pod"
-    excluded = config.get("excludeNamespaces")
-    if excluded is None:
-        excluded = DEFAULT_EXCLUDE_NAMESPACES
-    if namespace in excluded:  # type: ignore[operator]
+    if namespace in config.exclude_namespaces:
         return None, f"namespace {namespace} is excluded"
-    prefix = str(config.get("cniPodNamePrefix") or DEFAULT_CNI_POD_PREFIX)
-    if name.startswith(prefix):
+    if name.startswith(config.cni_pod_name_prefix):
         return None, f"pod {name} is the CNI's own pod"
-    annotations = runtime_annotations(config)
+    annotations = config.pod_annotations()
     if annotations is None:
-        kubeconfig = config.get("kubeconfig")
+        kubeconfig = config.kubeconfig
         if not kubeconfig:
             raise CniError(spec.INVALID_CONFIG, "the runtime passed no pod annotations and no kubeconfig is "
                            f"configured; declare the capability {spec.POD_ANNOTATIONS_CAPABILITY} "
                            "or set kubeconfig")
         log.debug("no annotations from the runtime; asking the API server")
-        annotations = api_annotations(
-            str(kubeconfig), namespace, name, request.args.get("K8S_POD_UID"),
-            timeout=float(config.get("apiTimeoutSeconds") or 2.0),  # type: ignore[arg-type]
-            attempts=int(config.get("apiRetries") or 3))  # type: ignore[call-overload]
+        annotations = api_annotations(kubeconfig, namespace, name, request.args.get("K8S_POD_UID"),
+                                      timeout=config.api_timeout_s, attempts=config.api_retries)
     if STATUS_ANNOTATION not in annotations:
         return None, f"pod has no {STATUS_ANNOTATION} annotation"
     return annotations, "pod is injected"
-
-
-def runtime_annotations(config: Mapping[str, object]) -> dict[str, str] | None:
-    """Pod annotations passed by the runtime (containerd, CRI-O: the capability), or None."""
-    runtime = config.get("runtimeConfig")
-    if not isinstance(runtime, dict):
-        return None
-    annotations = runtime.get(spec.POD_ANNOTATIONS_CAPABILITY)
-    if not isinstance(annotations, dict):
-        return None
-    return {str(k): str(v) for k, v in annotations.items()}
 
 
 def api_annotations(kubeconfig_path: str, namespace: str, name: str, uid: str | None, *,
@@ -126,7 +107,7 @@ def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None
     if not decision.redirect:
         return None, decision.message
     _check_limits(request, annotations)
-    defaults = vocabulary.TrafficDefaults(capture_dns=bool(request.config.get("captureDNS", False)))
+    defaults = vocabulary.TrafficDefaults(capture_dns=request.config.capture_dns)
     try:
         plan = vocabulary.plan_from_annotations(annotations, defaults)
     except vocabulary.AnnotationError as error:
@@ -265,10 +246,7 @@ def cmd_check(request: Request, log: Log) -> str:
 
 def cmd_gc(request: Request, log: Log) -> str:
     """Nothing to collect: all our state is the table inside each pod's netns, gone with it."""
-    attachments = request.config.get("cni.dev/valid-attachments")
-    if attachments is not None and not isinstance(attachments, list):
-        raise CniError(spec.INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
-    return ""
+    return ""  # cni.dev/valid-attachments, when present, was checked to be a list
 
 
 def cmd_status(request: Request, log: Log) -> str:
@@ -280,7 +258,7 @@ def cmd_status(request: Request, log: Log) -> str:
     except OSError as error:
         raise CniError(spec.PLUGIN_NOT_AVAILABLE, "cannot open a netfilter netlink socket",
                        str(error)) from None
-    kubeconfig = request.config.get("kubeconfig")
+    kubeconfig = request.config.kubeconfig
     if kubeconfig and not os.access(str(kubeconfig), os.R_OK):
         raise CniError(spec.PLUGIN_NOT_AVAILABLE, f"kubeconfig {kubeconfig} is not readable")
     return ""
@@ -308,7 +286,7 @@ def run(env: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         Log().error(f"{env.get('CNI_COMMAND', '?')}: {error.msg} {error.details}".rstrip())
         return 1, error.to_json(_error_version(stdin))
     if request.command == "VERSION":
-        return 0, spec.version_result(request.config)
+        return 0, spec.version_result(request.version)
     log = _log_for(request.config, request)
     try:
         return 0, COMMANDS[request.command](request, log)

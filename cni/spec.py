@@ -58,14 +58,17 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 
 class Request:
-    """One plugin invocation: command, environment and decoded network configuration."""
+    """One plugin invocation: command, environment and the network configuration, typed."""
 
     __slots__ = ("args", "command", "config", "container_id", "ifname", "netns", "path", "version")
 
     def __init__(self, command: str, env: Mapping[str, str], config: dict[str, object]) -> None:
+        from cni.config import PluginConfig
+
         self.command = command
-        self.config = config
         self.version = str(config.get("cniVersion") or LATEST)
+        # VERSION reads nothing but cniVersion: its config is never type-checked.
+        self.config = PluginConfig({} if command == "VERSION" else config)
         self.container_id = env.get("CNI_CONTAINERID", "")
         self.netns = env.get("CNI_NETNS", "")
         self.ifname = env.get("CNI_IFNAME", "")
@@ -145,45 +148,30 @@ def _validate_env(request: Request, env: Mapping[str, str]) -> None:
 
 
 def _validate_config(request: Request) -> None:
-    config = request.config
+    """What the spec requires of every config; our own keys were typed by PluginConfig."""
     command = request.command
     if command == "VERSION":
         return
-    if not isinstance(config.get("name"), str) or not config.get("name"):
+    if not request.config.name:
         raise CniError(INVALID_CONFIG, "the network configuration has no name")
     if command in ("GC", "STATUS") and not request.at_least("1.1.0"):
         raise CniError(INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0, got {request.version}")
     if command == "CHECK" and not request.at_least("0.4.0"):
         raise CniError(INCOMPATIBLE_VERSION, f"CHECK needs cniVersion 0.4.0 or later, got {request.version}")
-    checks: tuple[tuple[str, type | tuple[type, ...]], ...] = (
-        ("kubeconfig", str), ("logFile", str), ("logLevel", str), ("agentSocket", str),
-        ("cniPodNamePrefix", str), ("captureDNS", bool), ("excludeNamespaces", list),
-        ("runtimeConfig", dict), ("prevResult", dict), ("logMaxBytes", int),
-        ("apiTimeoutSeconds", (int, float)), ("apiRetries", int))
-    for key, kind in checks:
-        value = config.get(key)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise CniError(INVALID_CONFIG, f"config key {key!r} has the wrong type: {value!r}")
-    namespaces = config.get("excludeNamespaces")
-    if namespaces is not None and not all(isinstance(n, str) for n in namespaces):  # type: ignore[union-attr]
-        raise CniError(INVALID_CONFIG, "config key 'excludeNamespaces' must be a list of strings")
-    level = config.get("logLevel")
-    if level is not None and str(level).lower() not in ("debug", "info", "warn", "warning", "error"):
-        raise CniError(INVALID_CONFIG, f"config key 'logLevel' {level!r} is not debug/info/warn/error")
 
 
 def add_result(request: Request) -> str:
     """ADD's output: prevResult unchanged in the input's cniVersion, or an empty result."""
-    previous = request.config.get("prevResult")
-    if isinstance(previous, dict):
+    previous = request.config.prev_result
+    if previous is not None:
         return fastjson.dumps({**previous, "cniVersion": request.version})
     if request.at_least("1.0.0"):
         return fastjson.dumps({"cniVersion": request.version, "interfaces": [], "ips": [], "dns": {}})
     return fastjson.dumps({"cniVersion": request.version, "ips": [], "dns": {}})
 
 
-def version_result(config: Mapping[str, object]) -> str:
-    version = config.get("cniVersion")
-    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
+def version_result(version: str) -> str:
+    """VERSION's output, in the asked-for cniVersion when we speak it."""
+    if version not in SUPPORTED_VERSIONS:
         version = LATEST
     return fastjson.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
