@@ -16,6 +16,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
+    from cni.nftables import TableState
+
 AF_NETLINK = 16
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -208,7 +210,7 @@ def decode_exprs(data: bytes) -> list[tuple[str, dict[str, object]]]:
     """NFTA_RULE_EXPRESSIONS payload -> [(name, {key: value})], order of expressions kept."""
     exprs = []
     for _, elem in iter_attrs(data):
-        name, attrs = "", {}
+        name, attrs = "", b""
         for kind, payload in iter_attrs(elem):
             if kind == NFTA_EXPR_NAME:
                 name = payload.rstrip(b"\0").decode()
@@ -216,7 +218,7 @@ def decode_exprs(data: bytes) -> list[tuple[str, dict[str, object]]]:
                 attrs = payload
         keys = _EXPR_KEYS.get(name, {})
         decoded: dict[str, object] = {}
-        for kind, payload in iter_attrs(attrs):  # type: ignore[arg-type]
+        for kind, payload in iter_attrs(attrs):
             key, value_kind = keys.get(kind, (f"attr{kind}", "raw"))
             if value_kind == "u32":
                 decoded[key] = struct.unpack(">I", payload[:4])[0]
@@ -312,10 +314,10 @@ class NftSocket:
             for msg_type, _flags, seq, body in _iter_messages(data):
                 if msg_type != NLMSG_ERROR:
                     continue
-                error = -struct.unpack_from("=i", body)[0]
-                what = pending.pop(seq, None)
-                if error and first_error is None:
-                    first_error = NetlinkError(error, what or f"seq {seq}")
+                code = -struct.unpack_from("=i", body)[0]
+                what = pending.pop(seq, "")
+                if code and first_error is None:
+                    first_error = NetlinkError(code, what or f"seq {seq}")
             if first_error is not None:
                 break
         if first_error is not None:
@@ -373,24 +375,23 @@ def _attr_str(payload: bytes, kind: int) -> str | None:
     return None
 
 
-def read_table(sock: NftSocket, family: int, table: str) -> dict[str, object] | None:
+def read_table(sock: NftSocket, family: int, table: str) -> TableState | None:
     """Our table as plain data: {chain: {"hook": (num, prio, type) | None, "rules": [exprs]}}."""
     if not table_exists(sock, family, table):
         return None
-    chains: dict[str, dict[str, object]] = {}
+    chains: TableState = {}
     for reply in sock.dump(NFT_MSG_GETCHAIN, family):
         attrs = dict(iter_attrs(reply))
         if attrs.get(NFTA_CHAIN_TABLE, b"").rstrip(b"\0").decode() != table:
             continue
         name = attrs[NFTA_CHAIN_NAME].rstrip(b"\0").decode()
-        hook = None
+        hook: tuple[int, int, str, int] | None = None
         if NFTA_CHAIN_HOOK in attrs:
             h = dict(iter_attrs(attrs[NFTA_CHAIN_HOOK]))
             hook = (struct.unpack(">I", h[NFTA_HOOK_HOOKNUM][:4])[0],
                     struct.unpack(">i", h[NFTA_HOOK_PRIORITY][:4])[0],
-                    attrs.get(NFTA_CHAIN_TYPE, b"").rstrip(b"\0").decode())
-            policy = struct.unpack(">I", attrs.get(NFTA_CHAIN_POLICY, _u32(1))[:4])[0]
-            hook = (*hook, policy)
+                    attrs.get(NFTA_CHAIN_TYPE, b"").rstrip(b"\0").decode(),
+                    struct.unpack(">I", attrs.get(NFTA_CHAIN_POLICY, _u32(1))[:4])[0])
         chains[name] = {"hook": hook, "rules": []}
     for reply in sock.dump(NFT_MSG_GETRULE, family, table_payload(table)):
         attrs = dict(iter_attrs(reply))
@@ -398,5 +399,5 @@ def read_table(sock: NftSocket, family: int, table: str) -> dict[str, object] | 
             continue
         chain = attrs[NFTA_RULE_CHAIN].rstrip(b"\0").decode()
         rules = chains.setdefault(chain, {"hook": None, "rules": []})["rules"]
-        rules.append(decode_exprs(attrs.get(NFTA_RULE_EXPRESSIONS, b"")))  # type: ignore[attr-defined]
+        rules.append(decode_exprs(attrs.get(NFTA_RULE_EXPRESSIONS, b"")))
     return chains

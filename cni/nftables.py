@@ -26,6 +26,18 @@ from cni.nfnl import Expr
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from typing import TypedDict
+
+    from cni.annotations import Cidr, RedirectPlan
+
+    class ChainState(TypedDict):
+        """One chain as CHECK compares it: (hook, priority, type, policy) or None, and its rules."""
+
+        hook: tuple[int, int, str, int] | None
+        rules: list[list[tuple[str, dict[str, object]]]]
+
+    #: A table as plain data, from our ruleset or from a kernel dump: {chain: ChainState}.
+    TableState = dict[str, ChainState]
 
 TABLE = "mesh_cni"
 FAMILY = nfnl.NFPROTO_INET
@@ -121,9 +133,9 @@ def redirect(port: int) -> list[Expr]:
 # --- Plan -> ruleset --------------------------------------------------------------------------
 
 
-def net_of(network: object) -> Net:
+def net_of(network: Cidr) -> Net:
     """A ``cni.annotations.Cidr`` (from the shared plan) as a Net tuple."""
-    return (network.version, network.packed, network.prefixlen)  # type: ignore[attr-defined]
+    return (network.version, network.packed, network.prefixlen)
 
 
 def _contains(net: Net, host: Net) -> bool:
@@ -135,20 +147,20 @@ def _contains(net: Net, host: Net) -> bool:
     return (value >> (bits - prefix)) == (probe >> (bits - prefix)) if prefix else True
 
 
-def build_ruleset(plan: object) -> Ruleset:
+def build_ruleset(plan: RedirectPlan) -> Ruleset:
     """The whole table for a plan (a cni.annotations.RedirectPlan). Pure."""
     p = plan
-    uid_gid = [(META_SKUID, p.proxy_uid), (META_SKGID, p.proxy_gid)]  # type: ignore[attr-defined]
+    uid_gid = [(META_SKUID, p.proxy_uid), (META_SKGID, p.proxy_gid)]
     tcp = l4proto(IPPROTO_TCP)
     rules: list[tuple[str, tuple[Expr, ...]]] = []
 
     def add(chain: str, *parts: list[Expr]) -> None:
         rules.append((chain, tuple(e for part in parts for e in part)))
 
-    inbound_ports = p.inbound_ports  # type: ignore[attr-defined]
+    inbound_ports = p.inbound_ports
     inbound_enabled = inbound_ports is None or len(inbound_ports) > 0
-    excluded_in = tuple(p.inbound_exclude_ports)  # type: ignore[attr-defined]
-    interfaces = tuple(p.exclude_interfaces)  # type: ignore[attr-defined]
+    excluded_in = tuple(p.inbound_exclude_ports)
+    interfaces = tuple(p.exclude_interfaces)
 
     # Inbound: PREROUTING -> inbound.
     for name in interfaces:
@@ -158,15 +170,15 @@ def build_ruleset(plan: object) -> Ruleset:
         if inbound_ports is None:
             for port in excluded_in:
                 add("inbound", tcp, dport(port), ret())
-            add("inbound", tcp, redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+            add("inbound", tcp, redirect(p.inbound_capture_port))
         else:
             for port in inbound_ports:
                 if port not in excluded_in:
-                    add("inbound", tcp, dport(port), redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+                    add("inbound", tcp, dport(port), redirect(p.inbound_capture_port))
 
     # Outbound: OUTPUT -> outbound (TCP); DNS over UDP directly in output.
-    dns = bool(p.capture_dns)  # type: ignore[attr-defined]
-    dns_port = p.dns_capture_port  # type: ignore[attr-defined]
+    dns = bool(p.capture_dns)
+    dns_port = p.dns_capture_port
     for name in interfaces:
         add("output", ifname(META_OIFNAME, name), ret())
     add("output", tcp, jump("outbound"))
@@ -176,11 +188,11 @@ def build_ruleset(plan: object) -> Ruleset:
             add("output", udp, dport(DNS_PORT), owner(key, ident), ret())
         add("output", udp, dport(DNS_PORT), redirect(dns_port))
 
-    for port in p.outbound_exclude_ports:  # type: ignore[attr-defined]
+    for port in p.outbound_exclude_ports:
         add("outbound", tcp, dport(port), ret())
     for passthrough in (V4_PASSTHROUGH, V6_PASSTHROUGH):
         add("outbound", ifname(META_OIFNAME, "lo"), addr(passthrough, source=True), ret())
-    include = p.outbound_include_cidrs  # type: ignore[attr-defined]
+    include = p.outbound_include_cidrs
     include_nets = None if include is None else [net_of(n) for n in include]
     loopback_included = include_nets is not None and any(
         _contains(n, V4_LOOPBACK) or _contains(n, V6_LOOPBACK) for n in include_nets)
@@ -190,7 +202,7 @@ def build_ruleset(plan: object) -> Ruleset:
         # (also what `mesh-cni validate` relies on to see the redirect as the proxy uid).
         for loop in (V4_LOOPBACK, V6_LOOPBACK):
             add("outbound", ifname(META_OIFNAME, "lo"), not_dns, addr(loop, op=CMP_NEQ),
-                owner(key, ident), redirect(p.inbound_capture_port))  # type: ignore[attr-defined]
+                owner(key, ident), redirect(p.inbound_capture_port))
         if not loopback_included:
             # The app talking to itself over loopback is not captured.
             add("outbound", ifname(META_OIFNAME, "lo"), not_dns, owner(key, ident, CMP_NEQ), ret())
@@ -200,15 +212,15 @@ def build_ruleset(plan: object) -> Ruleset:
         add("outbound", tcp, dport(DNS_PORT), redirect(dns_port))
     for loop in (V4_LOOPBACK, V6_LOOPBACK):
         add("outbound", addr(loop), ret())
-    for network in p.outbound_exclude_cidrs:  # type: ignore[attr-defined]
+    for network in p.outbound_exclude_cidrs:
         add("outbound", addr(net_of(network)), ret())
-    for port in p.outbound_include_ports:  # type: ignore[attr-defined]
-        add("outbound", tcp, dport(port), redirect(p.outbound_capture_port))  # type: ignore[attr-defined]
+    for port in p.outbound_include_ports:
+        add("outbound", tcp, dport(port), redirect(p.outbound_capture_port))
     if include_nets is None:
-        add("outbound", tcp, redirect(p.outbound_capture_port))  # type: ignore[attr-defined]
+        add("outbound", tcp, redirect(p.outbound_capture_port))
     else:
         for net in include_nets:
-            add("outbound", addr(net), redirect(p.outbound_capture_port))  # type: ignore[attr-defined]
+            add("outbound", addr(net), redirect(p.outbound_capture_port))
 
     chains: tuple[Chain, ...] = (
         ("prerouting", (NF_INET_PRE_ROUTING, NAT_PRIORITY, "nat")),
@@ -249,16 +261,16 @@ def delete_ops() -> list[Op]:
             (nfnl.NFT_MSG_DELTABLE, 0, table, f"delete table inet {TABLE}", ("table", TABLE))]
 
 
-def expected_table(ruleset: Ruleset) -> dict[str, object]:
+def expected_table(ruleset: Ruleset) -> TableState:
     chains, rules = ruleset
-    table: dict[str, dict[str, object]] = {
+    table: TableState = {
         name: {"hook": None if hook is None else (*hook, 1), "rules": []} for name, hook in chains}
     for chain, exprs in rules:
-        table[chain]["rules"].append(nfnl.canonical_exprs(exprs))  # type: ignore[attr-defined]
+        table[chain]["rules"].append(nfnl.canonical_exprs(exprs))
     return table
 
 
-def diff_tables(expected: dict[str, object] | None, actual: dict[str, object] | None) -> list[str]:
+def diff_tables(expected: TableState | None, actual: TableState | None) -> list[str]:
     """Human-readable differences between what ADD programs and what the netns holds."""
     if expected is None and actual is None:
         return []
@@ -273,11 +285,11 @@ def diff_tables(expected: dict[str, object] | None, actual: dict[str, object] | 
             problems.append(f"chain {name} is missing")
         elif want is None:
             problems.append(f"unexpected chain {name}")
-        elif want["hook"] != have["hook"]:  # type: ignore[index]
-            problems.append(f"chain {name} hook {have['hook']} != {want['hook']}")  # type: ignore[index]
-        elif want["rules"] != have["rules"]:  # type: ignore[index]
-            problems.append(f"chain {name}: {len(have['rules'])} rules differ from the "  # type: ignore[index]
-                            f"{len(want['rules'])} expected")  # type: ignore[index]
+        elif want["hook"] != have["hook"]:
+            problems.append(f"chain {name} hook {have['hook']} != {want['hook']}")
+        elif want["rules"] != have["rules"]:
+            problems.append(f"chain {name}: {len(have['rules'])} rules differ from the "
+                            f"{len(want['rules'])} expected")
     return problems
 
 
@@ -341,7 +353,7 @@ def run_add_ops(netns_path: str, ops: Sequence[Op], backend: str | None = None) 
         run_batch(netns_path, ops, backend)
 
 
-def program(netns_path: str, plan: object, backend: str | None = None) -> None:
+def program(netns_path: str, plan: RedirectPlan, backend: str | None = None) -> None:
     """Program the plan into the netns (atomic: on error nothing changed and this raises)."""
     run_add_ops(netns_path, add_ops(build_ruleset(plan)), backend)
 
@@ -355,14 +367,14 @@ def remove(netns_path: str, backend: str | None = None) -> None:
             raise
 
 
-def read(netns_path: str) -> dict[str, object] | None:
+def read(netns_path: str) -> TableState | None:
     from cni import netns
 
     with netns.nft_socket(netns_path) as sock:
         return nfnl.read_table(sock, FAMILY, TABLE)
 
 
-def check(netns_path: str, plan: object | None) -> list[str]:
+def check(netns_path: str, plan: RedirectPlan | None) -> list[str]:
     """Differences between the netns's table and what ADD would program for ``plan`` (None: none)."""
     expected = None if plan is None else expected_table(build_ruleset(plan))
     return diff_tables(expected, read(netns_path))

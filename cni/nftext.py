@@ -89,7 +89,7 @@ def statements(exprs: Sequence[Decoded]) -> list[str]:
                 if base == 2 and offset == 2:
                     out.append(f"th dport {_op(cmp)}{int.from_bytes(data, 'big')}")
                 elif base == 1 and (nfproto, offset) in ADDRESS_FIELDS:
-                    field = ADDRESS_FIELDS[(nfproto, int(offset))]  # type: ignore[arg-type]
+                    field = ADDRESS_FIELDS[(nfproto, offset)]  # type: ignore[index]
                     out.append(f"{field} {_op(cmp)}{_network(data, mask)}")  # type: ignore[arg-type]
                 else:
                     out.append(f"payload base {base} offset {offset} {_op(cmp)}{data.hex()}")
