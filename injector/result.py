@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from cni import annotations as ann
+
 
 class Decision(enum.StrEnum):
     INJECT = "inject"  # the object was (or already is) injected; patch may be empty when unchanged
@@ -18,35 +20,10 @@ class Decision(enum.StrEnum):
     PASSTHROUGH = "passthrough"  # not something we inject into (a Service, a ConfigMap, ...)
 
 
-class ReasonCode(enum.StrEnum):
-    """Stable reason codes. The value is what logs, metrics labels and reports show."""
-
-    # inject
-    INJECTED = "Injected"
-    ALREADY_INJECTED = "AlreadyInjected"
-    ALWAYS_INJECT_SELECTOR = "AlwaysInjectSelector"
-    POLICY_ENABLED = "PolicyEnabled"
-    POD_OPTED_IN = "PodOptedIn"
-    # skip (webhook-level selection: what the API server selectors would have filtered out)
-    NAMESPACE_NOT_SELECTED = "NamespaceNotSelected"
-    REVISION_MISMATCH = "RevisionMismatch"
-    # skip (in-code policy)
-    HOST_NETWORK = "HostNetwork"
-    SYSTEM_NAMESPACE = "SystemNamespace"
-    POD_OPTED_OUT = "PodOptedOut"
-    NEVER_INJECT_SELECTOR = "NeverInjectSelector"
-    POLICY_DISABLED = "PolicyDisabled"
-    # warnings (injection proceeds or skips with the default)
-    INVALID_INJECT_VALUE = "InvalidInjectValue"
-    UNRESOLVED_PROBE_PORT = "UnresolvedProbePort"  # a probe names a port no container declares
-    # reject
-    INVALID_TRAFFIC_ANNOTATION = "InvalidTrafficAnnotation"
-    PROXY_UID_CONFLICT = "ProxyUIDConflict"
-    INVALID_ANNOTATION = "InvalidAnnotation"
-    UNKNOWN_TEMPLATE = "UnknownTemplate"
-    MALFORMED_OBJECT = "MalformedObject"  # the input is not shaped like a Kubernetes object (CLI/dry-run)
-    # passthrough
-    UNSUPPORTED_KIND = "UnsupportedKind"
+#: Stable reason codes: the vocabulary's set (``cni.annotations.ReasonCode``, shared with the
+#: plugin and the admission layer) as a StrEnum. The value is what logs, metrics labels and
+#: reports show.
+ReasonCode = enum.StrEnum("ReasonCode", ann.REASON_CODES)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
