@@ -33,6 +33,26 @@ PROXY_UID = "traffic.mesh-injector.io/proxyUID"
 PROXY_GID = "traffic.mesh-injector.io/proxyGID"
 CAPTURE_DNS = "traffic.mesh-injector.io/captureDNS"
 
+# The injector's own (the plugin never reads them).
+TEMPLATES = "inject.istio.io/templates"
+NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
+REWRITE_PROBES = "sidecar.istio.io/rewriteAppHTTPProbers"
+PROXY_IMAGE = "sidecar.istio.io/proxyImage"
+PROXY_CPU = "sidecar.istio.io/proxyCPU"
+PROXY_MEMORY = "sidecar.istio.io/proxyMemory"
+PROXY_CPU_LIMIT = "sidecar.istio.io/proxyCPULimit"
+PROXY_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
+PROXY_CONFIG = "proxy.istio.io/config"
+LOG_LEVEL = "sidecar.istio.io/logLevel"
+COMPONENT_LOG_LEVEL = "sidecar.istio.io/componentLogLevel"
+PROMETHEUS_MERGE = "prometheus.istio.io/merge-metrics"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+CANONICAL_NAME = "service.istio.io/canonical-name"  # label
+CANONICAL_REVISION = "service.istio.io/canonical-revision"  # label
+PROM_SCRAPE = "prometheus.io/scrape"
+PROM_PORT = "prometheus.io/port"
+PROM_PATH = "prometheus.io/path"
+
 #: Every annotation whose value the injector validates and writes back resolved.
 TRAFFIC_ANNOTATIONS: tuple[str, ...] = (
     INTERCEPTION_MODE,

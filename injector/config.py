@@ -9,9 +9,10 @@ configuration per request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -132,9 +133,51 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says which part and why."""
 
 
+class Memo:
+    """The one memo of a compiled config: results that depend on the config and a small key only.
+
+    Owned by the (frozen) config, so an entry can never outlive or serve another config. Each
+    kind (traffic, templates, fixed context, render, status, ...) holds at most ``limit``
+    entries and starts over when full: hostile pods with ever-new values cost a recompute, never
+    memory. ``limit=0`` stores nothing (a fresh render every time; the property tests use it).
+    """
+
+    __slots__ = ("_kinds", "limit")
+    #: Kinds with heavier entries get fewer (a compiled config per revision, a compiled template).
+    KIND_LIMITS: Mapping[str, int] = {"revision": 16, "render": 256, "fixed": 256}
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._kinds: dict[str, dict[Hashable, Any]] = {}
+
+    def get(self, kind: str, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value for (kind, key), made by ``make()`` on a miss (an exception stores nothing)."""
+        entries = self._kinds.get(kind)
+        if entries is None:
+            entries = self._kinds[kind] = {}
+        else:
+            found = entries.get(key, _MISSING)
+            if found is not _MISSING:
+                return found
+        value = make()
+        limit = min(self.limit, self.KIND_LIMITS.get(kind, self.limit))
+        if limit:
+            if len(entries) >= limit:
+                entries.clear()
+            entries[key] = value
+        return value
+
+    def size(self) -> int:
+        return sum(len(entries) for entries in self._kinds.values())
+
+
+_MISSING = object()
+
+
 @dataclass(frozen=True)
 class InjectorConfig:
-    """Compiled configuration: everything ``inject()`` needs, precomputed."""
+    """Compiled configuration: everything ``inject()`` needs, precomputed, and the memo of what
+    is computed from it per distinct pod setting."""
 
     model: ConfigModel
     templates: Mapping[str, Template]
@@ -143,6 +186,25 @@ class InjectorConfig:
     config_hash: str
     native_sidecars_default: bool
     extra: Mapping[str, Any] = field(default_factory=dict)
+    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
+
+    def without_memo(self) -> InjectorConfig:
+        """The same config with a memo that stores nothing: every render from scratch."""
+        return dataclasses.replace(self, memo=Memo(limit=0))
+
+    def for_revision(self, revision: str | None) -> InjectorConfig:
+        """This config, or the same config as the named revision's injector would run it
+        (dry-run and kube-inject ``--revision``); compiled once per revision."""
+        if not revision or revision == self.revision:
+            return self
+
+        def compile_revision() -> InjectorConfig:
+            data = self.model.model_dump(by_alias=True)
+            data.setdefault("values", {}).setdefault("mesh", {})["revision"] = revision
+            return compile_config(data)
+
+        found: InjectorConfig = self.memo.get("revision", revision, compile_revision)
+        return found
 
     @property
     def proxy(self) -> ProxyValues:

@@ -128,3 +128,30 @@ def parse_probers(value: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def rewrite_app_probes(
+    containers: list[dict[str, Any]], status_port: int
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, str]]]:
+    """Rewrite the probes of every container given (app containers, and native sidecars: user
+    init containers with ``restartPolicy: Always``, which Istio treats alike).
+
+    Returns the containers (unchanged ones as they were), the recorded originals, and
+    (prober path, port name) for each port no container port names (a warning each).
+    """
+    probers: dict[str, Any] = {}
+    out = []
+    for c in containers:
+        new = rewrite_probes(c, status_port, probers)
+        out.append(new if new is not None else c)
+    unresolved = []
+    for path, entry in probers.items():
+        port = (entry.get("httpGet") or entry.get("tcpSocket") or {}).get("port")
+        if isinstance(port, str):
+            unresolved.append((path, port))
+    return out, probers, unresolved
+
+
+def is_native_sidecar(container: Mapping[str, Any]) -> bool:
+    """A user init container that keeps running beside the app (Kubernetes native sidecar)."""
+    return container.get("restartPolicy") == "Always"

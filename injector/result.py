@@ -26,6 +26,14 @@ class Decision(enum.StrEnum):
 ReasonCode = enum.StrEnum("ReasonCode", ann.REASON_CODES)  # type: ignore[misc]
 
 
+class Rejected(Exception):
+    """A step of the injection refuses the pod: becomes a REJECT result with this reason."""
+
+    def __init__(self, code: ReasonCode, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason(code, message)
+
+
 @dataclass(frozen=True)
 class Reason:
     code: ReasonCode
