@@ -114,6 +114,19 @@ class Values(_Model):
     mesh: MeshValues = MeshValues()
 
 
+class Limits(_Model):
+    """Bounds on what one pod may cost the injector; exceeding one rejects the pod, naming it.
+
+    Not part of the config hash: a limit changes which pods are admitted, not what they get.
+    """
+
+    #: The JSON Patch for one admitted pod or workload (bytes).
+    max_patch_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: ``proxy.istio.io/config`` (bytes and nesting depth; YAML aliases are always refused).
+    proxy_config_max_bytes: int = Field(default=64 * 1024, ge=1)
+    proxy_config_max_depth: int = Field(default=16, ge=1)
+
+
 class ConfigModel(_Model):
     """The whole configuration as a user writes it (YAML/JSON)."""
 
@@ -127,6 +140,7 @@ class ConfigModel(_Model):
     #: Annotations added to every injected pod (Istio's injectedAnnotations).
     injected_annotations: dict[str, str] = Field(default_factory=dict)
     values: Values = Values()
+    limits: Limits = Limits()
 
 
 class ConfigError(ValueError):
@@ -282,7 +296,7 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     # Hash what the templates say, not how they are written: comments and layout do not count.
     parsed = {name: yaml.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
     canonical = json.dumps(
-        {"model": model.model_dump(mode="json", by_alias=True), "templates": parsed},
+        {"model": model.model_dump(mode="json", by_alias=True, exclude={"limits"}), "templates": parsed},
         sort_keys=True,
         separators=(",", ":"),
         default=str,

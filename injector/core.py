@@ -18,7 +18,7 @@ from injector import metadata, render, reorder
 from injector.config import InjectorConfig, default_config
 from injector.merge import named, overlay_container
 from injector.overrides import Overrides, parse_overrides
-from injector.patch import create_patch
+from injector.patch import create_patch, patch_json
 from injector.policy import decide
 from injector.probes import is_native_sidecar, probers_json, rewrite_app_probes
 from injector.result import Decision, InjectionResult, Reason, ReasonCode, Rejected
@@ -120,6 +120,18 @@ def inject(
         result.patch = create_patch(obj, result.mutated, whole_fields_at=spec_path)
         if not result.patch and result.reasons[0].code is ReasonCode.INJECTED:
             result.reasons[0] = Reason(ReasonCode.ALREADY_INJECTED, "already injected; nothing to change")
+        elif result.patch:
+            result.patch_json = patch_json(result.patch)
+            limit = config.model.limits.max_patch_bytes
+            if len(result.patch_json) > limit:
+                problem = (
+                    f"the patch for this {kind} would be {len(result.patch_json)} bytes, over the limit "
+                    f"of {limit} bytes (limits.maxPatchBytes)"
+                )
+                return InjectionResult(
+                    Decision.REJECT, [Reason(ReasonCode.PATCH_TOO_LARGE, problem)], result.warnings,
+                    mutated=dict(obj), kind=kind,
+                )
     return result
 
 

@@ -33,10 +33,6 @@ RESOURCE_ANNOTATIONS: tuple[tuple[str, str, str], ...] = (
     (ann.PROXY_CPU_LIMIT, "limits", "cpu"),
     (ann.PROXY_MEMORY_LIMIT, "limits", "memory"),
 )
-#: ``proxy.istio.io/config`` is a small mapping: these bounds refuse YAML bombs (aliases,
-#: nesting) before they cost memory; the error names the limit.
-PROXY_CONFIG_MAX_BYTES = 64 * 1024
-PROXY_CONFIG_MAX_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -238,8 +234,11 @@ def _proxy_config(annotations: Mapping[str, str], config: InjectorConfig) -> tup
     if raw is not None:
         from injector import yamlio
 
+        # A small mapping: these bounds (config ``limits``) refuse YAML bombs (aliases, nesting)
+        # before they cost memory; the error names the limit.
+        bounds = config.model.limits
         limits = yamlio.YamlLimits(
-            max_bytes=PROXY_CONFIG_MAX_BYTES, max_depth=PROXY_CONFIG_MAX_DEPTH, aliases=False
+            max_bytes=bounds.proxy_config_max_bytes, max_depth=bounds.proxy_config_max_depth, aliases=False
         )
         try:
             body = yamlio.load_one(str(raw), source=f"annotation {ann.PROXY_CONFIG}", limits=limits) or {}

@@ -64,6 +64,9 @@ class InjectionResult:
     kind: str = "Pod"
     #: For a List: one result per item, in order (the List's own patch covers them all).
     items: list[InjectionResult] = field(default_factory=list)
+    #: ``patch`` as compact JSON (a Pod or workload with a non-empty patch): the core measures it
+    #: against ``limits.maxPatchBytes``, and the webhook sends these bytes instead of encoding again.
+    patch_json: bytes | None = None
 
     @property
     def reason(self) -> Reason:
