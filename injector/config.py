@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from cni import annotations as ann
@@ -147,6 +148,23 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says which part and why."""
 
 
+def describe_errors(err: ValidationError) -> str:
+    """Each problem as ``path.in.the.file: what is wrong (got value)``, in the user's key names:
+    no model class names, error type tags or documentation links."""
+    parts = []
+    for item in err.errors(include_url=False):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        if item["type"] == "extra_forbidden":
+            problem = "unknown key"
+        else:
+            problem = re.sub(r" or instance of \w+", "", str(item["msg"]).removeprefix("Value error, "))
+            problem = problem.replace("a valid dictionary", "a mapping")
+            if "input" in item and not isinstance(item["input"], dict | list):
+                problem += f" (got {str(repr(item['input']))[:80]})"
+        parts.append(f"{where or 'the config'}: {problem}")
+    return "; ".join(parts)
+
+
 class Memo:
     """The one memo of a compiled config: results that depend on the config and a small key only.
 
@@ -254,8 +272,8 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     elif not isinstance(model, ConfigModel):
         try:
             model = ConfigModel.model_validate(dict(model))
-        except Exception as err:  # pydantic.ValidationError; keep the message, drop the type
-            raise ConfigError(f"invalid injector config: {err}") from None
+        except ValidationError as err:
+            raise ConfigError(f"invalid injector config: {describe_errors(err)}") from None
 
     sources: dict[str, Any] = dict(_builtin_template_sources())
     sources.update(model.templates)
