@@ -217,7 +217,6 @@ class InjectorConfig:
     traffic_defaults: ann.TrafficDefaults
     config_hash: str
     native_sidecars_default: bool
-    extra: Mapping[str, Any] = field(default_factory=dict)
     memo: Memo = field(default_factory=Memo, compare=False, repr=False)
 
     def without_memo(self) -> InjectorConfig:

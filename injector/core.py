@@ -1,9 +1,12 @@
 """The injection core: ``inject(obj, config=...)`` -> InjectionResult. Pure: no I/O, no clock.
 
-Flow for one pod (or a workload's pod template): decide (policy) -> undo an earlier injection
-(re-injection) -> validate annotations -> render the selected templates -> lay them into the
-pod -> JSON Patch against the input. The mutated object shares every unchanged subtree with the
-input (treat both as read-only); that, and a linear diff, keep large pods cheap.
+One pod (or a workload's pod template) goes through named steps, as Istio's ``injectPod``:
+decide (``policy``) -> uninject an earlier injection (``uninject``) -> parse the annotations
+once (``overrides``) -> rewrite probes (``probes``), merge Prometheus (``metadata``) -> build
+the template context (``context``) -> render and lay out (``render``) -> order the containers
+(``reorder``) -> labels, annotations, status (``metadata``) -> JSON Patch against the input,
+bounded (``patch``). The mutated object shares every unchanged subtree with the input (treat
+both as read-only); that, the config's memo and a linear diff keep large pods cheap.
 """
 
 from __future__ import annotations
@@ -140,17 +143,6 @@ def _malformed(obj: Any, kind: str, problem: str) -> InjectionResult:
     return InjectionResult(
         Decision.REJECT, [Reason(ReasonCode.MALFORMED_OBJECT, problem)], mutated=mutated, kind=kind
     )
-
-
-def inject_many(
-    objects: list[Mapping[str, Any]],
-    *,
-    config: InjectorConfig | None = None,
-    namespace_labels: Mapping[str, str] | None = None,
-    namespace: str | None = None,
-) -> list[InjectionResult]:
-    """``inject`` for each object of a multi-document input, in order."""
-    return [inject(o, config=config, namespace_labels=namespace_labels, namespace=namespace) for o in objects]
 
 
 def _replace_at(obj: Mapping[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
