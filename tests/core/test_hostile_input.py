@@ -85,10 +85,12 @@ def test_list_annotations_above_the_shared_limit_are_refused(key: str, item: str
         return ",".join(item.format(i=i, a=i // 256, b=i % 256, p=1000 + i) for i in range(n))
 
     assert inject(pod({key: value(limit)})).decision is Decision.INJECT
-    result = inject(pod({key: value(10_000)}))
-    assert result.reason.code is ReasonCode.INVALID_TRAFFIC_ANNOTATION
-    assert key in result.reason.message and f"limit of {limit}" in result.reason.message
-    assert len(result.reason.message) < 400  # the message does not echo 10,000 items
+    for count in (limit + 1, 10_000):
+        result = inject(pod({key: value(count)}))
+        assert result.reason.code is ReasonCode.INVALID_TRAFFIC_ANNOTATION
+        assert key in result.reason.message and f"{count} " in result.reason.message
+        assert f"limit of {limit}" in result.reason.message
+        assert len(result.reason.message) < 400  # the message does not echo 10,000 items
 
 
 def test_the_patch_is_bounded() -> None:
