@@ -21,8 +21,13 @@ if TYPE_CHECKING:
 #: = cni.annotations.STATUS; repeated so non-injected pods are skipped without importing the
 #: annotation module (tests assert the two agree).
 STATUS_ANNOTATION = "sidecar.istio.io/status"
-#: = cni.annotations' limits (interface 1); these stand in until the vocabulary defines them.
-MAX_CIDRS, MAX_PORTS, MAX_INTERFACES = 256, 1024, 64
+#: = cni.annotations.ReasonCode values, for the decisions taken before that module is imported.
+NOT_POD, EXCLUDED, NOT_INJECTED = "NotPod", "SystemNamespace", "NotInjected"
+
+
+def because(reason: str, message: str) -> str:
+    """A decision's log text: the message, then its stable reason code (what metrics use)."""
+    return f"{message} (reason {reason})"
 
 
 def _log_for(config: PluginConfig, request: Request | None = None) -> Log:
@@ -39,11 +44,11 @@ def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, 
     namespace = request.args.get("K8S_POD_NAMESPACE", "")
     name = request.args.get("K8S_POD_NAME", "")
     if not namespace or not name:
-        return None, "no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: not a Kubernetes pod"
+        return None, because(NOT_POD, "no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: not a Kubernetes pod")
     if namespace in config.exclude_namespaces:
-        return None, f"namespace {namespace} is excluded"
+        return None, because(EXCLUDED, f"namespace {namespace} is excluded")
     if name.startswith(config.cni_pod_name_prefix):
-        return None, f"pod {name} is the CNI's own pod"
+        return None, because(EXCLUDED, f"pod {name} is the CNI's own pod")
     annotations = config.pod_annotations()
     if annotations is None:
         kubeconfig = config.kubeconfig
@@ -55,7 +60,7 @@ def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, 
         annotations = api_annotations(kubeconfig, namespace, name, request.args.get("K8S_POD_UID"),
                                       timeout=config.api_timeout_s, attempts=config.api_retries)
     if STATUS_ANNOTATION not in annotations:
-        return None, f"pod has no {STATUS_ANNOTATION} annotation"
+        return None, because(NOT_INJECTED, f"pod has no {STATUS_ANNOTATION} annotation")
     return annotations, "pod is injected"
 
 
@@ -105,8 +110,7 @@ def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None
 
     decision = vocabulary.redirect_decision(annotations)
     if not decision.redirect:
-        return None, decision.message
-    _check_limits(request, annotations)
+        return None, because(decision.reason, decision.message)
     defaults = vocabulary.TrafficDefaults(capture_dns=request.config.capture_dns)
     try:
         plan = vocabulary.plan_from_annotations(annotations, defaults)
@@ -114,28 +118,8 @@ def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None
         pod = f"{request.args.get('K8S_POD_NAMESPACE')}/{request.args.get('K8S_POD_NAME')}"
         raise CniError(spec.INVALID_ANNOTATION, f"pod {pod}: {error}") from None
     if not plan.redirects:
-        return None, f"interception mode {plan.mode}"
-    return plan, decision.message
-
-
-def _check_limits(request: Request, annotations: Mapping[str, str]) -> None:
-    """The injector's per-annotation limits (interface 1), so every batch we build is one we have
-    tested as atomic; checked on the raw item count, before parsing 10,000 CIDRs."""
-    from cni import annotations as v
-
-    cidrs, ports = getattr(v, "MAX_CIDRS", MAX_CIDRS), getattr(v, "MAX_PORTS", MAX_PORTS)
-    limits = ((v.INCLUDE_OUTBOUND_IP_RANGES, cidrs, "MAX_CIDRS"),
-              (v.EXCLUDE_OUTBOUND_IP_RANGES, cidrs, "MAX_CIDRS"),
-              (v.INCLUDE_INBOUND_PORTS, ports, "MAX_PORTS"), (v.EXCLUDE_INBOUND_PORTS, ports, "MAX_PORTS"),
-              (v.INCLUDE_OUTBOUND_PORTS, ports, "MAX_PORTS"), (v.EXCLUDE_OUTBOUND_PORTS, ports, "MAX_PORTS"),
-              (v.EXCLUDE_INTERFACES, getattr(v, "MAX_INTERFACES", MAX_INTERFACES), "MAX_INTERFACES"))
-    for key, limit, name in limits:
-        value = annotations.get(key)
-        if value is not None and value.count(",") >= limit and len(
-                [item for item in value.split(",") if item.strip()]) > limit:
-            pod = f"{request.args.get('K8S_POD_NAMESPACE')}/{request.args.get('K8S_POD_NAME')}"
-            raise CniError(spec.INVALID_ANNOTATION,
-                           f"pod {pod}: annotation {key} has more than {name} ({limit}) items")
+        return None, because(vocabulary.ReasonCode.NO_CAPTURE, f"interception mode {plan.mode}")
+    return plan, because(decision.reason, decision.message)
 
 
 def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:

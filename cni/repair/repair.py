@@ -19,8 +19,7 @@ from cni.kube import ApiError, KubeApi
 
 REPAIR_LABEL = "cni.istio.io/uninitialized"
 STATUS_ANNOTATION = vocabulary.STATUS
-#: = cni.annotations.VALIDATION_CONTAINER (interface 1) once the shared vocabulary defines it.
-VALIDATION_CONTAINER: str = getattr(vocabulary, "VALIDATION_CONTAINER", "istio-validation")
+VALIDATION_CONTAINER = vocabulary.VALIDATION_CONTAINER
 EVENT_SOURCE = "mesh-cni"
 MODES = ("off", "label", "delete")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cni import plugin, spec
+from cni import spec
 from tests.cni.cnitest import INJECTED, CniBed, Pod, exec_plugin, nft_ruleset, plugin_config
 
 HOST_RULESET_MARK = "table inet mesh_cni"
@@ -62,9 +62,7 @@ def _max_annotations(*, over: str | None = None) -> dict[str, str]:
     """Every list annotation at the injector's limit (one item over on ``over``)."""
     from cni import annotations as v
 
-    cidrs = getattr(v, "MAX_CIDRS", plugin.MAX_CIDRS)
-    ports = getattr(v, "MAX_PORTS", plugin.MAX_PORTS)
-    interfaces = getattr(v, "MAX_INTERFACES", plugin.MAX_INTERFACES)
+    cidrs, ports, interfaces = v.MAX_CIDRS, v.MAX_PORTS, v.MAX_INTERFACES
 
     def extra(key: str) -> int:
         return 1 if key == over else 0
@@ -106,7 +104,7 @@ def test_one_item_over_a_limit_is_refused_and_leaves_nothing(bed: CniBed, key: s
     pod = bed.new_pod(_max_annotations(over=key))
     code, out, _ = exec_plugin(bed, "ADD", plugin_config(bed, annotations=pod.annotations), pod=pod)
     assert code == 1 and out["code"] == spec.INVALID_ANNOTATION  # type: ignore[index]
-    assert key in out["msg"] and "MAX_" in out["msg"]  # type: ignore[index]
+    assert key in out["msg"] and "exceed the limit of" in out["msg"]  # type: ignore[index]
     assert HOST_RULESET_MARK not in nft_ruleset(pod.netns)
 
 

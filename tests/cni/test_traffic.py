@@ -151,12 +151,15 @@ def test_excluded_interfaces_are_not_captured(bed: CniBed, server: Pod) -> None:
 def test_uninjected_and_excluded_pods_are_left_alone(bed: CniBed, server: Pod) -> None:
     from tests.cni.cnitest import nft_ruleset
 
-    opted_out = bed.add_pod("meshnet", {**INJECTED, "sidecar.istio.io/inject": "false"})
+    opted_out = bed.add_pod("meshnet", {"sidecar.istio.io/inject": "false"})
     none_mode = bed.add_pod("meshnet", {**INJECTED, "sidecar.istio.io/interceptionMode": "NONE"})
     system = bed.add_pod("meshnet", INJECTED, namespace="kube-system")
     own = bed.add_pod("meshnet", INJECTED, name="mesh-cni-node-x1")
     for pod in (server, opted_out, none_mode, system, own):
         assert "mesh_cni" not in nft_ruleset(pod.netns), pod.name
+    # The injector decided (label beats annotation); the plugin follows its status, never re-decides.
+    injected_anyway = bed.add_pod("meshnet", {**INJECTED, "sidecar.istio.io/inject": "false"})
+    assert "mesh_cni" in nft_ruleset(injected_anyway.netns)
 
 
 def test_ipv6_loopback_and_exclusions(bed: CniBed, server: Pod) -> None:
