@@ -18,7 +18,6 @@ Table ``inet mesh_cni``::
 from __future__ import annotations
 
 import struct
-import sys
 
 from cni import nfnl
 from cni.nfnl import Expr
@@ -378,10 +377,3 @@ def check(netns_path: str, plan: RedirectPlan | None) -> list[str]:
     """Differences between the netns's table and what ADD would program for ``plan`` (None: none)."""
     expected = None if plan is None else expected_table(build_ruleset(plan))
     return diff_tables(expected, read(netns_path))
-
-
-if __name__ == "__main__":  # debugging aid: print the ruleset for default annotations
-    from cni.annotations import plan_from_annotations
-
-    for chain, exprs in build_ruleset(plan_from_annotations({}))[1]:
-        sys.stdout.write(f"{chain}: {exprs}\n")
