@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cni.cli import argument_parser
 from cni.install.agent import Agent, AgentConfig, install_signal_handlers
-from cni.install.conflist import EntryOptions
+from cni.install.conflist import PLUGIN_DEFAULTS, EntryOptions
 from cni.install.kubeconfig import api_server_url
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -38,11 +38,11 @@ FLAGS: tuple[tuple[str, str, str | None, str], ...] = (
         "API URL; default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT",
     ),
     ("--plugin-log-file", "MESH_CNI_PLUGIN_LOG_FILE", "/var/log/mesh-cni/mesh-cni.log", "conflist logFile"),
-    ("--plugin-log-level", "MESH_CNI_PLUGIN_LOG_LEVEL", "info", "conflist logLevel"),
+    ("--plugin-log-level", "MESH_CNI_PLUGIN_LOG_LEVEL", PLUGIN_DEFAULTS["logLevel"], "conflist logLevel"),
     (
         "--exclude-namespaces",
         "MESH_CNI_EXCLUDE_NAMESPACES",
-        "kube-system",
+        ",".join(PLUGIN_DEFAULTS["excludeNamespaces"]),
         "conflist excludeNamespaces (comma list)",
     ),
     (

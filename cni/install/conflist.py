@@ -12,7 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cni.config import KEYS
+
 PLUGIN_TYPE = "mesh-cni"
+#: The plugin's own defaults (cni.config), so the entry we write and the plugin agree.
+PLUGIN_DEFAULTS: dict[str, Any] = {key: default for key, (_, _, default) in KEYS.items()}
 POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 #: What libcni (and so containerd / CRI-O) loads from a net dir, in the runtime's own order.
 CONFLIST_SUFFIX = ".conflist"
@@ -26,9 +30,9 @@ class EntryOptions:
 
     kubeconfig: str = "/var/lib/mesh-cni/kubeconfig"
     log_file: str = "/var/log/mesh-cni/mesh-cni.log"
-    log_level: str = "info"
-    exclude_namespaces: tuple[str, ...] = ("kube-system",)
-    capture_dns: bool = False
+    log_level: str = PLUGIN_DEFAULTS["logLevel"]
+    exclude_namespaces: tuple[str, ...] = PLUGIN_DEFAULTS["excludeNamespaces"]
+    capture_dns: bool = PLUGIN_DEFAULTS["captureDNS"]
     extra: tuple[tuple[str, Any], ...] = ()
 
     def entry(self) -> dict[str, Any]:
