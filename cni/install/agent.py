@@ -120,12 +120,18 @@ class Agent:
             self.status.count("mesh_cni_runtime_builds_total")
         return self._runtime.launcher(shebang_ok=self._runtime.uses_patched_interpreter())
 
-    def _ensure_launcher(self, launcher: bytes) -> bool:
+    def _current_launcher(self) -> bytes | None:
+        """What is at the launcher path (None: nothing regular there), read without blocking;
+        something too large to be our launcher reads as b"" (not ours)."""
         try:
-            if self.launcher_path.read_bytes() == launcher:
-                return False
-        except FileNotFoundError:
-            pass
+            found = read_regular(self.launcher_path)
+        except ConfigTooLarge:
+            return b""
+        return None if found is None else found[0]
+
+    def _ensure_launcher(self, launcher: bytes) -> bool:
+        if self._current_launcher() == launcher:
+            return False
         self.config.cni_bin_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.launcher_path, launcher, mode=0o755, owner=(0, 0) if os.geteuid() == 0 else None)
         log.info("placed plugin launcher %s", self.launcher_path)
@@ -337,13 +343,13 @@ class Agent:
     def verify(self, launcher: bytes | None = None, problem: str | None = None) -> tuple[bool, str]:
         if problem:
             return False, problem
-        try:
-            if launcher is not None and self.launcher_path.read_bytes() != launcher:
-                return False, f"{self.launcher_path} is not our launcher"
-            if not os.access(self.launcher_path, os.X_OK):
-                return False, f"{self.launcher_path} missing or not executable"
-        except FileNotFoundError:
+        current = self._current_launcher()
+        if current is None:
             return False, f"{self.launcher_path} missing"
+        if launcher is not None and current != launcher:
+            return False, f"{self.launcher_path} is not our launcher"
+        if not os.access(self.launcher_path, os.X_OK):
+            return False, f"{self.launcher_path} missing or not executable"
         if not self._runtime.python.exists():
             return False, f"runtime missing under {self.config.runtime_dir}"
         if not self.chain_installed():
@@ -359,11 +365,9 @@ class Agent:
         for name in sorted(names):
             if name in self.state.files or (net / name).exists():
                 self._unchain(name)
-        try:
-            if self.launcher_path.read_bytes().split(b"\n", 2)[1].startswith(LAUNCHER_MARK):
-                remove_file(self.launcher_path)
-        except (FileNotFoundError, IndexError):
-            pass
+        lines = (self._current_launcher() or b"").split(b"\n", 2)
+        if len(lines) > 1 and lines[1].startswith(LAUNCHER_MARK):
+            remove_file(self.launcher_path)
         remove_file(self.config.kubeconfig)
         import shutil
 

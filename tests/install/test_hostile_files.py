@@ -21,10 +21,11 @@ from tests.install.conftest import SHAPES, plugin_types, snapshot, write_shape
 from tests.install.test_install import cli_flags
 
 
-def test_fifos_in_the_net_dir_never_block_install_once(host: AgentConfig) -> None:
+def test_fifos_in_the_net_and_bin_dirs_never_block_install_once(host: AgentConfig) -> None:
     write_shape(host, "bridge-conflist")
     os.mkfifo(host.cni_net_dir / "05-pipe.conflist")  # sorts first, has a config suffix
     os.mkfifo(host.cni_net_dir / "fifo")
+    os.mkfifo(host.cni_bin_dir / "mesh-cni")  # where our launcher goes: replaced, never read
     done = subprocess.run(
         [sys.executable, "-m", "cni.cli", "install", *cli_flags(host), "--once", "--once-timeout", "20"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
@@ -32,6 +33,7 @@ def test_fifos_in_the_net_dir_never_block_install_once(host: AgentConfig) -> Non
     assert done.returncode == 0, done.stderr
     assert plugin_types(host.cni_net_dir / "10-bridge.conflist")[-1] == "mesh-cni"
     assert stat.S_ISFIFO(os.lstat(host.cni_net_dir / "05-pipe.conflist").st_mode)
+    assert stat.S_ISREG(os.lstat(host.cni_bin_dir / "mesh-cni").st_mode)
 
 
 def _sparse(path: Path, size: int) -> None:
