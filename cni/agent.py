@@ -42,7 +42,8 @@ MAX_MESSAGE_BYTES = 6 * (1 << 20) + 65536
 
 
 def _recv_all(sock: _socket.socket, limit: int = MAX_MESSAGE_BYTES) -> bytes:
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = sock.recv(65536)
         if not chunk:

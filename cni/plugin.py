@@ -18,6 +18,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (hot path
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from cni.annotations import RedirectPlan
+
 #: = cni.annotations.STATUS; repeated so non-injected pods are skipped without importing the
 #: annotation module (tests assert the two agree).
 STATUS_ANNOTATION = "sidecar.istio.io/status"
@@ -104,7 +106,7 @@ def api_annotations(kubeconfig_path: str, namespace: str, name: str, uid: str | 
     return {str(k): str(v) for k, v in annotations.items()}
 
 
-def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None, str]:
+def decide(request: Request, annotations: dict[str, str]) -> tuple[RedirectPlan | None, str]:
     """The shared vocabulary's verdict: a RedirectPlan (None: leave the pod alone) and why."""
     from cni import annotations as vocabulary
 
@@ -122,7 +124,7 @@ def decide(request: Request, annotations: dict[str, str]) -> tuple[object | None
     return plan, because(decision.reason, decision.message)
 
 
-def pod_plan(request: Request, log: Log) -> tuple[object | None, str]:
+def pod_plan(request: Request, log: Log) -> tuple[RedirectPlan | None, str]:
     """The redirect plan for the pod (None: leave it alone) and why."""
     annotations, why = pod_annotations(request, log)
     if annotations is None:
