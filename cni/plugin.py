@@ -207,7 +207,10 @@ def cmd_del(request: Request, log: Log) -> str:
     except netns.NetnsMissing:
         log.info(f"netns {request.netns} is gone: nothing to remove")
     except netns.NetnsRefused as error:  # never touch it; failing DEL would wedge the pod's teardown
-        log.warn(f"CNI_NETNS {request.netns}: {error.strerror}; left alone")
+        # EINVAL: not a netns (a runtime's unmounted leftover: the pod's netns is gone);
+        # EPERM: ours or the host's, which no DEL of a pod may touch.
+        report = log.info if error.errno == 22 else log.warn
+        report(f"CNI_NETNS {request.netns}: {error.strerror}; left alone")
     except OSError as error:  # best effort: the rules die with the netns anyway
         log.warn(f"could not remove table inet {nftables.TABLE} from {request.netns}: {error}")
     else:
