@@ -172,9 +172,9 @@ def resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> a
     """resolve_traffic, memoised: most pods carry the same few traffic annotations (usually none)."""
     present = tuple((k, annotations[k]) for k in ann.TRAFFIC_ANNOTATIONS if k in annotations)
 
-    def resolve() -> ann.ResolvedTraffic:
+    def resolve() -> ann.ResolvedTraffic:  # from the key alone, so the key cannot miss an input
         try:
-            return ann.resolve_traffic(annotations, config.traffic_defaults)
+            return ann.resolve_traffic(dict(present), config.traffic_defaults)
         except ann.AnnotationError as err:
             raise Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
 
@@ -186,28 +186,25 @@ def _resource_values(annotations: Mapping[str, str]) -> tuple[str | None, ...] |
     """The resource annotations' values, validated (quantities; request <= limit); None: none set."""
     if not any(k in annotations for k, _, _ in RESOURCE_ANNOTATIONS):
         return None
-    values: list[str | None] = []
+    values: dict[tuple[str, str], str] = {}
     parsed: dict[tuple[str, str], Any] = {}
     for key, section, resource in RESOURCE_ANNOTATIONS:
         if key not in annotations:
-            values.append(None)
             continue
-        value = str(annotations[key]).strip()
+        value = values[(section, resource)] = str(annotations[key]).strip()
         try:
             parsed[(section, resource)] = parse_quantity(value)
         except ValueError as err:
             raise Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {key}={value!r}: {err}") from None
-        values.append(value)
     for resource in ("cpu", "memory"):
         request, limit = parsed.get(("requests", resource)), parsed.get(("limits", resource))
         if request is not None and limit is not None and request > limit:
-            raw = dict(zip([(s, r) for _, s, r in RESOURCE_ANNOTATIONS], values, strict=True))
             raise Rejected(
                 ReasonCode.INVALID_ANNOTATION,
-                f"proxy {resource} request {raw[('requests', resource)]} exceeds its limit "
-                f"{raw[('limits', resource)]}",
+                f"proxy {resource} request {values[('requests', resource)]} exceeds its limit "
+                f"{values[('limits', resource)]}",
             )
-    return tuple(values)
+    return tuple(values.get((section, resource)) for _, section, resource in RESOURCE_ANNOTATIONS)
 
 
 def resources(settings: ProxySettings, config: InjectorConfig) -> dict[str, Any] | None:
