@@ -23,7 +23,7 @@ from injector.merge import named, overlay_container
 from injector.overrides import Overrides, parse_overrides
 from injector.patch import create_patch, patch_json
 from injector.policy import decide
-from injector.probes import is_native_sidecar, probers_json, rewrite_app_probes
+from injector.probes import probers_json, rewrite_app_probes
 from injector.result import Decision, InjectionResult, Reason, ReasonCode, Rejected
 from injector.shape import pod_shape_problem
 from injector.uninject import PodView, Previous, uninject
@@ -253,7 +253,7 @@ def _inject_steps(
     # Probes of app containers and of native sidecars -> the agent's status port.
     probers: dict[str, Any] = {}
     if overrides.rewrite_probes:
-        sidecars = [i for i, c in enumerate(user_inits) if is_native_sidecar(c)]
+        sidecars = [i for i, c in enumerate(user_inits) if c.get("restartPolicy") == "Always"]  # native
         probed = app_containers + [user_inits[i] for i in sidecars]
         rewritten, probers, unresolved = rewrite_app_probes(probed, overrides.proxy.status_port)
         app_containers = rewritten[: len(app_containers)]
@@ -378,7 +378,7 @@ def _check_proxy_uid(
 ) -> None:
     """Refuse an app container running as the proxy's UID: its traffic would bypass the redirect."""
     plan = overrides.plan
-    if not plan.redirects or config.proxy.capture == "none":  # without a redirect nothing is bypassed
+    if not plan.redirects or not config.pod_defaults.captures:  # without a redirect nothing is bypassed
         return
     pod_security = spec.get("securityContext") or {}
     for c in app_containers:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
@@ -45,11 +45,11 @@ class TemplateChoice:
     init_container_names: frozenset[str]
 
 
-@dataclass(frozen=True)
-class ProxySettings:
+class ProxySettings(NamedTuple):
     """Everything the ``proxy`` and ``mesh`` template groups are computed from (with the config).
 
-    Hashable: the config memo keys the fixed context and the specialised renderers on it.
+    Hashable: the config memo keys the fixed context and the specialised renderers on it. A
+    NamedTuple, not a frozen dataclass: built per pod, and ~10x cheaper to build and hash.
     """
 
     image: str
@@ -67,8 +67,9 @@ class ProxySettings:
     hold_command: tuple[str, ...] | None
 
 
-@dataclass(frozen=True)
-class Overrides:
+class Overrides(NamedTuple):
+    """What the pod's annotations ask for, resolved over the config's defaults (immutable)."""
+
     choice: TemplateChoice
     traffic: ann.ResolvedTraffic
     native: bool
@@ -87,27 +88,28 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
     choice = select_templates(annotations, config)
     traffic = resolve_traffic(annotations, config)
     plan = traffic.plan
+    defaults = config.pod_defaults
     image = annotations.get(ann.PROXY_IMAGE)
     if image is not None and not str(image).strip():
         raise Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {ann.PROXY_IMAGE} is empty")
-    log_level = annotations.get(ann.LOG_LEVEL, config.proxy.log_level)
+    log_level = annotations.get(ann.LOG_LEVEL, defaults.log_level)
     if log_level not in LOG_LEVELS:
         raise Rejected(
             ReasonCode.INVALID_ANNOTATION,
             f"annotation {ann.LOG_LEVEL}={log_level!r}: expected one of {', '.join(LOG_LEVELS)}",
         )
-    native = _flag(annotations, ann.NATIVE_SIDECAR, config.native_sidecars_default)
-    rewrite = _flag(annotations, ann.REWRITE_PROBES, config.proxy.rewrite_app_http_probers)
-    prom_merge = _flag(annotations, ann.PROMETHEUS_MERGE, config.proxy.enable_prometheus_merge)
+    native = _flag(annotations, ann.NATIVE_SIDECAR, defaults.native_sidecars)
+    rewrite = _flag(annotations, ann.REWRITE_PROBES, defaults.rewrite_probes)
+    prom_merge = _flag(annotations, ann.PROMETHEUS_MERGE, defaults.prometheus_merge)
     proxy_config, hold = _proxy_config(annotations, config)
     resources = _resource_values(annotations)
     hold_effective = hold and not native and bool(choice.options.hold_command)
     has_status_port = plan.status_port != 0  # Istio: port 0 is no status port, so nothing to probe
     settings = ProxySettings(
-        image=image or config.proxy.image,
-        envoy_image=image or config.proxy.envoy_image,
+        image=image or defaults.image,
+        envoy_image=image or defaults.envoy_image,
         log_level=log_level,
-        component_log_level=annotations.get(ann.COMPONENT_LOG_LEVEL, config.proxy.component_log_level),
+        component_log_level=annotations.get(ann.COMPONENT_LOG_LEVEL, defaults.component_log_level),
         config_json=_json_sorted(_with_hold(proxy_config, hold)) if proxy_config or hold else "{}",
         resources=resources,
         uid=plan.proxy_uid,
@@ -170,11 +172,12 @@ def _choose(raw: str | None, config: InjectorConfig) -> TemplateChoice:
 
 def resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> ann.ResolvedTraffic:
     """resolve_traffic, memoised: most pods carry the same few traffic annotations (usually none)."""
-    present = tuple((k, annotations[k]) for k in ann.TRAFFIC_ANNOTATIONS if k in annotations)
+    found = _TRAFFIC_KEYS.intersection(annotations)  # C speed; nearly always empty or tiny
+    present = tuple((k, annotations[k]) for k in sorted(found)) if found else ()
 
-    def resolve() -> ann.ResolvedTraffic:
+    def resolve() -> ann.ResolvedTraffic:  # from the key alone, so the key cannot miss an input
         try:
-            return ann.resolve_traffic(annotations, config.traffic_defaults)
+            return ann.resolve_traffic(dict(present), config.traffic_defaults)
         except ann.AnnotationError as err:
             raise Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
 
@@ -182,32 +185,33 @@ def resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> a
     return found
 
 
+_TRAFFIC_KEYS = frozenset(ann.TRAFFIC_ANNOTATIONS)
+_RESOURCE_KEYS = frozenset(k for k, _, _ in RESOURCE_ANNOTATIONS)
+
+
 def _resource_values(annotations: Mapping[str, str]) -> tuple[str | None, ...] | None:
     """The resource annotations' values, validated (quantities; request <= limit); None: none set."""
-    if not any(k in annotations for k, _, _ in RESOURCE_ANNOTATIONS):
+    if _RESOURCE_KEYS.isdisjoint(annotations):
         return None
-    values: list[str | None] = []
+    values: dict[tuple[str, str], str] = {}
     parsed: dict[tuple[str, str], Any] = {}
     for key, section, resource in RESOURCE_ANNOTATIONS:
         if key not in annotations:
-            values.append(None)
             continue
-        value = str(annotations[key]).strip()
+        value = values[(section, resource)] = str(annotations[key]).strip()
         try:
             parsed[(section, resource)] = parse_quantity(value)
         except ValueError as err:
             raise Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {key}={value!r}: {err}") from None
-        values.append(value)
     for resource in ("cpu", "memory"):
         request, limit = parsed.get(("requests", resource)), parsed.get(("limits", resource))
         if request is not None and limit is not None and request > limit:
-            raw = dict(zip([(s, r) for _, s, r in RESOURCE_ANNOTATIONS], values, strict=True))
             raise Rejected(
                 ReasonCode.INVALID_ANNOTATION,
-                f"proxy {resource} request {raw[('requests', resource)]} exceeds its limit "
-                f"{raw[('limits', resource)]}",
+                f"proxy {resource} request {values[('requests', resource)]} exceeds its limit "
+                f"{values[('limits', resource)]}",
             )
-    return tuple(values)
+    return tuple(values.get((section, resource)) for _, section, resource in RESOURCE_ANNOTATIONS)
 
 
 def resources(settings: ProxySettings, config: InjectorConfig) -> dict[str, Any] | None:
@@ -252,7 +256,7 @@ def _proxy_config(annotations: Mapping[str, str], config: InjectorConfig) -> tup
             raise Rejected(
                 ReasonCode.INVALID_ANNOTATION, f"annotation {ann.PROXY_CONFIG}: expected a mapping"
             )
-    hold = config.proxy.hold_application_until_proxy_starts
+    hold = config.pod_defaults.hold
     if "holdApplicationUntilProxyStarts" in body:
         value = body["holdApplicationUntilProxyStarts"]
         if not isinstance(value, bool):
