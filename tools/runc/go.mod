@@ -1,5 +1,5 @@
 // runc at the version containerd v2.4.2 is tested with (its script/setup/runc-version).
-// Needs cgo (runc's nsenter is C); built without seccomp (no libseccomp on these machines).
+// Needs cgo (runc's nsenter is C) and libseccomp (built with the seccomp tag).
 module mesh-injector.test/tools/runc
 
 go 1.26.0
