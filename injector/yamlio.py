@@ -5,7 +5,8 @@ a file handed to the CLI). A few hundred bytes of nested aliases expand to gigab
 deep document exhausts the parser's stack, so every load here checks input bytes, document
 count, nesting depth and node count, and refuses aliases unless asked (then their *expanded*
 size counts against the node limit). A violation raises ``YamlLimitError`` naming the limit and
-its value, before any Python object for that document is built.
+its value, before any Python object for that document is built (and, for a text long enough to
+exceed the node limit, before it is even composed: counting parser events stops at the limit).
 
 The C (libyaml) loader and dumper are used when PyYAML has them; they give the same objects and
 the same bytes as the pure-Python ones (tests/cli/test_yamlio.py checks both paths), about ten
@@ -151,13 +152,13 @@ def _check(node: Any, limits: YamlLimits, source: str) -> None:
         current, depth = stack.pop()
         count += 1
         if count > max_nodes:
-            raise YamlLimitError(source, "max_nodes", max_nodes, f"a document of more than {max_nodes} nodes")
+            raise _nodes_error(source, max_nodes)
         if depth > max_depth:
             raise _depth_error(source, max_depth)
         if not aliases:
             key = id(current)
             if key in seen:
-                raise YamlLimitError(source, "aliases", False, "YAML aliases (*name) are not accepted")
+                raise _alias_error(source)
             seen.add(key)
         value = current.value
         if type(value) is list:
@@ -168,6 +169,58 @@ def _check(node: Any, limits: YamlLimits, source: str) -> None:
                     stack.append((v, depth))
             else:
                 stack.extend((child, depth) for child in value)
+
+
+_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def _precheck(data: str | bytes, limits: YamlLimits, source: str, pure: bool) -> None:
+    """Count nodes, depth, documents and aliases from parser events, before composing anything.
+
+    Composing builds every node of a document before ``_check`` can count them (seconds for a
+    few MiB), so a text long enough to hold more than ``max_nodes`` nodes is first counted
+    here, where the count stops at the limit. Syntax errors are left to the real pass.
+    """
+    parser = _loader(data, limits, source, pure)
+    nodes = depth = documents = 0
+    try:
+        while parser.check_event():
+            event = parser.get_event()
+            kind = type(event)
+            if kind is yaml.ScalarEvent or kind is yaml.AliasEvent or kind in _OPEN:
+                nodes += 1
+                if nodes > limits.max_nodes:
+                    raise _nodes_error(source, limits.max_nodes)
+                if kind in _OPEN:
+                    depth += 1
+                    if depth > limits.max_depth:
+                        raise _depth_error(source, limits.max_depth)
+                elif kind is yaml.AliasEvent and not limits.aliases:
+                    raise _alias_error(source)
+            elif kind in _CLOSE:
+                depth -= 1
+            elif kind is yaml.DocumentStartEvent:
+                nodes = 0
+                documents += 1
+                if documents > limits.max_documents:
+                    raise _documents_error(source, limits.max_documents)
+    except (yaml.YAMLError, UnicodeError, RecursionError):
+        return
+    finally:
+        parser.dispose()
+
+
+def _nodes_error(source: str, limit: int) -> YamlLimitError:
+    return YamlLimitError(source, "max_nodes", limit, f"a document of more than {limit} nodes")
+
+
+def _alias_error(source: str) -> YamlLimitError:
+    return YamlLimitError(source, "aliases", False, "YAML aliases (*name) are not accepted")
+
+
+def _documents_error(source: str, limit: int) -> YamlLimitError:
+    return YamlLimitError(source, "max_documents", limit, f"more than {limit} documents")
 
 
 def _syntax_error(exc: BaseException, source: str) -> YamlSyntaxError:
@@ -181,7 +234,10 @@ def _syntax_error(exc: BaseException, source: str) -> YamlSyntaxError:
 
 def _documents(text_or_stream: str | bytes | IO[Any], source: str, limits: YamlLimits,
                pure: bool) -> Iterator[Any]:
-    loader = _loader(_input(text_or_stream, limits, source), limits, source, pure)
+    data = _input(text_or_stream, limits, source)
+    if isinstance(data, (str, bytes)) and len(data) > limits.max_nodes:
+        _precheck(data, limits, source, pure)
+    loader = _loader(data, limits, source, pure)
     count = 0
     try:
         while True:
@@ -195,8 +251,7 @@ def _documents(text_or_stream: str | bytes | IO[Any], source: str, limits: YamlL
                 raise _depth_error(source, limits.max_depth) from None
             count += 1
             if count > limits.max_documents:
-                raise YamlLimitError(source, "max_documents", limits.max_documents,
-                                     f"more than {limits.max_documents} documents")
+                raise _documents_error(source, limits.max_documents)
             _check(node, limits, source)
             try:
                 yield loader.construct_document(node)
