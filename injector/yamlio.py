@@ -359,7 +359,7 @@ if _CDumper is not None:
             tag = self._resolved.get(key)
             if tag is None:
                 tag = super().resolve(kind, value, implicit)
-                if len(self._resolved) > 50_000:
+                if len(self._resolved) > 10_000:
                     self._resolved.clear()
                 self._resolved[key] = tag
             return tag

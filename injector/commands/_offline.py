@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from injector import documents
+from injector.commands._istio import IstioFileError, apply_istio_files
 from injector.config import ConfigError, InjectorConfig, default_config, load_config_dir
 from injector.documents import CLI_LIMITS, DocumentError, DocumentLimits
 from injector.result import InjectionResult
@@ -40,6 +41,14 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                              "selectors, as the API server would (default: not applied, like "
                              "istioctl kube-inject)")
     parser.add_argument("-r", "--revision", default=None, help="judge as this revision's injector")
+    istio = parser.add_argument_group("Istio's files (as istioctl kube-inject takes them)")
+    istio.add_argument("--injectConfigFile", dest="inject_config_file", metavar="FILE",
+                       help="the istio-sidecar-injector ConfigMap's config: policy, selectors, "
+                            "injectedAnnotations, templates (Go templates: see the README)")
+    istio.add_argument("--meshConfigFile", dest="mesh_config_file", metavar="FILE",
+                       help="the istio ConfigMap's mesh: trustDomain, defaultConfig")
+    istio.add_argument("--valuesFile", dest="values_file", metavar="FILE",
+                       help="the istio-sidecar-injector ConfigMap's values: global.hub/tag/proxy, ...")
     limits = parser.add_argument_group("input limits")
     default = CLI_LIMITS.yaml
     limits.add_argument("--max-bytes", type=int, default=default.max_bytes, metavar="N",
@@ -75,7 +84,13 @@ def load_config(args: argparse.Namespace) -> InjectorConfig:
             config = load_config_dir(root)
         else:
             config = default_config()
+        config, notes = apply_istio_files(config, inject_config=args.inject_config_file,
+                                          mesh_config=args.mesh_config_file, values=args.values_file)
+        for note in notes:
+            print(f"mesh-injector: note: {note}", file=sys.stderr)
         return documents.config_for_revision(config, args.revision)
+    except IstioFileError as exc:
+        raise OfflineError(str(exc)) from None
     except ConfigError as exc:
         raise OfflineError(f"configuration: {exc}") from None
 
