@@ -183,28 +183,10 @@ def parse_label_list(text: str | None) -> dict[str, str] | None:
     return labels
 
 
-_REVISION_CONFIGS: dict[tuple[str, str], Any] = {}
-
-
 def config_for_revision(config: Any, revision: str | None) -> Any:
-    """The running config, or the same config as the named revision's injector would run it."""
-    if not revision or revision == getattr(config, "revision", revision):
-        return config
-    for_revision = getattr(config, "for_revision", None)
-    if for_revision is not None:  # the compiled config memoizes its revisions itself
-        return for_revision(revision)
-    key = (str(config.config_hash), revision)
-    cached = _REVISION_CONFIGS.get(key)
-    if cached is None:
-        from injector.config import compile_config
-
-        data = config.model.model_dump(by_alias=True)
-        data.setdefault("values", {}).setdefault("mesh", {})["revision"] = revision
-        cached = compile_config(data)
-        if len(_REVISION_CONFIGS) > 32:
-            _REVISION_CONFIGS.clear()
-        _REVISION_CONFIGS[key] = cached
-    return cached
+    """The running config, or the same config as the named revision's injector would run it
+    (compiled once per revision, memoized by the compiled config itself)."""
+    return config.for_revision(revision) if revision else config
 
 
 # --- reporting ----------------------------------------------------------------------------------
