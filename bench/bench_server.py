@@ -148,8 +148,12 @@ def cpu_seconds(pid: int) -> float:
 
 def answered(url: str, ctx: ssl.SSLContext) -> int:
     text = urllib.request.urlopen(f"{url}/metrics", context=ctx, timeout=10).read().decode()
-    match = re.search(r'^mesh_injector_requests_total\{endpoint="inject",code="200"\} (\S+)$', text, re.M)
-    return int(float(match.group(1))) if match else 0
+    total = 0.0
+    for match in re.finditer(r'^mesh_injector_requests_total\{([^}]*)\} (\S+)$', text, re.M):
+        labels = set(match.group(1).split(","))
+        if {'endpoint="inject"', 'code="200"'} <= labels:
+            total += float(match.group(2))
+    return int(total)
 
 
 def parse_ms(text: str) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,6 @@ class ConfigHolder:
         self.current: Any = None
         self.fingerprint: str | None = None
         self.last_error: str | None = None
-        self.loaded_at: float | None = None
 
     @property
     def config_hash(self) -> str:
@@ -106,10 +104,10 @@ class ConfigHolder:
         self.current = new
         self.fingerprint = fingerprint
         self.last_error = None
-        self.loaded_at = time.time()
         self.metrics.config_reloads.inc("success")
         self.metrics.config_last_reload_success.set(1)
-        self.metrics.config_info.clear()
+        if old_hash and old_hash != self.config_hash:
+            self.metrics.config_info.set(0, old_hash)  # shared value files cannot forget a series
         self.metrics.config_info.set(1, self.config_hash)
         log.info(
             "configuration loaded",

@@ -11,19 +11,13 @@ namespace/object selectors, as the API server would), ``revision``, ``output`` (
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from injector.result import InjectionResult
-
-if TYPE_CHECKING:
-    from fastapi import Request
-
-    from injector.server import ServerState
 
 JSON_MEDIA = "application/json"
 YAML_MEDIA = "application/yaml"
@@ -155,32 +149,3 @@ def input_format(content_type: str) -> str:
         return "yaml"
     raise DryRunError(f"unsupported Content-Type {media or '(none)'!r}: send application/json or "
                       "application/yaml", 415)
-
-
-async def handle(request: Request, state: ServerState) -> tuple[int, bytes, str]:
-    """The endpoint's whole behaviour: (status, body, media type). Errors are 4xx, never 5xx."""
-    from injector.server import BodyTooLarge, read_body
-
-    output = request.query_params.get("output")
-    try:
-        fmt = input_format(request.headers.get("content-type", ""))
-        try:
-            body = await read_body(request.receive, state.max_body_bytes)
-        except BodyTooLarge:
-            raise DryRunError(f"request body exceeds the limit of {state.max_body_bytes} bytes") from None
-        docs = parse_documents(body, fmt)
-        labels = parse_label_list(request.query_params.get("namespaceLabels"))
-        config = config_for_revision(state.config.current, request.query_params.get("revision"))
-        entries = await asyncio.to_thread(
-            run_dry_run, docs, config=config, namespace=request.query_params.get("namespace"),
-            namespace_labels=labels,
-        )
-    except DryRunError as exc:
-        payload, media = render({"error": str(exc)}, "json")
-        return exc.status, payload, media
-    except Exception as exc:  # the core failed on this input: report it as the input's problem
-        payload, media = render({"error": f"cannot process the objects: {type(exc).__name__}: {exc}"}, "json")
-        return 400, payload, media
-    out_fmt = output if output in ("json", "yaml") else fmt
-    payload, media = render({"configHash": state.config.config_hash, "results": entries}, out_fmt)
-    return 200, payload, media

@@ -149,6 +149,7 @@ def start_server(
     server_pki: Pki | None = None,
     names: Sequence[str] = ("127.0.0.1", "localhost"),
     timeout: float = 30.0,
+    workers: int = 1,
 ) -> RunningServer:
     workdir.mkdir(parents=True, exist_ok=True)
     server_pki = server_pki or make_pki(workdir)
@@ -159,7 +160,7 @@ def start_server(
     args = [
         *serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
         "--tls-cert-file", str(secret.cert_file), "--tls-key-file", str(secret.key_file),
-        "--tls-reload-interval", "0.2", "--config-reload-interval", "0.2",
+        "--tls-reload-interval", "0.2", "--config-reload-interval", "0.2", "--workers", str(workers),
         *(["--config-dir", str(config_dir)] if config_dir else []), *extra_args,
     ]
     proc_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}

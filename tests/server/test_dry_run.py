@@ -8,6 +8,7 @@ import json
 import jsonpatch
 import yaml
 
+from tests.server.fake_apiserver import DEV_TOKEN
 from tests.server.helpers import RunningServer, review, typical_pod
 
 
@@ -27,9 +28,13 @@ SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
            "spec": {"ports": [{"port": 80}]}}
 
 
-def dry_run(webhook: RunningServer, body: str | bytes, content_type: str, **params: str):
+def dry_run(webhook: RunningServer, body: str | bytes, content_type: str, token: str | None = DEV_TOKEN,
+            **params: str):
+    headers = {"content-type": content_type}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
     with webhook.client() as client:
-        return client.post("/dry-run", content=body, headers={"content-type": content_type}, params=params)
+        return client.post("/dry-run", content=body, headers=headers, params=params)
 
 
 def test_multi_document_yaml_in_yaml_out(webhook: RunningServer) -> None:
