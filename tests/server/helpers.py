@@ -128,7 +128,7 @@ class RunningServer:
     args: list[str] = field(default_factory=list)
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=self.pki.ssl_context(), timeout=10.0, **kwargs)
+        return httpx.Client(base_url=self.url, verify=self.pki.ssl_context(), **{"timeout": 10.0, **kwargs})
 
     def logs(self) -> list[dict[str, Any]]:
         """The server's log lines, including those of every request answered so far.
