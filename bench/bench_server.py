@@ -15,6 +15,7 @@ Needs ``wrk`` (Debian package; installed with apt-get when missing and running a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -134,16 +135,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_pids(pid: int) -> list[int]:
+    """The serve supervisor and its worker processes."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in KiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    """(VmRSS, VmHWM) in KiB, summed over the supervisor and its workers."""
+    rss = hwm = 0
+    for one in server_pids(pid):
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{one}/status").read_text().splitlines())
+        rss += int(fields["VmRSS"].split()[0])
+        hwm += int(fields["VmHWM"].split()[0])
+    return rss, hwm
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (load-robust: other processes do not inflate it)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of the server's processes (load-robust: others do not inflate it)."""
+    total = 0.0
+    for one in server_pids(pid):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def answered(url: str, ctx: ssl.SSLContext) -> int:
@@ -211,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         log = (tmp / "server.log").open("wb")
         server = subprocess.Popen(
             [*cmd, "serve", "--address", "127.0.0.1", "--port", str(port),
-             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
+             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
+             "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
         )
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 load.terminate()
                 load.wait(10)
             _, hwm = rss_kib(server.pid)
-            print("memory (server process RSS, MiB) by reviews answered: "
+            print("memory (server RSS: supervisor + worker, MiB) by reviews answered: "
                   + ", ".join(f"{n // 1000}k: {mib:.1f}" for n, mib in samples))
             if len(samples) >= 2:
                 half = samples[len(samples) // 2 - 1]

@@ -11,12 +11,17 @@ them (counters and histograms summed; gauges by the mode that fits each one). Wi
 variable (tests, one process) the same classes count in memory.
 
 Each metric is wrapped in a small adapter keeping the call shape the endpoints use
-(``requests.inc("inject", "200")``) and caching the labelled children: ``labels()`` takes a
-lock and builds a key on every call, which the admission path does not need to pay.
+(``requests.inc("inject", "200")``). The admission path's metrics are *batched*: an update is a
+dict increment on the event loop thread, and ``flush()`` (every half second, before every scrape
+and at shutdown) hands the totals to prometheus_client. Measured per review, its multiprocess
+values cost ~20-40 us (a lock and an mmap write per series, three for a histogram observation)
+against ~0.4 ms for the whole review; batched it is ~2 us. Metrics updated from other threads
+(Events) are not batched.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -71,11 +76,26 @@ class _Labelled:
 
 
 class CounterVec(_Labelled):
+    def __init__(self, metric: Any, batched: bool = False) -> None:
+        super().__init__(metric)
+        self.pending: dict[tuple[str, ...], float] | None = {} if batched else None
+
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        self.child(labels).inc(amount)
+        pending = self.pending
+        if pending is None:
+            self.child(labels).inc(amount)
+        else:
+            pending[labels] = pending.get(labels, 0.0) + amount
+
+    def flush(self) -> None:
+        if self.pending:
+            items, self.pending = self.pending, {}
+            for labels, amount in items.items():
+                self.child(labels).inc(amount)
 
     def get(self, *labels: str) -> float:
         """This process's value (tests and the bench read it; /metrics shows the sum)."""
+        self.flush()
         return float(self.child(labels)._value.get())
 
 
@@ -85,8 +105,30 @@ class GaugeVec(CounterVec):
 
 
 class HistogramVec(_Labelled):
+    """A label-less histogram whose observations are counted per bucket until ``flush``."""
+
+    def __init__(self, metric: Any, bounds: Sequence[float]) -> None:
+        super().__init__(metric)
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # last: above every bound (+Inf)
+        self.total = 0.0
+
     def observe(self, value: float) -> None:
-        self.child(()).observe(value)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # buckets are "<= bound"
+        self.total += value
+
+    def flush(self) -> None:
+        if not any(self.counts):
+            return
+        counts, total = self.counts, self.total
+        self.counts, self.total = [0] * len(counts), 0.0
+        histogram = self.metric
+        # prometheus_client keeps one (non-cumulative) value per bucket and one for the sum;
+        # adding to them is what ``observe`` does, once per observation.
+        for bucket, n in zip(histogram._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+        histogram._sum.inc(total)
 
 
 class _WorkerProcesses:
@@ -141,8 +183,8 @@ class InjectorMetrics:
         # private registry keeps several instances in one process (tests) from colliding.
         r = self.registry = CollectorRegistry(auto_describe=False)
 
-        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterVec:
-            return CounterVec(Counter(name, doc, labels, registry=r))
+        def counter(name: str, doc: str, labels: Sequence[str] = (), batched: bool = True) -> CounterVec:
+            return CounterVec(Counter(name, doc, labels, registry=r), batched)
 
         def gauge(name: str, doc: str, mode: str, labels: Sequence[str] = ()) -> GaugeVec:
             return GaugeVec(Gauge(name, doc, labels, registry=r, multiprocess_mode=mode))
@@ -165,10 +207,10 @@ class InjectorMetrics:
             "mesh_injector_admission_duration_seconds",
             "Time from a complete request body to the encoded admission response.",
             buckets=LATENCY_BUCKETS, registry=r,
-        ))
-        self.config_reloads = counter("mesh_injector_config_reloads_total",
+        ), LATENCY_BUCKETS)
+        self.config_reloads = counter("mesh_injector_config_reloads_total",  # on the reload thread
                                       "Configuration directory reloads by result (success or failure).",
-                                      ("result",))
+                                      ("result",), batched=False)
         self.config_last_reload_success = gauge(
             "mesh_injector_config_last_reload_success",
             "1 when the last configuration load succeeded, 0 when it failed and the old config runs "
@@ -182,10 +224,10 @@ class InjectorMetrics:
             "Unix time at which the serving certificate in use expires.", "livemostrecent")
         self.cert_reloads = counter("mesh_injector_tls_certificate_reloads_total",
                                     "Serving certificate reloads by result (success or failure).",
-                                    ("result",))
-        self.events = counter("mesh_injector_events_total",
+                                    ("result",), batched=False)
+        self.events = counter("mesh_injector_events_total",  # counted on the Events thread
                               "Kubernetes Events by outcome (sent, failed, dropped when the queue was full).",
-                              ("result",))
+                              ("result",), batched=False)
         self.timeouts = counter("mesh_injector_admission_timeouts_total",
                                 "Admission reviews answered Timeout because the request deadline passed.")
         self.refused_connections = counter(
@@ -205,6 +247,14 @@ class InjectorMetrics:
                        self.timeouts):
             metric.child(())
 
+        self.batched = [m for m in vars(self).values()
+                        if isinstance(m, HistogramVec) or getattr(m, "pending", None) is not None]
+
+    def flush(self) -> None:
+        """Hand the batched updates to prometheus_client (call on the thread that updates them)."""
+        for metric in self.batched:
+            metric.flush()
+
     def _collectors(self) -> Iterable[Any]:
         directory = multiprocess_dir()
         if self.multiprocess and directory:
@@ -221,12 +271,13 @@ class InjectorMetrics:
         return registry
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
-        """(body, content type) for a scrape with this ``Accept`` header."""
+        """(body, content type) for a scrape with this ``Accept`` header (``flush`` first)."""
         encoder, content_type = _exposition.choose_encoder(accept or "")
         return encoder(self._collectors()), content_type
 
     def render(self) -> str:
-        """The text format (0.0.4)."""
+        """The text format (0.0.4), this process's batched updates included."""
+        self.flush()
         return _exposition.generate_latest(self._collectors()).decode()
 
 

@@ -45,6 +45,9 @@ JSON_TYPES = ("application/json",)
 #: Bodies up to this size are decided inline on the event loop (a typical pod takes ~0.2 ms);
 #: larger ones on a bounded thread pool, so the request deadline can answer for them in time.
 INLINE_BODY_BYTES = 256 * 1024
+#: Seconds between hand-overs of the batched admission metrics (injector.metrics) to the files
+#: every worker's /metrics reads: a scrape may miss the other workers' last half second.
+METRICS_FLUSH_INTERVAL = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +329,10 @@ def _pollers(state: ServerState) -> list[Callable[[], Awaitable[None]]]:
     async def config_step() -> None:
         await asyncio.to_thread(state.config.poll)
 
-    out = []
+    async def flush_step() -> None:
+        state.metrics.flush()  # the batched admission metrics, where the other workers see them
+
+    out = [lambda: _poll_forever(METRICS_FLUSH_INTERVAL, flush_step, "metrics")]
     if state.certificate is not None:
         out.append(lambda: _poll_forever(state.tls_reload_interval, tls_step, "certificate"))
     if state.config.config_dir is not None:
@@ -399,6 +405,7 @@ def create_app(state: ServerState) -> WebhookApp:
                     await task
             if state.events is not None:
                 await asyncio.to_thread(state.events.stop)
+            state.metrics.flush()
 
     app = WebhookApp(
         title="mesh-injector",
@@ -432,6 +439,7 @@ def create_app(state: ServerState) -> WebhookApp:
     async def metrics(request: Request) -> Response:
         """Prometheus exposition (OpenMetrics when the scraper asks for it), summed over workers."""
         state.metrics.requests.inc("metrics", "200")
+        state.metrics.flush()  # this worker's; the others flush every METRICS_FLUSH_INTERVAL
         body, content_type = await asyncio.to_thread(state.metrics.exposition, request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
 

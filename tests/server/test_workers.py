@@ -55,6 +55,7 @@ def test_both_workers_serve_and_metrics_are_their_sum(two: RunningServer) -> Non
         with two.client() as client:
             answered_by.add(client.get("/readyz").json()["worker"]["pid"])
             assert client.post("/inject", json=review(typical_pod())).status_code == 200
+    time.sleep(1.0)  # each worker hands its counts over every 0.5 s (METRICS_FLUSH_INTERVAL)
     after = per_worker(two, inject_count)
     assert set(after.values()) == {next(iter(before.values())) + 60}  # every worker shows the sum
     ready = per_worker(two, lambda c: c.get("/readyz").json())
@@ -102,6 +103,7 @@ def test_certificate_rotation_reaches_every_worker(two: RunningServer) -> None:
 
 
 def test_a_killed_worker_is_replaced_and_its_counts_stay(two: RunningServer) -> None:
+    time.sleep(1.0)
     before = per_worker(two, inject_count)
     victim = next(iter(before))
     os.kill(victim, signal.SIGKILL)
