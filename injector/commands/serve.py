@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -301,6 +302,15 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
     except Exception as exc:
         log.error("cannot start: kubeconfig unusable", extra={"error": str(exc)})
         return 2
+    if api is not None:
+        def cluster_version() -> str | None:
+            from kubernetes import client
+
+            raw = client.VersionApi(api).get_code(_preload_content=False, _request_timeout=5)
+            return str(json.loads(raw.data).get("gitVersion") or "") or None
+
+        config.cluster_version = cluster_version
+    config.refresh_cluster_version()  # nativeSidecars: auto follows this cluster's version
     events = None if args.no_events else EventRecorder(api, metrics, max_queue=args.events_queue_size)
     state = ServerState(
         config=config, metrics=metrics, certificate=certificate, events=events, api=api,

@@ -58,7 +58,7 @@ class FakeApiServer:
 
             def do_GET(self) -> None:
                 fake.requests.append(Recorded("GET", self.path, 0, None))
-                if self.path == "/version" and fake.version is not None:
+                if self.path.rstrip("/") == "/version" and fake.version is not None:
                     self._answer(200, fake.version)
                 else:
                     self._answer(404, {"kind": "Status", "code": 404})
@@ -91,7 +91,7 @@ class FakeApiServer:
         return 404, {"kind": "Status", "code": 404}
 
     def calls(self, suffix: str) -> list[Recorded]:
-        return [r for r in self.requests if r.path.endswith(suffix)]
+        return [r for r in self.requests if r.path.rstrip("/").endswith(suffix)]
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(json.dumps({
