@@ -44,7 +44,7 @@ class DryRunLimits:
 
     max_body_bytes: int = 6 * MiB
     timeout: float = 20.0  # wall clock of the child; its CPU rlimit is the same number of seconds
-    max_memory_bytes: int = 512 * MiB  # address space the child may add to what it inherited
+    max_memory_bytes: int = 256 * MiB  # address space the child may add (the pod is limited to 512Mi)
     max_output_bytes: int = 64 * MiB
     concurrency: int = 1  # children per worker process
     auth: bool = True  # TokenReview + SubjectAccessReview (create pods); off only for local use
