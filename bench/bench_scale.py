@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import re
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,37 +33,10 @@ sys.path.insert(0, str(HERE))
 
 import bench_server as bs  # noqa: E402
 
-from injector import pki  # noqa: E402
-
 CONNECTIONS = (1, 16, 64, 256)
 WORKERS = (1, 2)
 TARGET_P99_MS = 20.0
 TARGET_SPEEDUP = 1.6
-
-
-def run_wrk_measured(wrk: str, url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
-    """wrk's numbers plus the CPU seconds wrk itself used (from its rusage)."""
-    threads = min(2, connections)
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency",
-         "-s", str(script), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, _, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    result: dict[str, float] = {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))}  # type: ignore[union-attr]
-    for pct in ("50", "99"):
-        found = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
-        result[f"p{pct}"] = bs.parse_ms(found.group(1)) if found else float("nan")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    result["non2xx"] = float(errors.group(1)) if errors else 0.0
-    result["sockerr"] = float(sum(int(g) for g in socket_errors.groups())) if socket_errors else 0.0
-    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    result["wrk_cores"] = (usage.ru_utime + usage.ru_stime) / wall
-    return result
 
 
 def webhook_curve(duration: int) -> dict[tuple[int, int], dict[str, float]]:
@@ -75,51 +44,29 @@ def webhook_curve(duration: int) -> dict[tuple[int, int], dict[str, float]]:
     results: dict[tuple[int, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_name:
         tmp = Path(tmp_name)
-        ca = pki.make_ca("bench CA")
-        serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
-        (tmp / "ca.crt").write_bytes(ca.cert_pem)
-        (tmp / "tls.crt").write_bytes(serving.cert_pem)
-        (tmp / "tls.key").write_bytes(serving.key_pem)
-        body = tmp / "review.json"
-        body.write_text(json.dumps(bs.typical_review()))
-        script = tmp / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\n'
-            f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-        )
+        _, script = bs.write_fixtures(tmp)
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         for workers in WORKERS:
             port = bs.free_port()
             url = f"https://127.0.0.1:{port}"
             log_path = tmp / f"server-{workers}.log"
             log = log_path.open("wb")
-            server = subprocess.Popen(
-                [*bs.serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
-                 "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"),
-                 "--no-events", "--workers", str(workers)],
-                stdout=log, stderr=subprocess.STDOUT,
-                env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
-            )
+            server = bs.start(tmp, port, workers, log)
             try:
                 if not bs.wait_ready(url, ctx, server, log_path):
                     raise SystemExit("bench_scale: the server did not start")
                 time.sleep(1.0)  # every worker up
-                bs.run_wrk(bs.ensure_wrk(), f"{url}/inject", script, 2, 16, 2)  # warm-up
+                bs.run_wrk(wrk, f"{url}/inject", script, 2, 16, 2, quiet=True)  # warm-up
                 for conns in CONNECTIONS:
                     cpu_before, count_before = bs.cpu_seconds(server.pid), bs.answered(url, ctx)
-                    m = run_wrk_measured(wrk, f"{url}/inject", script, duration, conns)
+                    m = bs.run_wrk(wrk, f"{url}/inject", script, duration, conns, min(2, conns), quiet=True)
                     answered = max(bs.answered(url, ctx) - count_before, 1)
                     m["server_ms"] = (bs.cpu_seconds(server.pid) - cpu_before) * 1000 / answered
                     results[(workers, conns)] = m
                     print(f"  workers {workers} connections {conns:3d}: {m['rps']:7.0f} reviews/s, "
                           f"p99 {m['p99']:6.2f} ms", flush=True)
             finally:
-                server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(15)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+                bs.stop(server)
                 log.close()
     return results
 

@@ -179,23 +179,67 @@ def parse_ms(text: str) -> float:
 
 
 def run_wrk(
-    wrk: str, url: str, script: Path, seconds: float, connections: int, threads: int
+    wrk: str, url: str, script: Path, seconds: float, connections: int, threads: int, quiet: bool = False
 ) -> dict[str, float]:
-    out = subprocess.run(
-        [wrk, f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    """wrk's numbers, plus ``wrk_cores``: the CPU wrk itself used per second of its run."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s", "--latency",
+         "-s", str(script), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, _, usage = os.wait4(proc.pid, 0)
     result = {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "75", "90", "99"):
         found = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         result[f"p{pct}"] = parse_ms(found.group(1)) if found else float("nan")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     result["non2xx"] = float(errors.group(1)) if errors else 0.0
+    result["sockerr"] = float(sum(int(g) for g in socket_errors.groups())) if socket_errors else 0.0
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    if socket_errors:
-        print(f"  wrk socket errors: {socket_errors.group(1)}")
+    result["wrk_cores"] = (usage.ru_utime + usage.ru_stime) / (time.monotonic() - started)
+    if socket_errors and not quiet:
+        print(f"  wrk socket errors: {socket_errors.group(0)}")
     return result
+
+
+def write_fixtures(tmp: Path) -> tuple[Path, Path]:
+    """CA, serving pair, the review body and wrk's script in ``tmp``: (body, script)."""
+    ca = pki.make_ca("bench CA")
+    serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
+    (tmp / "ca.crt").write_bytes(ca.cert_pem)
+    (tmp / "tls.crt").write_bytes(serving.cert_pem)
+    (tmp / "tls.key").write_bytes(serving.key_pem)
+    body = tmp / "review.json"
+    body.write_text(json.dumps(typical_review()))
+    script = tmp / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return body, script
+
+
+def start(tmp: Path, port: int, workers: int, log: Any) -> subprocess.Popen[bytes]:
+    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``."""
+    return subprocess.Popen(
+        [*serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
+         "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
+         "--workers", str(workers)],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+    )
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,30 +253,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
         tmp = Path(tmp_name)
-        ca = pki.make_ca("bench CA")
-        serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
-        (tmp / "ca.crt").write_bytes(ca.cert_pem)
-        (tmp / "tls.crt").write_bytes(serving.cert_pem)
-        (tmp / "tls.key").write_bytes(serving.key_pem)
-        body = tmp / "review.json"
-        body.write_text(json.dumps(typical_review()))
-        script = tmp / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\n'
-            f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-        )
+        body, script = write_fixtures(tmp)
         port = free_port()
         url = f"https://127.0.0.1:{port}"
-        cmd = serve_command()
         log = (tmp / "server.log").open("wb")
-        server = subprocess.Popen(
-            [*cmd, "serve", "--address", "127.0.0.1", "--port", str(port),
-             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
-        )
+        server = start(tmp, port, 1, log)
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         try:
             if not wait_ready(url, ctx, server, tmp / "server.log"):
@@ -291,11 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"the second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
                       f"{samples[-1][1] - half[1]:+.1f} MiB")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
             log.close()
     return 0
 
