@@ -10,7 +10,8 @@ Query parameters: ``namespace``, ``namespaceLabels`` (``k=v,k2=v2``: also applie
 namespace/object selectors, as the API server would), ``revision``, ``output`` (json|yaml).
 
 ``respond`` is the whole endpoint as a pure function (bytes and parameters in, status and bytes
-out) with its own limits (``DryRunLimits``): the server decides where it runs and who may call it.
+out) with its own limits (``DryRunLimits``); ``injector.dryrun_runner`` decides where it runs
+(a forked child) and who may call it.
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from injector import documents, yamlio
 from injector.documents import DocumentError, DocumentLimits
 from injector.yamlio import MiB, YamlLimits
-
-if TYPE_CHECKING:
-    from fastapi import Request
-
-    from injector.server import ServerState
 
 JSON_MEDIA = "application/json"
 YAML_MEDIA = "application/yaml"
@@ -38,14 +34,14 @@ SOURCE = "the request body"
 
 @dataclass(frozen=True)
 class DryRunLimits:
-    """Bounds on one ``/dry-run`` request, far below the CLI's: anyone who reaches the port can send one.
+    """Bounds on one ``/dry-run`` request, far below the CLI's: the body comes over the network.
 
     A 10,000-pod List or 10,000 documents is refused while parsing, before anything is built.
     """
 
     documents: DocumentLimits = field(default_factory=lambda: DocumentLimits(
         yaml=YamlLimits(max_bytes=2 * MiB, max_depth=64, max_nodes=50_000, max_documents=200, aliases=False),
-        max_objects=200,
+        max_objects=1000,
     ))
     max_seconds: float = 5.0  # wall time for the injections, checked between objects
 
@@ -92,6 +88,8 @@ def evaluate(body: bytes, content_type: str, config: Any, *, params: Mapping[str
         return exc.status, _error(str(exc), exc.limit), "json"
     except DocumentError as exc:
         return _status(exc), _error(str(exc), exc.limit), "json"
+    except MemoryError:  # the runner's memory limit: it reports that itself
+        raise
     except Exception as exc:  # the core failed on this input: report it as the input's problem
         return 400, _error(f"cannot process the objects: {type(exc).__name__}: {exc}", None), "json"
     return 200, {"configHash": config.config_hash, "results": entries}, out_fmt
@@ -136,24 +134,3 @@ def respond(body: bytes, content_type: str, config: Any, *, params: Mapping[str,
     status, answer, fmt = evaluate(body, content_type, config, params=params, limits=limits)
     payload, media = render(answer, fmt)
     return status, payload, media
-
-
-async def handle(request: Request, state: ServerState) -> tuple[int, bytes, str]:
-    """Read the body (bounded by the server's and the dry-run's byte limit) and answer in a thread."""
-    import asyncio
-
-    from injector.server import BodyTooLarge, read_body
-
-    limit = min(state.max_body_bytes, DEFAULT_LIMITS.documents.yaml.max_bytes)
-    try:
-        input_format(request.headers.get("content-type", ""))
-        body = await read_body(request.receive, limit)
-    except DryRunError as exc:
-        payload, media = render(_error(str(exc), exc.limit), "json")
-        return exc.status, payload, media
-    except BodyTooLarge:
-        payload, media = render(_error(f"{SOURCE}: larger than {limit} bytes (limit max_bytes={limit})",
-                                       "max_bytes"), "json")
-        return 413, payload, media
-    return await asyncio.to_thread(respond, body, request.headers.get("content-type", ""),
-                                   state.config.current, params=dict(request.query_params))

@@ -49,14 +49,14 @@ def test_every_list_kind_is_its_items(kind: str) -> None:
     [
         (yaml.safe_dump({"kind": "List", "items": [pod(f"p{i}") for i in range(10_000)]}), "max_nodes"),
         (json.dumps({"kind": "List", "items": [pod(f"p{i}") for i in range(10_000)]}), "max_nodes"),
-        (yaml.safe_dump({"kind": "List", "items": [{"kind": "Pod"} for _ in range(201)]}), "max_objects"),
+        (yaml.safe_dump({"kind": "List", "items": [{"kind": "Pod"} for _ in range(1001)]}), "max_objects"),
         ("kind: Pod\n---\n" * 10_000, "max_documents"),
         (json.dumps([{"kind": "Pod"}] * 10_000), "max_documents"),
         ("kind: Pod\nx: " + "a" * (3 << 20), "max_bytes"),
         ("kind: Pod\nx: " + "[" * 65 + "]" * 65, "max_depth"),
         ('{"kind": "Pod", "x": ' + "[" * 65 + "]" * 65 + "}", "max_depth"),
     ],
-    ids=["10k-pod-list-yaml", "10k-pod-list-json", "201-objects", "10k-documents-yaml", "10k-documents-json",
+    ids=["10k-pod-list-yaml", "10k-pod-list-json", "1001-objects", "10k-documents-yaml", "10k-documents-json",
          "3MiB", "deep-yaml", "deep-json"],
 )
 def test_dry_run_refuses_what_is_too_big_naming_the_limit(body: str, limit: str) -> None:
