@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -18,7 +18,7 @@ from injector import documents
 from injector.commands._istio import IstioFileError, apply_istio_files
 from injector.config import ConfigError, InjectorConfig, default_config, load_config_dir
 from injector.documents import CLI_LIMITS, DocumentError, DocumentLimits
-from injector.result import InjectionResult
+from injector.result import Decision, InjectionResult, Reason
 from injector.yamlio import YamlLimits
 
 #: Files ``load_config_dir`` reads; a --config-dir with none of them is a mistake, not "defaults".
@@ -136,5 +136,49 @@ def inject_one(obj: dict[str, Any], config: InjectorConfig, labels: dict[str, st
                args: argparse.Namespace) -> InjectionResult:
     from injector.core import inject
 
-    result = inject(obj, config=config, namespace_labels=labels, namespace=args.namespace)
+    def judge(candidate: dict[str, Any]) -> InjectionResult:
+        return inject(candidate, config=config, namespace_labels=labels, namespace=args.namespace)
+
+    result = judge(obj)
+    if result.decision is Decision.REJECT:
+        result.reasons = _every_bad_annotation(obj, result, judge)
     return documents.explained(result, obj)
+
+
+#: How many more bad annotations to look for after the first (each costs one more core call).
+MAX_EXTRA_PROBLEMS = 16
+
+
+def _every_bad_annotation(obj: dict[str, Any], result: InjectionResult,
+                          judge: Callable[[dict[str, Any]], InjectionResult]) -> list[Reason]:
+    """The core stops at the first bad annotation; judge again without each one it names to
+    find the others, so the user fixes them all at once instead of one run per annotation."""
+    from injector.core import WORKLOAD_TEMPLATE_PATHS
+
+    path = (*WORKLOAD_TEMPLATE_PATHS.get(obj.get("kind", ""), ()), "metadata", "annotations")
+    reasons = list(result.reasons)
+    current = obj
+    for _ in range(MAX_EXTRA_PROBLEMS):
+        annotations = _at(current, path)
+        named = [key for key in annotations if key in reasons[-1].message] if annotations else []
+        if not named:
+            break
+        current = _without(current, path, max(named, key=len))
+        again = judge(current)
+        if again.decision is not Decision.REJECT or again.reasons[0] in reasons:
+            break
+        reasons.append(again.reasons[0])
+    return reasons
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> dict[str, Any] | None:
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else None
+
+
+def _without(obj: dict[str, Any], path: tuple[str, ...], key: str) -> dict[str, Any]:
+    """A copy of ``obj`` (copied only along ``path``) without ``key`` in the mapping at ``path``."""
+    if not path:
+        return {k: v for k, v in obj.items() if k != key}
+    return {**obj, path[0]: _without(obj[path[0]], path[1:], key)}

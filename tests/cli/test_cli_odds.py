@@ -156,3 +156,25 @@ def test_every_list_kind_is_injected_item_by_item() -> None:
     (out,) = yaml.safe_load_all(done.stdout)
     assert out["kind"] == "DeploymentList"
     assert "istio-proxy" in str(out["items"][0]["spec"]["template"])
+
+
+BAD_ANNOTATIONS = {
+    "traffic.sidecar.istio.io/excludeInboundPorts": "8080,70000",
+    "traffic.sidecar.istio.io/excludeOutboundPorts": "x",
+    "sidecar.istio.io/interceptionMode": "bogus",
+    "status.sidecar.istio.io/port": "abc",
+}
+
+
+def test_every_bad_annotation_of_a_pod_is_reported_at_once() -> None:
+    pod = {**POD, "metadata": {"name": "bad", "annotations": BAD_ANNOTATIONS}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bad"},
+                  "spec": {"template": {"metadata": {"annotations": BAD_ANNOTATIONS}, "spec": POD["spec"]}}}
+    for obj in (pod, deployment):
+        body = yaml.safe_dump(obj).encode()
+        for command, stream in (("kube-inject", "stderr"), ("check", "stdout")):
+            done = run_cli(command, "-f", "-", stdin=body)
+            assert done.returncode == 1
+            text = getattr(done, stream).decode()
+            for key, value in BAD_ANNOTATIONS.items():
+                assert f"annotation {key}={value!r}" in text, (command, obj["kind"], text)
