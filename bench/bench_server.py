@@ -15,6 +15,7 @@ Needs ``wrk`` (Debian package; installed with apt-get when missing and running a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -134,22 +135,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_pids(pid: int) -> list[int]:
+    """The serve supervisor and its worker processes."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in KiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    """(VmRSS, VmHWM) in KiB, summed over the supervisor and its workers."""
+    rss = hwm = 0
+    for one in server_pids(pid):
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{one}/status").read_text().splitlines())
+        rss += int(fields["VmRSS"].split()[0])
+        hwm += int(fields["VmHWM"].split()[0])
+    return rss, hwm
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (load-robust: other processes do not inflate it)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of the server's processes (load-robust: others do not inflate it)."""
+    total = 0.0
+    for one in server_pids(pid):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def answered(url: str, ctx: ssl.SSLContext) -> int:
     text = urllib.request.urlopen(f"{url}/metrics", context=ctx, timeout=10).read().decode()
-    match = re.search(r'^mesh_injector_requests_total\{endpoint="inject",code="200"\} (\S+)$', text, re.M)
-    return int(float(match.group(1))) if match else 0
+    total = 0.0
+    for match in re.finditer(r'^mesh_injector_requests_total\{([^}]*)\} (\S+)$', text, re.M):
+        labels = set(match.group(1).split(","))
+        if {'endpoint="inject"', 'code="200"'} <= labels:
+            total += float(match.group(2))
+    return int(total)
 
 
 def parse_ms(text: str) -> float:
@@ -158,23 +179,67 @@ def parse_ms(text: str) -> float:
 
 
 def run_wrk(
-    wrk: str, url: str, script: Path, seconds: float, connections: int, threads: int
+    wrk: str, url: str, script: Path, seconds: float, connections: int, threads: int, quiet: bool = False
 ) -> dict[str, float]:
-    out = subprocess.run(
-        [wrk, f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    """wrk's numbers, plus ``wrk_cores``: the CPU wrk itself used per second of its run."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s", "--latency",
+         "-s", str(script), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, _, usage = os.wait4(proc.pid, 0)
     result = {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "75", "90", "99"):
         found = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         result[f"p{pct}"] = parse_ms(found.group(1)) if found else float("nan")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     result["non2xx"] = float(errors.group(1)) if errors else 0.0
+    result["sockerr"] = float(sum(int(g) for g in socket_errors.groups())) if socket_errors else 0.0
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    if socket_errors:
-        print(f"  wrk socket errors: {socket_errors.group(1)}")
+    result["wrk_cores"] = (usage.ru_utime + usage.ru_stime) / (time.monotonic() - started)
+    if socket_errors and not quiet:
+        print(f"  wrk socket errors: {socket_errors.group(0)}")
     return result
+
+
+def write_fixtures(tmp: Path) -> tuple[Path, Path]:
+    """CA, serving pair, the review body and wrk's script in ``tmp``: (body, script)."""
+    ca = pki.make_ca("bench CA")
+    serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
+    (tmp / "ca.crt").write_bytes(ca.cert_pem)
+    (tmp / "tls.crt").write_bytes(serving.cert_pem)
+    (tmp / "tls.key").write_bytes(serving.key_pem)
+    body = tmp / "review.json"
+    body.write_text(json.dumps(typical_review()))
+    script = tmp / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return body, script
+
+
+def start(tmp: Path, port: int, workers: int, log: Any) -> subprocess.Popen[bytes]:
+    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``."""
+    return subprocess.Popen(
+        [*serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
+         "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
+         "--workers", str(workers)],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+    )
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,29 +253,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp_name:
         tmp = Path(tmp_name)
-        ca = pki.make_ca("bench CA")
-        serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
-        (tmp / "ca.crt").write_bytes(ca.cert_pem)
-        (tmp / "tls.crt").write_bytes(serving.cert_pem)
-        (tmp / "tls.key").write_bytes(serving.key_pem)
-        body = tmp / "review.json"
-        body.write_text(json.dumps(typical_review()))
-        script = tmp / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\n'
-            f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-        )
+        body, script = write_fixtures(tmp)
         port = free_port()
         url = f"https://127.0.0.1:{port}"
-        cmd = serve_command()
         log = (tmp / "server.log").open("wb")
-        server = subprocess.Popen(
-            [*cmd, "serve", "--address", "127.0.0.1", "--port", str(port),
-             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
-            stdout=log, stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
-        )
+        server = start(tmp, port, 1, log)
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         try:
             if not wait_ready(url, ctx, server, tmp / "server.log"):
@@ -261,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 load.terminate()
                 load.wait(10)
             _, hwm = rss_kib(server.pid)
-            print("memory (server process RSS, MiB) by reviews answered: "
+            print("memory (server RSS: supervisor + worker, MiB) by reviews answered: "
                   + ", ".join(f"{n // 1000}k: {mib:.1f}" for n, mib in samples))
             if len(samples) >= 2:
                 half = samples[len(samples) // 2 - 1]
@@ -269,11 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"the second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
                       f"{samples[-1][1] - half[1]:+.1f} MiB")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
             log.close()
     return 0
 

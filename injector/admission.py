@@ -23,11 +23,16 @@ from injector.result import Decision, InjectionResult, Reason, ReasonCode
 log = logging.getLogger("injector.admission")
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
-#: Reason code reported when the core failed on a pod (a bug or a pod shape it cannot handle).
+# Admission-level reason codes. Named as in the shared ReasonCode set (cni/annotations.py, where
+# the core helper adds them); kept here until that lands so the values cannot drift.
+#: The core failed on a pod (a bug or a pod shape it cannot handle).
 INTERNAL_ERROR = "InternalError"
 NOT_POD = "NotPod"
 NOT_CREATE = "NotCreate"
 SUBRESOURCE = "Subresource"
+#: The review was not decided within the request deadline (``serve --request-deadline``).
+TIMEOUT = "Timeout"
+MALFORMED_OBJECT = ReasonCode.MALFORMED_OBJECT.value
 
 
 class GroupVersionKind(TypedDict):
@@ -151,16 +156,57 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
     return isinstance(resource, dict) and resource.get("resource") == "pods" and not resource.get("group")
 
 
-def review(body: bytes, *, inject: InjectFn, config: Any) -> tuple[bytes, Outcome]:
+def review(body: bytes, *, config: Any, inject: InjectFn | None = None) -> tuple[bytes, Outcome]:
     """Answer one AdmissionReview body. Raises BadReview only for an unusable envelope."""
     api_version, request = parse_review(body)
-    uid = request["uid"]
-    out = Outcome(uid=uid, operation=str(request.get("operation") or ""), dry_run=bool(request.get("dryRun")))
+    return review_request(api_version, request, config=config, inject=inject)
+
+
+def _outcome(request: Mapping[str, Any]) -> Outcome:
+    out = Outcome(uid=request["uid"], operation=str(request.get("operation") or ""),
+                  dry_run=bool(request.get("dryRun")))
     namespace = request.get("namespace")
     out.namespace = namespace if isinstance(namespace, str) else ""
     pod = request.get("object")
     if isinstance(pod, dict):
         out.name = _pod_name(pod) or str(request.get("name") or "")
+    return out
+
+
+_STATUS_REASONS = {400: "BadRequest", 500: "InternalError", 504: "Timeout"}
+
+
+def refuse(api_version: str, request: Mapping[str, Any], reason: str, message: str,
+           code: int) -> tuple[bytes, Outcome]:
+    """``allowed: false`` for this request, with the reason code and message in its status."""
+    out = _outcome(request)
+    out.decision, out.reason, out.message = Decision.REJECT.value, reason, message
+    status_reason = _STATUS_REASONS.get(code, "BadRequest")  # metav1.StatusReason, as kubectl shows it
+    response: AdmissionResponse = {
+        "uid": out.uid, "allowed": False,
+        "status": {"code": code, "reason": status_reason, "message": message},
+    }
+    return encode_response(api_version, response), out
+
+
+def timed_out(api_version: str, request: Mapping[str, Any], deadline: float) -> tuple[bytes, Outcome]:
+    """The answer when the deadline passed first: the pod is refused, saying why, in time."""
+    message = (f"Timeout: mesh-injector did not decide within its {deadline:g} s request deadline "
+               "(serve --request-deadline); the pod was not admitted, retry the request")
+    return refuse(api_version, request, TIMEOUT, message, 504)
+
+
+def review_request(
+    api_version: str, request: AdmissionRequest, *, config: Any, inject: InjectFn | None = None
+) -> tuple[bytes, Outcome]:
+    """Answer one decoded request (``parse_review``'s result)."""
+    if inject is None:
+        from injector.core import inject as core_inject
+
+        inject = core_inject
+    uid = request["uid"]
+    out = _outcome(request)
+    pod = request.get("object")
 
     def allow(reason: str) -> tuple[bytes, Outcome]:
         out.reason = reason
@@ -173,25 +219,22 @@ def review(body: bytes, *, inject: InjectFn, config: Any) -> tuple[bytes, Outcom
     if out.operation != "CREATE":
         return allow(NOT_CREATE)
     if not isinstance(pod, dict):
-        raise BadReview("AdmissionReview request for a pod CREATE carries no pod object")
+        return refuse(api_version, request, MALFORMED_OBJECT,
+                      f"{MALFORMED_OBJECT}: the AdmissionReview request for a pod CREATE carries no pod "
+                      "object", 400)
 
     try:
         result = inject(pod, config=config, namespace=out.namespace or None)
     except Exception as exc:  # the core must not take the webhook down: refuse this one pod
         log.exception("injection failed", extra={"uid": uid, "namespace": out.namespace, "pod": out.name})
-        out.decision, out.reason = Decision.REJECT.value, INTERNAL_ERROR
-        out.message = f"mesh-injector could not process this pod: {type(exc).__name__}: {exc}"
-        response: AdmissionResponse = {
-            "uid": uid,
-            "allowed": False,
-            "status": {"code": 500, "reason": INTERNAL_ERROR, "message": out.message},
-        }
-        return encode_response(api_version, response), out
+        return refuse(api_version, request, INTERNAL_ERROR,
+                      f"{INTERNAL_ERROR}: mesh-injector could not process this pod: {type(exc).__name__}: "
+                      f"{exc}", 500)
 
     reason = result.reasons[0] if result.reasons else Reason(ReasonCode.INJECTED, "")
     out.decision, out.reason, out.message = result.decision.value, reason.code.value, reason.message
     out.warnings = list(result.warnings)
-    response = {"uid": uid, "allowed": result.allowed}
+    response: AdmissionResponse = {"uid": uid, "allowed": result.allowed}
     if result.decision is Decision.REJECT:
         message = f"{reason.code.value}: {reason.message}"
         response["status"] = {"code": 400, "reason": "BadRequest", "message": message}

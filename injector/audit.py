@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cni import annotations as ann
+from injector import auth
+from injector.auth import Denied
 from injector.events import controller_of
 from injector.result import Decision
 
@@ -186,46 +188,9 @@ def collect(api: Any, namespace: str | None) -> Collected:
     return pods, ns_labels, lookup
 
 
-class Denied(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def authorize(api: Any, token: str, namespace: str | None) -> str:
-    """TokenReview then SubjectAccessReview (list pods in ``namespace``, or cluster-wide).
-
-    Returns the caller's username; raises Denied(401|403).
-    """
-    from kubernetes import client
-
-    review = _raw(
-        client.AuthenticationV1Api(api).create_token_review,
-        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}},
-    )
-    status = review.get("status") or {}
-    if not status.get("authenticated"):
-        detail = f": {status['error']}" if status.get("error") else ""
-        raise Denied(401, f"the bearer token is not valid{detail}")
-    user = status.get("user") or {}
-    username = str(user.get("username") or "")
-    sar_spec: dict[str, Any] = {
-        "user": username,
-        "groups": user.get("groups") or [],
-        "resourceAttributes": {"verb": "list", "resource": "pods", "group": "", "namespace": namespace or ""},
-    }
-    if user.get("uid"):
-        sar_spec["uid"] = user["uid"]
-    if user.get("extra"):
-        sar_spec["extra"] = user["extra"]
-    sar = _raw(
-        client.AuthorizationV1Api(api).create_subject_access_review,
-        {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": sar_spec},
-    )
-    if not (sar.get("status") or {}).get("allowed"):
-        scope = f"in namespace {namespace!r}" if namespace else "in all namespaces"
-        raise Denied(403, f"user {username!r} may not list pods {scope}")
-    return username
+    """TokenReview then SubjectAccessReview for ``list pods`` in ``namespace`` (or cluster-wide)."""
+    return auth.authorize(api, token, verb="list", resource="pods", namespace=namespace)
 
 
 def run_audit(api: Any, config: Any, inject: Callable[..., Any], namespace: str | None) -> dict[str, Any]:
@@ -238,14 +203,12 @@ async def handle(request: Request, state: ServerState, namespace: str | None) ->
     if state.api is None:
         return 503, {"error": "this server has no Kubernetes API access (start it with --kubeconfig "
                               "or in a pod)"}
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return 401, {"error": "send a bearer token (Authorization: Bearer <token>) of a user allowed to "
-                              "list pods"}
     try:
-        user = await asyncio.to_thread(authorize, state.api, token.strip(), namespace)
-        report = await asyncio.to_thread(run_audit, state.api, state.config.current, state.inject, namespace)
+        token = auth.bearer_token(request.headers)
+        user = await asyncio.to_thread(authorize, state.api, token, namespace)
+        from injector.core import inject
+
+        report = await asyncio.to_thread(run_audit, state.api, state.config.current, inject, namespace)
     except Denied as exc:
         return exc.status, {"error": str(exc)}
     except Exception as exc:

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -558,8 +558,3 @@ class ClusterCerts:
                     return
             else:
                 time.sleep(backoff)
-
-
-def policy_with(policy: CertPolicy, **changes: Any) -> CertPolicy:
-    """A copy of ``policy`` with fields changed (for the CLI's flags)."""
-    return replace(policy, **changes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,12 @@ class ConfigHolder:
         self.config_dir = Path(config_dir) if config_dir is not None else None
         self.metrics = metrics
         self.current: Any = None
+        self.loaded: Any = None  # as compiled from the files, before the cluster's version applied
         self.fingerprint: str | None = None
         self.last_error: str | None = None
-        self.loaded_at: float | None = None
+        #: Reads the API server's version (``GET /version``) for ``nativeSidecars: auto``; None
+        #: when there is no API access. Called at start (``refresh_cluster_version``) and on reload.
+        self.cluster_version: Callable[[], str | None] | None = None
 
     @property
     def config_hash(self) -> str:
@@ -101,15 +104,54 @@ class ConfigHolder:
         self._publish(new, fingerprint)
         return True
 
-    def _publish(self, new: Any, fingerprint: str | None) -> None:
+    def refresh_cluster_version(self) -> None:
+        """Apply the API server's version to the loaded config (a worker calls this at start)."""
+        if self.loaded is not None:
+            self._publish(self.loaded, self.fingerprint, count=False)
+
+    def _native_sidecars(self, config: Any) -> Any:
+        """``nativeSidecars: auto`` decided as Istio does: the API server's version, else the
+        config's ``kubernetesVersion``, else off (with a warning)."""
+        model = getattr(config, "model", None)
+        if model is None or model.values.proxy.native_sidecars != "auto":
+            return config
+        version = None
+        if self.cluster_version is not None:
+            try:
+                version = self.cluster_version()
+            except Exception as exc:  # unreachable or forbidden: fall back, say so
+                log.warning("cannot read the API server's version for nativeSidecars: auto",
+                            extra={"error": f"{type(exc).__name__}: {exc}"})
+        configured = model.values.mesh.kubernetes_version
+        if version:
+            if version != configured:
+                data = model.model_dump(by_alias=True)
+                data.setdefault("values", {}).setdefault("mesh", {})["kubernetesVersion"] = version
+                config = config_mod.compile_config(data)
+            source = "API server"
+        elif configured:
+            version, source = configured, "config kubernetesVersion"
+        else:
+            log.warning("nativeSidecars: auto, but neither the API server's version nor the config's "
+                        "kubernetesVersion is known: native sidecars off")
+            return config
+        log.info("nativeSidecars: auto decided", extra={
+            "kubernetes_version": version, "source": source,
+            "native_sidecars": config.native_sidecars_default})
+        return config
+
+    def _publish(self, new: Any, fingerprint: str | None, count: bool = True) -> None:
         old_hash = self.config_hash
+        self.loaded = new
+        new = self._native_sidecars(new)
         self.current = new
         self.fingerprint = fingerprint
         self.last_error = None
-        self.loaded_at = time.time()
-        self.metrics.config_reloads.inc("success")
+        if count:
+            self.metrics.config_reloads.inc("success")
         self.metrics.config_last_reload_success.set(1)
-        self.metrics.config_info.clear()
+        if old_hash and old_hash != self.config_hash:
+            self.metrics.config_info.set(0, old_hash)  # shared value files cannot forget a series
         self.metrics.config_info.set(1, self.config_hash)
         log.info(
             "configuration loaded",

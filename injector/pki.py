@@ -157,8 +157,3 @@ def issue_serving_cert(
         .sign(ca_key, hashes.SHA256())
     )
     return KeyPair(_cert_pem(cert), _key_pem(key))
-
-
-def cert_not_after(cert_pem: bytes) -> dt.datetime:
-    """Expiry (UTC) of the first certificate in a PEM bundle."""
-    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc

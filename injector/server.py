@@ -14,10 +14,11 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -25,46 +26,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from injector import admission
-from injector.configwatch import ConfigHolder
-from injector.events import EventRecorder, PendingEvent
-from injector.metrics import InjectorMetrics
+from injector import admission, dryrun_runner
+from injector.events import PendingEvent
+from injector.http import (
+    BodyTooLarge,
+    Receive,
+    Scope,
+    Send,
+    ServerState,
+    read_body,
+    request_started,
+)
 from injector.result import Decision
-from injector.tls import ReloadingCertificate
 
 log = logging.getLogger("injector.server")
 
-DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
 JSON_TYPES = ("application/json",)
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-@dataclass
-class ServerState:
-    """Everything the endpoints share; built by the serve command (or a test)."""
-
-    config: ConfigHolder
-    metrics: InjectorMetrics = field(default_factory=InjectorMetrics)
-    certificate: ReloadingCertificate | None = None
-    events: EventRecorder | None = None
-    api: Any = None  # kubernetes ApiClient for /audit and Events; None when there is no cluster
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    tls_reload_interval: float = 1.0
-    config_reload_interval: float = 2.0
-    inject: Callable[..., Any] | None = None  # the core's inject(); injectable for nothing but tests
-
-    def __post_init__(self) -> None:
-        if self.inject is None:
-            from injector.core import inject
-
-            self.inject = inject
-        if self.certificate is not None and self.certificate.current is not None:
-            self.metrics.cert_expiry.set(self.certificate.current.not_after.timestamp())
+#: Bodies up to this size are decided inline on the event loop (a typical pod takes ~0.2 ms);
+#: larger ones on a bounded thread pool, so the request deadline can answer for them in time.
+INLINE_BODY_BYTES = 256 * 1024
+#: Seconds between hand-overs of the batched admission metrics (injector.metrics) to the files
+#: every worker's /metrics reads: a scrape may miss the other workers' last half second.
+METRICS_FLUSH_INTERVAL = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,29 +154,6 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge as soon as it exceeds ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 async def _respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
     await send({
         "type": "http.response.start",
@@ -208,12 +168,17 @@ class InjectEndpoint:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        # Large reviews only; a review that outlives its deadline keeps its thread until it
+        # ends (the core's own limits bound that), so the pool stays small.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-injector-review")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.state.metrics
+        metrics.istio_requests.inc()
         if scope["method"] != "POST":
             body = admission.error_body("use POST with an AdmissionReview", 405)
             metrics.requests.inc("inject", "405")
+            metrics.istio_failure.inc()
             await send({"type": "http.response.start", "status": 405,
                         "headers": [(b"content-type", b"application/json"), (b"allow", b"POST"),
                                     (b"content-length", str(len(body)).encode())]})
@@ -230,6 +195,8 @@ class InjectEndpoint:
         # the pod create waiting on it) should not wait for our bookkeeping.
         try:
             metrics.requests.inc("inject", str(status))
+            if status != 200:
+                metrics.istio_failure.inc()
             for outcome, elapsed in accounted:
                 self._account(outcome, elapsed)
         except Exception:  # bookkeeping must never break the connection of an answered request
@@ -239,6 +206,7 @@ class InjectEndpoint:
         self, scope: Scope, receive: Receive, accounted: list[tuple[admission.Outcome, float]]
     ) -> tuple[int, bytes]:
         state = self.state
+        deadline = request_started(scope) + state.limits.request_deadline
         media = _media_type(scope)
         if media not in JSON_TYPES:
             return 415, admission.error_body(
@@ -256,7 +224,10 @@ class InjectEndpoint:
             return 400, admission.error_body(f"request body exceeds the limit of {limit} bytes")
         started = time.perf_counter()
         try:
-            payload, outcome = admission.review(body, inject=state.inject, config=state.config.current)
+            if len(body) <= INLINE_BODY_BYTES:
+                payload, outcome = admission.review(body, config=state.config.current)
+            else:
+                payload, outcome = await self._review_with_deadline(body, deadline)
         except admission.BadReview as exc:
             request_log.info("bad admission request", {"error": str(exc), "status": 400})
             return 400, admission.error_body(str(exc))
@@ -266,6 +237,24 @@ class InjectEndpoint:
         accounted.append((outcome, time.perf_counter() - started))
         return 200, payload
 
+    async def _review_with_deadline(self, body: bytes, deadline: float) -> tuple[bytes, admission.Outcome]:
+        """Decide on the pool; at the deadline, answer ``Timeout`` instead (the work is abandoned)."""
+        limit = self.state.limits.request_deadline
+        api_version, request = admission.parse_review(body)
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            config = self.state.config.current
+            future = asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: admission.review_request(api_version, request, config=config))
+            try:
+                return await asyncio.wait_for(future, remaining)
+            except TimeoutError:
+                pass
+        self.state.metrics.timeouts.inc()
+        log.warning("admission review passed its deadline",
+                    extra={"uid": request["uid"], "deadline_s": limit})
+        return admission.timed_out(api_version, request, limit)
+
     def _account(self, outcome: admission.Outcome, elapsed: float) -> None:
         state = self.state
         metrics = state.metrics
@@ -273,10 +262,13 @@ class InjectEndpoint:
         decision = outcome.decision
         if decision == Decision.INJECT:
             metrics.injections.inc(outcome.reason)
+            metrics.istio_success.inc()
         elif decision == Decision.SKIP:
             metrics.skips.inc(outcome.reason)
+            metrics.istio_skip.inc()
         elif decision == Decision.REJECT:
             metrics.rejections.inc(outcome.reason)
+            metrics.istio_failure.inc()
         else:
             metrics.passthrough.inc(outcome.reason)
         for warning in outcome.warnings:
@@ -337,7 +329,10 @@ def _pollers(state: ServerState) -> list[Callable[[], Awaitable[None]]]:
     async def config_step() -> None:
         await asyncio.to_thread(state.config.poll)
 
-    out = []
+    async def flush_step() -> None:
+        state.metrics.flush()  # the batched admission metrics, where the other workers see them
+
+    out = [lambda: _poll_forever(METRICS_FLUSH_INTERVAL, flush_step, "metrics")]
     if state.certificate is not None:
         out.append(lambda: _poll_forever(state.tls_reload_interval, tls_step, "certificate"))
     if state.config.config_dir is not None:
@@ -355,6 +350,7 @@ def readiness(state: ServerState) -> tuple[bool, dict[str, Any]]:
     config_ok = state.config.current is not None
     detail: dict[str, Any] = {
         "ready": cert_ok and config_ok,
+        "worker": {"index": state.worker, "of": state.workers, "pid": os.getpid()},
         "config": {
             "loaded": config_ok,
             "hash": state.config.config_hash or None,
@@ -409,6 +405,7 @@ def create_app(state: ServerState) -> WebhookApp:
                     await task
             if state.events is not None:
                 await asyncio.to_thread(state.events.stop)
+            state.metrics.flush()
 
     app = WebhookApp(
         title="mesh-injector",
@@ -418,6 +415,8 @@ def create_app(state: ServerState) -> WebhookApp:
         redoc_url=None,
     )
     app.state.injector = state
+    if state.dry_run is None:
+        state.dry_run = dryrun_runner.DryRunRunner(dryrun_runner.DryRunLimits())
     app.inject_endpoint = InjectEndpoint(state)
     # Also routed (same endpoint) so that mounting the app elsewhere keeps /inject working.
     app.router.routes.insert(0, Route("/inject", endpoint=app.inject_endpoint, methods=["POST", "GET"]))
@@ -437,17 +436,19 @@ def create_app(state: ServerState) -> WebhookApp:
         return JSONResponse(detail, status_code=code)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus text exposition."""
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition (OpenMetrics when the scraper asks for it), summed over workers."""
         state.metrics.requests.inc("metrics", "200")
-        return Response(state.metrics.render(), media_type=InjectorMetrics.CONTENT_TYPE)
+        state.metrics.flush()  # this worker's; the others flush every METRICS_FLUSH_INTERVAL
+        body, content_type = await asyncio.to_thread(state.metrics.exposition, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
 
     @app.post("/dry-run")
     async def dry_run(request: Request) -> Response:
-        """Run the core on a Pod/workload/List (YAML or JSON) and show decision, reasons, patch, result."""
-        from injector import dryrun
+        """Run the core on a Pod/workload/List (YAML or JSON) and show decision, reasons, patch, result.
 
-        status, payload, media = await dryrun.handle(request, state)
+        Authenticated; runs in a child process with its own limits (injector.dryrun_runner)."""
+        status, payload, media = await dryrun_runner.handle(request, state)
         state.metrics.requests.inc("dry-run", str(status))
         return Response(payload, status_code=status, media_type=media)
 

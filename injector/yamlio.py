@@ -5,7 +5,8 @@ a file handed to the CLI). A few hundred bytes of nested aliases expand to gigab
 deep document exhausts the parser's stack, so every load here checks input bytes, document
 count, nesting depth and node count, and refuses aliases unless asked (then their *expanded*
 size counts against the node limit). A violation raises ``YamlLimitError`` naming the limit and
-its value, before any Python object for that document is built.
+its value, before any Python object for that document is built (and, for a text long enough to
+exceed the node limit, before it is even composed: counting parser events stops at the limit).
 
 The C (libyaml) loader and dumper are used when PyYAML has them; they give the same objects and
 the same bytes as the pure-Python ones (tests/cli/test_yamlio.py checks both paths), about ten
@@ -15,6 +16,7 @@ times faster.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -151,13 +153,13 @@ def _check(node: Any, limits: YamlLimits, source: str) -> None:
         current, depth = stack.pop()
         count += 1
         if count > max_nodes:
-            raise YamlLimitError(source, "max_nodes", max_nodes, f"a document of more than {max_nodes} nodes")
+            raise _nodes_error(source, max_nodes)
         if depth > max_depth:
             raise _depth_error(source, max_depth)
         if not aliases:
             key = id(current)
             if key in seen:
-                raise YamlLimitError(source, "aliases", False, "YAML aliases (*name) are not accepted")
+                raise _alias_error(source)
             seen.add(key)
         value = current.value
         if type(value) is list:
@@ -168,6 +170,58 @@ def _check(node: Any, limits: YamlLimits, source: str) -> None:
                     stack.append((v, depth))
             else:
                 stack.extend((child, depth) for child in value)
+
+
+_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def _precheck(data: str | bytes, limits: YamlLimits, source: str, pure: bool) -> None:
+    """Count nodes, depth, documents and aliases from parser events, before composing anything.
+
+    Composing builds every node of a document before ``_check`` can count them (seconds for a
+    few MiB), so a text long enough to hold more than ``max_nodes`` nodes is first counted
+    here, where the count stops at the limit. Syntax errors are left to the real pass.
+    """
+    parser = _loader(data, limits, source, pure)
+    nodes = depth = documents = 0
+    try:
+        while parser.check_event():
+            event = parser.get_event()
+            kind = type(event)
+            if kind is yaml.ScalarEvent or kind is yaml.AliasEvent or kind in _OPEN:
+                nodes += 1
+                if nodes > limits.max_nodes:
+                    raise _nodes_error(source, limits.max_nodes)
+                if kind in _OPEN:
+                    depth += 1
+                    if depth > limits.max_depth:
+                        raise _depth_error(source, limits.max_depth)
+                elif kind is yaml.AliasEvent and not limits.aliases:
+                    raise _alias_error(source)
+            elif kind in _CLOSE:
+                depth -= 1
+            elif kind is yaml.DocumentStartEvent:
+                nodes = 0
+                documents += 1
+                if documents > limits.max_documents:
+                    raise _documents_error(source, limits.max_documents)
+    except (yaml.YAMLError, UnicodeError, RecursionError):
+        return
+    finally:
+        parser.dispose()
+
+
+def _nodes_error(source: str, limit: int) -> YamlLimitError:
+    return YamlLimitError(source, "max_nodes", limit, f"a document of more than {limit} nodes")
+
+
+def _alias_error(source: str) -> YamlLimitError:
+    return YamlLimitError(source, "aliases", False, "YAML aliases (*name) are not accepted")
+
+
+def _documents_error(source: str, limit: int) -> YamlLimitError:
+    return YamlLimitError(source, "max_documents", limit, f"more than {limit} documents")
 
 
 def _syntax_error(exc: BaseException, source: str) -> YamlSyntaxError:
@@ -181,7 +235,10 @@ def _syntax_error(exc: BaseException, source: str) -> YamlSyntaxError:
 
 def _documents(text_or_stream: str | bytes | IO[Any], source: str, limits: YamlLimits,
                pure: bool) -> Iterator[Any]:
-    loader = _loader(_input(text_or_stream, limits, source), limits, source, pure)
+    data = _input(text_or_stream, limits, source)
+    if isinstance(data, (str, bytes)) and len(data) > limits.max_nodes:
+        _precheck(data, limits, source, pure)
+    loader = _loader(data, limits, source, pure)
     count = 0
     try:
         while True:
@@ -195,8 +252,7 @@ def _documents(text_or_stream: str | bytes | IO[Any], source: str, limits: YamlL
                 raise _depth_error(source, limits.max_depth) from None
             count += 1
             if count > limits.max_documents:
-                raise YamlLimitError(source, "max_documents", limits.max_documents,
-                                     f"more than {limits.max_documents} documents")
+                raise _documents_error(source, limits.max_documents)
             _check(node, limits, source)
             try:
                 yield loader.construct_document(node)
@@ -237,64 +293,108 @@ def load_one(text: str | bytes, *, source: str, limits: YamlLimits = DEFAULT, pu
 #: every code point): CR and NEL (escaped vs quoted with a line break), and everything outside the
 #: Basic Multilingual Plane (escaped vs written as is, with ``allow_unicode``).
 _C_DIFFERS = re.compile("[\r\x85\ud800-\udfff\U00010000-\U0010ffff]")
-_PLAIN_SCALARS = (bool, int, float, type(None), dt.date)
+_STR, _INT, _BOOL, _NULL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "bool", "null"))
+_SEQ, _MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+_OTHER_SCALARS = (float, dt.date)  # written by SafeRepresenter's own functions
 
 
-def _c_same(obj: Any) -> bool:
-    """Whether libyaml writes ``obj`` byte for byte as PyYAML would.
-
-    The other known differences: a document that is a bare scalar (PyYAML ends it with
-    ``...``), an empty-string key (PyYAML writes ``? ''``), an object reached twice (anchors);
-    anything else falls back to the pure-Python dumper too.
-    """
-    if type(obj) is not dict and type(obj) is not list:
-        return False
-    seen: set[int] = set()
-    stack = [obj]
-    search = _C_DIFFERS.search
-    while stack:
-        current = stack.pop()
-        kind = type(current)
-        if kind is str:
-            if (not current.isascii() or "\r" in current) and search(current):
-                return False
-        elif kind is dict:
-            if id(current) in seen:
-                return False
-            seen.add(id(current))
-            for key, value in current.items():
-                if type(key) is str:
-                    if not key or (not key.isascii() and search(key)) or "\r" in key:
-                        return False
-                elif not isinstance(key, _PLAIN_SCALARS):
-                    return False
-                stack.append(value)
-        elif kind is list:
-            if id(current) in seen:
-                return False
-            seen.add(id(current))
-            stack.extend(current)
-        elif not isinstance(current, _PLAIN_SCALARS):
-            return False
-    return True
+class _Fallback(Exception):
+    """The object holds something libyaml would write differently: use the pure-Python dumper."""
 
 
-def _dumper(obj: Any, pure: bool) -> type:
-    if _CDumper is not None and not pure and _c_same(obj):
-        return _CDumper
-    return yaml.SafeDumper
+def _scalar_text(value: str) -> str:
+    if (not value.isascii() or "\r" in value) and _C_DIFFERS.search(value):
+        raise _Fallback
+    return value
+
+
+def _nodes(obj: Any, seen: set[int], other: Any) -> Any:
+    """The representation graph SafeRepresenter builds for ``obj`` (``default_flow_style=False``,
+    keys unsorted), without its per-node dispatch; raises _Fallback where libyaml would differ:
+    CR, NEL and astral characters, an empty-string key (PyYAML writes ``? ''``), an object
+    reached twice (anchors), or a type beyond JSON's and dates."""
+    kind = type(obj)
+    if kind is str:
+        return yaml.ScalarNode(_STR, _scalar_text(obj))
+    if kind is dict or kind is list:
+        if id(obj) in seen:
+            raise _Fallback
+        seen.add(id(obj))
+        if kind is list:
+            return yaml.SequenceNode(_SEQ, [_nodes(item, seen, other) for item in obj], flow_style=False)
+        pairs = []
+        for key, value in obj.items():
+            if key == "":
+                raise _Fallback
+            pairs.append((_nodes(key, seen, other), _nodes(value, seen, other)))
+        return yaml.MappingNode(_MAP, pairs, flow_style=False)
+    if kind is bool:
+        return yaml.ScalarNode(_BOOL, "true" if obj else "false")
+    if kind is int:
+        return yaml.ScalarNode(_INT, str(obj))
+    if obj is None:
+        return yaml.ScalarNode(_NULL, "null")
+    if kind in _OTHER_SCALARS or kind is dt.datetime:
+        return other.represent_data(obj)
+    raise _Fallback
+
+
+if _CDumper is not None:
+
+    class _FastDumper(_CDumper):  # type: ignore[misc, valid-type]
+        """libyaml's emitter with a memo for the implicit-tag resolution it asks for per scalar."""
+
+        _resolved: dict[tuple[str, bool, bool], str] = {}
+
+        def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+            """No path resolvers are registered: nothing to track per node."""
+
+        def ascend_resolver(self) -> None:
+            """See descend_resolver."""
+
+        def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+            if kind is not yaml.ScalarNode:
+                return _SEQ if kind is yaml.SequenceNode else _MAP
+            key = (value, implicit[0], implicit[1])
+            tag = self._resolved.get(key)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(self._resolved) > 10_000:
+                    self._resolved.clear()
+                self._resolved[key] = tag
+            return tag
+
+
+def _fast_dump(obj: Any) -> str | None:
+    """``obj`` written by libyaml, or None when that would not be PyYAML's bytes."""
+    if _CDumper is None or (type(obj) is not dict and type(obj) is not list):
+        return None
+    stream = io.StringIO()
+    dumper = _FastDumper(stream, **DUMP_OPTIONS)
+    try:
+        node = _nodes(obj, set(), dumper)
+        dumper.open()
+        dumper.serialize(node)
+        dumper.close()
+    except _Fallback:
+        return None
+    finally:
+        dumper.dispose()
+    return stream.getvalue()
 
 
 def dump(obj: Any, *, pure: bool = False) -> str:
     """One document in our house style (block style, keys in their order, UTF-8 kept)."""
-    return yaml.dump(obj, Dumper=_dumper(obj, pure), **DUMP_OPTIONS)
+    text = None if pure else _fast_dump(obj)
+    return text if text is not None else yaml.dump(obj, Dumper=yaml.SafeDumper, **DUMP_OPTIONS)
 
 
 def dump_all(objs: Iterable[Any], *, pure: bool = False) -> str:
     """Several documents separated by ``---`` lines, as ``yaml.safe_dump_all`` writes them."""
     docs = list(objs)
-    same = _CDumper is not None and not pure and all(_c_same(d) for d in docs)
-    return yaml.dump_all(docs, Dumper=_CDumper if same else yaml.SafeDumper, **DUMP_OPTIONS)
+    if all(type(d) is dict and d for d in docs):
+        return "".join(dump_stream(docs, pure=pure))
+    return yaml.dump_all(docs, Dumper=yaml.SafeDumper, **DUMP_OPTIONS)
 
 
 def dump_stream(objs: Iterable[dict[str, Any]], *, pure: bool = False) -> Iterator[str]:

@@ -62,6 +62,19 @@ def test_each_limit_is_refused_with_its_name_and_value(
 
 
 @pytest.mark.parametrize("pure", PATHS)
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [("a: &x [1]\nb: *x\n", "aliases"), ("a: [[[[[1]]]]]\n", "max_depth"),
+     ("a: 1\n---\n" * 4, "max_documents"), ("[" + "1," * 20 + "1]", "max_nodes")],
+)
+def test_texts_longer_than_max_nodes_are_counted_before_composing(text: str, limit: str, pure: bool) -> None:
+    limits = YamlLimits(max_nodes=len(text) - 1 if limit != "max_nodes" else 20, max_depth=4, max_documents=3)
+    with pytest.raises(YamlLimitError) as caught:
+        list(yamlio.load_all(text, source="f", limits=limits, pure=pure))
+    assert caught.value.limit == limit
+
+
+@pytest.mark.parametrize("pure", PATHS)
 def test_aliases_are_expanded_when_allowed_and_small(pure: bool) -> None:
     doc = yamlio.load_one("a: &x [1, 2]\nb: *x\n", source="f", limits=YamlLimits(aliases=True), pure=pure)
     assert doc == {"a": [1, 2], "b": [1, 2]}

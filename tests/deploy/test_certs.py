@@ -8,6 +8,7 @@ trusted by the caBundle published at that moment.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import random
@@ -33,7 +34,7 @@ def policy(**changes: object) -> CertPolicy:
         settle=dt.timedelta(seconds=30),
         overlap=dt.timedelta(minutes=5),
     )
-    return certs.policy_with(base, **changes)
+    return dataclasses.replace(base, **changes)
 
 
 def handshake(serving: certs.KeyPair, bundle: bytes, server_name: str = "127.0.0.1") -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -88,6 +89,25 @@ def make_pki(directory: Path) -> Pki:
     return Pki(ca, ca_file)
 
 
+def tls_connect(server: RunningServer, ctx: ssl.SSLContext | None = None,
+                timeout: float = 10.0) -> ssl.SSLSocket:
+    """A raw TLS connection to the server (for speaking HTTP byte by byte)."""
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    return (ctx or server.pki.ssl_context()).wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def read_response(conn: ssl.SSLSocket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout``)."""
+    conn.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+    except (TimeoutError, ssl.SSLError, ConnectionError):
+        pass
+    return data
+
+
 def serve_command() -> list[str]:
     """``mesh-injector`` as a user runs it: the installed console script, else its entry point."""
     script = Path(sys.executable).parent / "mesh-injector"
@@ -108,7 +128,7 @@ class RunningServer:
     args: list[str] = field(default_factory=list)
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=self.pki.ssl_context(), timeout=10.0, **kwargs)
+        return httpx.Client(base_url=self.url, verify=self.pki.ssl_context(), **{"timeout": 10.0, **kwargs})
 
     def logs(self) -> list[dict[str, Any]]:
         """The server's log lines, including those of every request answered so far.
@@ -149,7 +169,10 @@ def start_server(
     server_pki: Pki | None = None,
     names: Sequence[str] = ("127.0.0.1", "localhost"),
     timeout: float = 30.0,
+    workers: int = 1,
+    nofile: int | None = None,
 ) -> RunningServer:
+    """Start ``mesh-injector serve``; ``nofile`` lowers its RLIMIT_NOFILE (soft and hard)."""
     workdir.mkdir(parents=True, exist_ok=True)
     server_pki = server_pki or make_pki(workdir)
     secret = SecretDir(workdir / "tls")
@@ -159,13 +182,18 @@ def start_server(
     args = [
         *serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
         "--tls-cert-file", str(secret.cert_file), "--tls-key-file", str(secret.key_file),
-        "--tls-reload-interval", "0.2", "--config-reload-interval", "0.2",
+        "--tls-reload-interval", "0.2", "--config-reload-interval", "0.2", "--workers", str(workers),
         *(["--config-dir", str(config_dir)] if config_dir else []), *extra_args,
     ]
     proc_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     proc_env.update(env or {})
     with log_file.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
+        def limit_fds() -> None:
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=proc_env,
+                                   preexec_fn=limit_fds)
     server = RunningServer(f"https://127.0.0.1:{port}", port, server_pki, secret, process, log_file,
                            config_dir, args)
     deadline = time.monotonic() + timeout

@@ -157,14 +157,22 @@ def test_host_network_pod_is_allowed_untouched(webhook: RunningServer) -> None:
     assert answer["allowed"] is True and "patch" not in answer
 
 
-def test_malformed_pod_is_answered_not_crashed(webhook: RunningServer) -> None:
-    malformed = ({"spec": "nonsense"}, {"metadata": [], "spec": {"containers": "x"}},
-                 {"spec": {"containers": [1]}})
-    for pod in malformed:
-        response = post(webhook, json.dumps(review(pod)))
-        assert response.status_code in (200, 400), response.text
-        if response.status_code == 200:
-            assert response.json()["response"]["uid"]
+@pytest.mark.parametrize(("pod", "cause"), [
+    ({"spec": "nonsense"}, "spec must be a mapping"),
+    ({"metadata": [], "spec": {"containers": "x"}}, "metadata must be a mapping"),
+    ({"spec": {"containers": [1]}}, "spec.containers[0] must be a mapping"),
+    (None, "carries no pod object"),
+])
+def test_malformed_pod_is_refused_with_the_cause(
+    webhook: RunningServer, pod: dict | None, cause: str
+) -> None:
+    response = post(webhook, json.dumps(review(pod, uid="malformed-uid")))
+    assert response.status_code == 200, response.text
+    answer = response.json()["response"]
+    assert answer["uid"] == "malformed-uid" and answer["allowed"] is False
+    assert answer["status"]["code"] == 400 and answer["status"]["reason"] == "BadRequest"
+    message = answer["status"]["message"]
+    assert message.startswith("MalformedObject: ") and cause in message
 
 
 def test_tls_1_2_is_served_and_older_versions_are_refused(webhook: RunningServer) -> None:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import jsonpatch
+import pytest
 import yaml
 
-from tests.server.helpers import RunningServer, review, typical_pod
+from tests.server.fake_apiserver import DEV_TOKEN, FakeApiServer
+from tests.server.helpers import RunningServer, review, start_server, typical_pod
 
 
 def deployment(name: str = "web", annotations: dict | None = None) -> dict:
@@ -27,9 +33,13 @@ SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
            "spec": {"ports": [{"port": 80}]}}
 
 
-def dry_run(webhook: RunningServer, body: str | bytes, content_type: str, **params: str):
-    with webhook.client() as client:
-        return client.post("/dry-run", content=body, headers={"content-type": content_type}, params=params)
+def dry_run(webhook: RunningServer, body: str | bytes, content_type: str, token: str | None = DEV_TOKEN,
+            timeout: float = 10.0, **params: str):
+    headers = {"content-type": content_type}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    with webhook.client(timeout=timeout) as client:
+        return client.post("/dry-run", content=body, headers=headers, params=params)
 
 
 def test_multi_document_yaml_in_yaml_out(webhook: RunningServer) -> None:
@@ -108,3 +118,107 @@ def test_output_override_and_errors(webhook: RunningServer) -> None:
     assert dry_run(webhook, "{}", "text/html").status_code == 415
     bad_labels = dry_run(webhook, json.dumps(typical_pod()), "application/json", namespaceLabels="novalue")
     assert bad_labels.status_code == 400 and "novalue" in bad_labels.json()["error"]
+
+
+def test_dry_run_needs_a_token_of_a_user_who_may_create_pods(
+    webhook: RunningServer, fake_api: FakeApiServer
+) -> None:
+    fake_api.tokens["reader-token"] = {"username": "reader", "groups": ["system:authenticated"]}
+    fake_api.grants.add(("reader", "create", "pods", "allowed-ns"))
+    pod = json.dumps(typical_pod())
+    missing = dry_run(webhook, pod, "application/json", token=None)
+    assert missing.status_code == 401 and "bearer token" in missing.json()["error"]
+    assert dry_run(webhook, pod, "application/json", token="forged").status_code == 401
+    denied = dry_run(webhook, pod, "application/json", token="reader-token", namespace="other")
+    assert denied.status_code == 403
+    assert denied.json()["error"] == "user 'reader' may not create pods in namespace 'other'"
+    allowed = dry_run(webhook, pod, "application/json", token="reader-token", namespace="allowed-ns")
+    assert allowed.status_code == 200
+    sar = fake_api.calls("/subjectaccessreviews")[-1].body["spec"]
+    assert sar["user"] == "reader"
+    assert sar["resourceAttributes"] == {"verb": "create", "resource": "pods", "group": "",
+                                         "namespace": "allowed-ns"}
+
+
+def pod_list(count: int) -> dict:
+    return {"apiVersion": "v1", "kind": "List", "items": [typical_pod(f"p{i}") for i in range(count)]}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory, fake_api: FakeApiServer) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp("dry-run-limits")
+    server = start_server(workdir, extra_args=[
+        "--kubeconfig", str(fake_api.kubeconfig(workdir / "kubeconfig")), "--dry-run-timeout", "1",
+        "--dry-run-max-body-bytes", "200000", "--dry-run-max-memory", "32"])
+    yield server
+    server.stop()
+
+
+def test_dry_run_body_limit_is_its_own(limited: RunningServer) -> None:
+    response = dry_run(limited, json.dumps(pod_list(400)), "application/json")
+    assert response.status_code == 400
+    assert "200000 bytes (serve --dry-run-max-body-bytes)" in response.json()["error"]
+
+
+def test_dry_run_over_its_time_is_stopped_naming_the_limit(limited: RunningServer) -> None:
+    body = yaml.safe_dump(pod_list(150))  # YAML: slow to parse, under the body limit
+    assert len(body) < 200_000
+    started = time.monotonic()
+    response = dry_run(limited, body * 1, "application/yaml")
+    if response.status_code == 200:  # this machine parsed it within the second: ask for more work
+        response = dry_run(limited, json.dumps([pod_list(150)] * 40), "application/json")
+    assert response.status_code == 400, response.text[:300]
+    assert "--dry-run-timeout" in response.json()["error"]
+    assert time.monotonic() - started < 30
+    assert dry_run(limited, json.dumps(typical_pod()), "application/json").status_code == 200
+
+
+def test_dry_run_expansion_bomb_is_stopped_by_its_limits(limited: RunningServer) -> None:
+    # A few hundred bytes of nested YAML aliases that expand to 10**8 strings once written out.
+    levels = ["a0: &a0 [" + ", ".join(['"xxxxxxxxxx"'] * 10) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    body = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bomb\nspec:\n  containers:\n  - name: app\n" \
+           "    image: x\n    args: *a7\nbomb:\n" + "".join(f"  {line}\n" for line in levels)
+    assert len(body) < 2000
+    started = time.monotonic()
+    response = dry_run(limited, body, "application/yaml")
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    # Whichever limit trips first: memory, time, or (with the YAML limits) aliases themselves.
+    assert "--dry-run-max-memory" in error or "--dry-run-timeout" in error or "alias" in error, error
+    assert time.monotonic() - started < 30
+    assert dry_run(limited, json.dumps(typical_pod()), "application/json").status_code == 200
+
+
+def test_a_huge_dry_run_does_not_hold_inject(tmp_path: Path, fake_api: FakeApiServer) -> None:
+    """/inject answers while a long dry-run runs: every one of them before the dry-run's answer."""
+    server = start_server(tmp_path, extra_args=[
+        "--kubeconfig", str(fake_api.kubeconfig(tmp_path / "kubeconfig")), "--dry-run-timeout", "300"])
+    try:
+        body = yaml.safe_dump(pod_list(300))
+        finished: dict[str, float] = {}
+
+        def big() -> None:
+            response = dry_run(server, body, "application/yaml", timeout=300)
+            finished["dry-run"] = time.monotonic()
+            finished["status"] = response.status_code
+
+        thread = threading.Thread(target=big)
+        thread.start()
+        time.sleep(0.5)  # the dry-run is parsing by now
+        latencies = []
+        with server.client() as client:
+            for _ in range(20):
+                started = time.monotonic()
+                answer = client.post("/inject", json=review(typical_pod())).json()["response"]
+                latencies.append(time.monotonic() - started)
+                assert answer["allowed"] and answer["patch"]
+        injects_done = time.monotonic()
+        thread.join(300)
+        assert finished["status"] == 200
+        assert injects_done < finished["dry-run"], "the /inject calls waited for the dry-run"
+        print(f"/inject during the dry-run: median {sorted(latencies)[10] * 1000:.1f} ms, "
+              f"max {max(latencies) * 1000:.1f} ms; the dry-run ended "
+              f"{finished['dry-run'] - injects_done:.1f} s later")
+    finally:
+        server.stop()

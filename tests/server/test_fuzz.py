@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.server.fake_apiserver import DEV_TOKEN
 from tests.server.helpers import RunningServer, review, typical_pod
 
 json_values = st.recursive(
@@ -85,7 +86,8 @@ def test_inject_never_5xx(client: httpx.Client, body: bytes) -> None:
 @FUZZ
 @given(body=bodies, content_type=st.sampled_from(["application/json", "application/yaml", "text/plain"]))
 def test_dry_run_never_5xx(client: httpx.Client, body: bytes, content_type: str) -> None:
-    response = client.post("/dry-run", content=body, headers={"content-type": content_type})
+    response = client.post("/dry-run", content=body,
+                           headers={"content-type": content_type, "authorization": f"Bearer {DEV_TOKEN}"})
     assert response.status_code in (200, 400, 415), response.text
 
 

@@ -5,22 +5,34 @@ from __future__ import annotations
 import json
 import re
 
-from injector import pki
+from cryptography import x509
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.server.helpers import RunningServer, review, typical_pod
 
 
-def scrape(webhook: RunningServer) -> str:
+def scrape(webhook: RunningServer, accept: str | None = None) -> str:
     with webhook.client() as client:
-        response = client.get("/metrics")
+        response = client.get("/metrics", headers={"accept": accept} if accept else {})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     return response.text
 
 
+def families(text: str) -> dict[str, Metric]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
 def sample(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+|\+Inf)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    """The value of the series ``name{labels}`` (labels as ``k="v",...``, in any order), else 0."""
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == wanted:
+                return float(s.value)
+    return 0.0
 
 
 def send(webhook: RunningServer, pod: dict) -> None:
@@ -60,20 +72,21 @@ def test_decisions_are_counted_by_reason(webhook: RunningServer) -> None:
 def test_latency_histogram_resolves_milliseconds(webhook: RunningServer) -> None:
     send(webhook, typical_pod())
     text = scrape(webhook)
-    bucket = "mesh_injector_admission_duration_seconds_bucket"
-    bounds = [float(b) for b in re.findall(re.escape(bucket) + r'\{le="([0-9.e-]+)"\}', text)]
-    assert {0.0005, 0.001, 0.002, 0.005, 0.01} <= set(bounds)
+    histogram = families(text)["mesh_injector_admission_duration_seconds"]
+    buckets = {float(s.labels["le"]): s.value for s in histogram.samples if s.name.endswith("_bucket")}
+    assert {0.0005, 0.001, 0.002, 0.005, 0.01} <= set(buckets)
     count = sample(text, "mesh_injector_admission_duration_seconds_count")
     assert count >= 1
-    assert sample(text, "mesh_injector_admission_duration_seconds_bucket", 'le="+Inf"') == count
-    cumulative = [sample(text, bucket, f'le="{b:g}"') for b in bounds]
+    assert buckets[float("inf")] == count
+    cumulative = [buckets[bound] for bound in sorted(buckets)]
     assert cumulative == sorted(cumulative)
 
 
 def test_certificate_expiry_and_config_are_exported(webhook: RunningServer) -> None:
     text = scrape(webhook)
     expiry = sample(text, "mesh_injector_tls_certificate_expiry_timestamp_seconds")
-    served = pki.cert_not_after(webhook.secret.cert_file.read_bytes()).timestamp()
+    served_pem = webhook.secret.cert_file.read_bytes()
+    served = x509.load_pem_x509_certificate(served_pem).not_valid_after_utc.timestamp()
     assert abs(expiry - served) < 1
     with webhook.client() as client:
         config_hash = client.get("/readyz").json()["config"]["hash"]
@@ -81,12 +94,44 @@ def test_certificate_expiry_and_config_are_exported(webhook: RunningServer) -> N
     assert sample(text, "mesh_injector_config_last_reload_success") == 1
 
 
-def test_metrics_text_is_parseable(webhook: RunningServer) -> None:
-    for line in scrape(webhook).splitlines():
-        if line.startswith("#"):
-            assert re.match(r"# (HELP|TYPE) mesh_injector_\w+ ", line), line
-        else:
-            assert re.match(r'^mesh_injector_\w+(\{(\w+="[^"]*",?)*\})? ([0-9.e+-]+|\+Inf)$', line), line
+def test_metrics_parse_and_name_ours_istios_and_the_process(webhook: RunningServer) -> None:
+    found = families(scrape(webhook))
+    for name in ("mesh_injector_requests", "mesh_injector_admission_duration_seconds",
+                 "sidecar_injection_requests", "sidecar_injection_success", "sidecar_injection_skip",
+                 "sidecar_injection_failure", "process_cpu_seconds", "process_resident_memory_bytes",
+                 "process_open_fds"):
+        assert name in found, sorted(found)
+    assert found["sidecar_injection_requests"].type == "counter"
+    assert found["process_resident_memory_bytes"].samples[0].value > 10 * 1024 * 1024
+
+
+def test_openmetrics_when_the_scraper_asks_for_it(webhook: RunningServer) -> None:
+    with webhook.client() as client:
+        response = client.get("/metrics", headers={
+            "accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")
+    names = {f.name for f in openmetrics_families(response.text)}
+    assert {"mesh_injector_requests", "sidecar_injection_requests"} <= names
+
+
+def test_istio_counters_follow_the_decisions(webhook: RunningServer) -> None:
+    before = scrape(webhook)
+    send(webhook, typical_pod())
+    send(webhook, typical_pod(annotations={"sidecar.istio.io/inject": "false"}))
+    send(webhook, typical_pod(annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "99999"}))
+    with webhook.client() as client:
+        assert client.post("/inject", content=b"{broken", headers={"content-type": "application/json"}
+                           ).status_code == 400
+    after = scrape(webhook)
+
+    def delta(name: str) -> float:
+        return sample(after, name) - sample(before, name)
+
+    assert delta("sidecar_injection_requests_total") == 4
+    assert delta("sidecar_injection_success_total") == 1
+    assert delta("sidecar_injection_skip_total") == 1
+    assert delta("sidecar_injection_failure_total") == 2  # the refused pod and the broken body
 
 
 def test_unknown_paths_are_4xx(webhook: RunningServer) -> None:

@@ -1,0 +1,342 @@
+"""HTTP plumbing of the webhook: shared state, body reading, and the limits every connection meets.
+
+uvicorn bounds none of what a hostile or broken client controls before the application runs:
+header size and count, how long the headers or the body may take, how many connections stay
+open, how long a TLS handshake may stall. ``LimitedHttpToolsProtocol`` (uvicorn's httptools
+protocol plus those limits) and ``LimitedServer`` (uvicorn's server, listening with a TLS
+handshake timeout) close that gap. Each limit answers with a status naming it: 431 for headers,
+408 for a request that did not arrive in time; a connection over the cap evicts the oldest one
+still sending its headers (a slow client), so an honest caller gets in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
+
+from injector.configwatch import ConfigHolder
+from injector.events import EventRecorder
+from injector.metrics import InjectorMetrics
+from injector.tls import ReloadingCertificate
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
+#: File descriptors kept free below RLIMIT_NOFILE for logs, config reads, API clients, accept.
+FD_RESERVE = 64
+#: Scope key holding the monotonic time the request's headers were complete.
+STARTED_KEY = "mesh_injector.started"
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Every per-connection and per-request bound; each is a ``serve`` flag."""
+
+    max_header_bytes: int = 32 * 1024  # request line + all headers (Envoy allows 60 KiB, nginx 32 KiB)
+    max_headers: int = 100  # Envoy's default header count
+    header_timeout: float = 5.0  # from the first byte (or the connection) to the end of the headers
+    body_timeout: float = 5.0  # from the end of the headers to the end of the body
+    request_deadline: float = 8.0  # admission answer leaves by then (webhook timeoutSeconds: 10)
+    keepalive_timeout: float = 30.0  # idle keep-alive connection kept this long
+    max_requests_per_connection: int = 10_000  # then "Connection: close" (spreads load over workers)
+    max_connections: int = 1000  # per worker; lowered to fit RLIMIT_NOFILE
+    tls_handshake_timeout: float = 5.0
+
+    def connection_cap(self) -> int:
+        """``max_connections``, or fewer when the process's file-descriptor limit is lower."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections
+        return max(1, min(self.max_connections, soft - FD_RESERVE))
+
+
+@dataclass
+class ServerState:
+    """Everything the endpoints share; built by the serve command (or a test)."""
+
+    config: ConfigHolder
+    metrics: InjectorMetrics = field(default_factory=InjectorMetrics)
+    certificate: ReloadingCertificate | None = None
+    events: EventRecorder | None = None
+    api: Any = None  # kubernetes ApiClient for /audit, /dry-run auth and Events; None without a cluster
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    tls_reload_interval: float = 1.0
+    config_reload_interval: float = 2.0
+    limits: HttpLimits = field(default_factory=HttpLimits)
+    dry_run: Any = None  # injector.dryrun_runner.DryRunRunner; None: built on first use
+    worker: int = 0  # index of this uvicorn worker (0 with one worker)
+    workers: int = 1
+
+    def publish_metrics(self) -> None:
+        """Set this process's gauges from the loaded state (after start-up and after a fork)."""
+        if self.certificate is not None and self.certificate.current is not None:
+            self.metrics.cert_expiry.set(self.certificate.current.not_after.timestamp())
+        if self.config.current is not None:
+            self.metrics.config_last_reload_success.set(0 if self.config.last_error else 1)
+            self.metrics.config_info.set(1, self.config.config_hash)
+
+    def __post_init__(self) -> None:
+        self.publish_metrics()
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeded the limit (the caller answers 400 naming it)."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, or BodyTooLarge as soon as it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def request_started(scope: Scope) -> float:
+    """Monotonic time at which this request's headers were complete (now, outside our protocol)."""
+    started = scope.get(STARTED_KEY)
+    return started if isinstance(started, float) else time.monotonic()
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that broke a limit."""
+
+
+def _status_response(status: int, reason: bytes, message: str) -> bytes:
+    body = message.encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header, time and connection limits (see the module doc)."""
+
+    limits: HttpLimits = HttpLimits()
+    metrics: InjectorMetrics | None = None
+    cap: int = 1000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_headers = True
+        self._phase_since = time.monotonic()
+        self._raw_header_bytes = 0
+        self._header_bytes = 0
+        self._header_count = 0
+        self._requests = 0
+        self._refusal: tuple[int, bytes, str, str] | None = None
+
+    # -- timers and refusals
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _count(self, limit: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused_connections.inc(limit)
+
+    def _refuse(self, status: int, reason: bytes, message: str, limit: str) -> None:
+        """Answer ``status`` naming the limit and drop the connection."""
+        self._disarm()
+        self._count(limit)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the application's answer, if any, goes nowhere
+            cycle.message_event.set()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if cycle is None or not cycle.response_started:
+            transport.write(_status_response(status, reason, message))
+        transport.close()
+        # A client that does not read cannot hold the descriptor through a TLS shutdown.
+        self.loop.call_later(1.0, transport.abort)
+
+    def _drop(self, limit: str) -> None:
+        self._disarm()
+        self._count(limit)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._raw_header_bytes == 0:  # never sent a byte of this request: just close
+            self._drop("header_timeout")
+            return
+        self._refuse(408, b"Request Timeout",
+                     f"request headers not complete within {self.limits.header_timeout:g} s "
+                     "(limit --header-timeout)", "header_timeout")
+
+    def _body_timeout(self) -> None:
+        self._timer = None
+        self._refuse(408, b"Request Timeout",
+                     f"request body not complete within {self.limits.body_timeout:g} s "
+                     "(limit --body-timeout)", "body_timeout")
+
+    # -- connection life
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.cap and not self._evict_one():
+            self._count("max_connections")
+            transport.abort()
+            return
+        super().connection_made(transport)
+        self._phase_since = time.monotonic()
+        self._arm(self.limits.header_timeout, self._header_timeout)
+
+    def _evict_one(self) -> bool:
+        """Close the connection that has been sending its headers longest, else the idlest one."""
+        sending: list[tuple[float, LimitedHttpToolsProtocol]] = []
+        idle: list[tuple[float, LimitedHttpToolsProtocol]] = []
+        for conn in self.connections:
+            if not isinstance(conn, LimitedHttpToolsProtocol) or conn.transport is None:
+                continue
+            if conn.cycle is None or conn.cycle.response_complete:
+                (sending if conn._raw_header_bytes or conn._requests == 0 else idle).append(
+                    (conn._phase_since, conn))
+        for group in (sending, idle):
+            if group:
+                _, victim = min(group, key=lambda item: item[0])
+                victim._drop("evicted")
+                self.connections.discard(victim)
+                return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self.transport is None:  # refused in connection_made
+            return
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._in_headers:
+            if self._timer is None:  # first bytes of a request on a kept-alive connection
+                self._phase_since = time.monotonic()
+                self._arm(self.limits.header_timeout, self._header_timeout)
+            self._raw_header_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if self._refusal is not None:
+                self._refuse(*self._refusal)
+            else:
+                self._refuse(400, b"Bad Request", "invalid HTTP request", "malformed")
+            return
+        if self._in_headers and self._raw_header_bytes > self.limits.max_header_bytes:
+            self._refuse(431, b"Request Header Fields Too Large",
+                         f"request headers exceed {self.limits.max_header_bytes} bytes "
+                         "(limit --max-header-bytes)", "max_header_bytes")
+
+    # -- parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._header_bytes = 0
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._header_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
+        limits = self.limits
+        if self._header_count > limits.max_headers:
+            self._refusal = (431, b"Request Header Fields Too Large",
+                             f"more than {limits.max_headers} request headers (limit --max-headers)",
+                             "max_headers")
+            raise _Refused
+        if self._header_bytes > limits.max_header_bytes:
+            self._refusal = (431, b"Request Header Fields Too Large",
+                             f"request headers exceed {limits.max_header_bytes} bytes "
+                             "(limit --max-header-bytes)", "max_header_bytes")
+            raise _Refused
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._raw_header_bytes = 0
+        self._disarm()
+        self.scope[STARTED_KEY] = time.monotonic()  # type: ignore[literal-required]
+        super().on_headers_complete()
+        self._requests += 1
+        limit = self.limits.max_requests_per_connection
+        if limit and self._requests >= limit and self.cycle is not None:
+            self.cycle.keep_alive = False
+        if self.cycle is not None and self.cycle.more_body:
+            self._arm(self.limits.body_timeout, self._body_timeout)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._phase_since = time.monotonic()
+        super().on_response_complete()
+
+
+def protocol_class(limits: HttpLimits, metrics: InjectorMetrics | None) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class for one server, carrying its limits."""
+    return type("WebhookHttpProtocol", (LimitedHttpToolsProtocol,),
+                {"limits": limits, "metrics": metrics, "cap": limits.connection_cap()})
+
+
+class LimitedServer(Server):
+    """uvicorn's server listening on given sockets with a TLS handshake timeout."""
+
+    def __init__(self, config: Any, limits: HttpLimits) -> None:
+        super().__init__(config)
+        self.limits = limits
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(3)
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(config=config, server_state=self.server_state,
+                                              app_state=self.lifespan.state, _loop=_loop)
+
+        loop = asyncio.get_running_loop()
+        self.servers = []
+        for sock in sockets or []:
+            kwargs: dict[str, Any] = {"sock": sock, "ssl": config.ssl, "backlog": config.backlog}
+            if config.ssl is not None:
+                kwargs["ssl_handshake_timeout"] = self.limits.tls_handshake_timeout
+            self.servers.append(await loop.create_server(create_protocol, **kwargs))
+        self.started = True
