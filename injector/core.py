@@ -715,6 +715,13 @@ def _render_into(
     template_containers, template_inits = choice.container_names, choice.init_container_names
     traffic = _resolve_traffic(annotations, config)
     plan = traffic.plan
+    if plan.capture_dns and not options.dns_proxy and config.proxy.capture != "none":
+        raise _Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {ann.CAPTURE_DNS}=true (or captureDNS in the config): template(s) "
+            f"{', '.join(t.name for t in templates)} have no DNS proxy on port {ann.DNS_CAPTURE_PORT}, "
+            "so all DNS would fail; use the sidecar template or set it to false",
+        )
 
     user_containers = _named(spec.get("containers"))
     user_inits = _named(spec.get("initContainers"))
