@@ -220,7 +220,9 @@ class Agent:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
-                path = urlsplit(self.path).path
+                # Exact request targets only: no query strings, no absolute forms, no dot
+                # segments; probes and scrapers send exactly these.
+                path = self.path
                 if path in agent.pod.probers:
                     try:
                         text = probes.run_probe(agent.pod.probers[path], agent.pod.probe_host)

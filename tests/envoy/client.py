@@ -1,0 +1,65 @@
+"""Raw clients run inside a netns: JSON requests on stdin, one JSON result per request out.
+
+Raw sockets, so request targets go out byte for byte (no client-side normalisation of ``..``,
+``%2e`` or ``//``). Request kinds:
+- ``{"http": [host, port], "method": "GET", "target": "/x", "body": ""}`` ->
+  ``{"status": 200, "body": "..."}`` or ``{"error": "refused" | "closed" | "..."}``;
+- ``{"tcp": [host, port], "send": "hello"}`` -> ``{"echo": "..."}`` or ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def one(req: dict) -> dict:
+    timeout = float(req.get("timeout", 5))
+    try:
+        if "tcp" in req:
+            host, port = req["tcp"]
+            with _connect(host, port, timeout) as sock:
+                sock.sendall(req.get("send", "hello").encode())
+                sock.shutdown(socket.SHUT_WR)
+                data = _read_all(sock)
+            return {"echo": data.decode("latin-1")} if data else {"error": "closed"}
+        host, port = req["http"]
+        body = req.get("body", "").encode()
+        head = (
+            f"{req.get('method', 'GET')} {req['target']} HTTP/1.1\r\nHost: {req.get('host', 'app')}\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1")
+        with _connect(host, port, timeout) as sock:
+            sock.sendall(head + body)
+            data = _read_all(sock)
+        if not data:
+            return {"error": "closed"}
+        status_line, _, rest = data.partition(b"\r\n")
+        parts = status_line.split(b" ")
+        _, _, payload = rest.partition(b"\r\n\r\n")
+        return {"status": int(parts[1]), "body": payload.decode("latin-1")}
+    except ConnectionRefusedError:
+        return {"error": "refused"}
+    except ConnectionResetError:
+        return {"error": "reset"}
+    except (OSError, ValueError, IndexError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+if __name__ == "__main__":
+    for item in json.load(sys.stdin):
+        print(json.dumps(one(item)), flush=True)
