@@ -27,6 +27,22 @@ def _read_all(sock: socket.socket) -> bytes:
         data += chunk
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """Until EOF or the end of a Content-Length body (Envoy waits for the client to close)."""
+    data = bytearray()
+    while True:
+        head, sep, rest = bytes(data).partition(b"\r\n\r\n")
+        if sep:
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and len(rest) >= int(value):
+                    return bytes(data)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
 def one(req: dict) -> dict:
     timeout = float(req.get("timeout", 5))
     try:
@@ -45,7 +61,7 @@ def one(req: dict) -> dict:
         ).encode("latin-1")
         with _connect(host, port, timeout) as sock:
             sock.sendall(head + body)
-            data = _read_all(sock)
+            data = _read_response(sock)
         if not data:
             return {"error": "closed"}
         status_line, _, rest = data.partition(b"\r\n")
