@@ -21,6 +21,26 @@ MAX_TIMEOUT = 60.0
 _MAX_FRAME = 1 << 16
 
 
+#: Probes leave from the inbound passthrough address: the redirect returns early for it, so a
+#: probe reaches the app itself and never Envoy's inbound listener (which would accept the
+#: connection for a dead app). Istio's agent does the same.
+PASSTHROUGH_V4, PASSTHROUGH_V6 = "127.0.0.6", "::6"
+
+
+def source_for(host: str) -> tuple[str, int] | None:
+    """The passthrough source address for a literal IP ``host``; None for names."""
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return (PASSTHROUGH_V6, 0)
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return (PASSTHROUGH_V4, 0)
+    except OSError:
+        return None
+
+
 class ProbeError(Exception):
     """The probe failed; the message says how (it goes into the status port's response body)."""
 
@@ -63,7 +83,9 @@ def run_probe(probe: Mapping[str, Any], default_host: str) -> str:
         action = probe["tcpSocket"]
         host = action.get("host") or default_host
         try:
-            socket.create_connection((host, _port(action)), timeout=timeout).close()
+            socket.create_connection(
+                (host, _port(action)), timeout=timeout, source_address=source_for(host)
+            ).close()
         except OSError as err:
             raise ProbeError(f"tcp connect {host}:{action.get('port')}: {err}") from None
         return "tcp connect ok"
@@ -87,9 +109,11 @@ def _http_get(action: Mapping[str, Any], default_host: str, timeout: float) -> s
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE  # the kubelet does not verify probe certificates either
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        conn = http.client.HTTPSConnection(
+            host, port, timeout=timeout, context=context, source_address=source_for(host)
+        )
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=source_for(host))
     headers = {"User-Agent": "kube-probe/mesh-proxy-agent"}
     for item in action.get("httpHeaders") or ():
         if isinstance(item, dict) and isinstance(item.get("name"), str):
@@ -178,7 +202,7 @@ def grpc_health(host: str, port: int, service: str, timeout: float) -> str:
         )
     )
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=source_for(host))
     except OSError as err:
         raise ProbeError(f"gRPC connect {host}:{port}: {err}") from None
     try:

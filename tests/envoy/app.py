@@ -1,8 +1,9 @@
 """A test app for inside a pod's netns: HTTP on 8080, TCP echo on 9000, optional gRPC health.
 
 HTTP: ``/ok``, ``/peer`` (answers the client address it saw), ``/status/<code>``,
-``/slow?ms=N``, ``/metrics`` (an app metric for the Prometheus merge). Prints ``ready`` once all
-listeners are up. Everything binds ``::`` dual-stack.
+``/slow?ms=N``, ``/healthz/ready`` (always 503), ``/metrics`` (an app metric for the
+Prometheus merge). Prints ``ready`` once all listeners are up. Everything binds ``::``
+dual-stack.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/slow":
             time.sleep(int(parse_qs(url.query).get("ms", ["1000"])[0]) / 1000)
             self._reply(200, b"slow done")
+        elif url.path == "/healthz/ready":  # a listener that accepts but is never ready
+            self._reply(503, b"not ready")
         elif url.path == "/metrics":
             self._reply(200, b"# TYPE app_marker_total counter\napp_marker_total 42\n")
         else:
@@ -92,7 +95,8 @@ def main() -> None:
     http_port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
     server = Server(("::", http_port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    echo(9000)
+    if "--no-echo" not in sys.argv:
+        echo(9000)
     servers = [server, grpc_health(50051) if "--grpc" in sys.argv else None]
     print("ready", flush=True)
     while servers:
