@@ -250,9 +250,16 @@ def _original_dst_cluster(name: str, s: BootstrapSettings, bind: tuple[str, str]
     }
     if bind is not None:
         v4, v6 = bind
+        # IP_BIND_ADDRESS_NO_PORT: the source port is chosen at connect(), per destination;
+        # bind() alone would reserve a port against every destination (TIME_WAIT included),
+        # which at a new connection per request slows and then exhausts the ephemeral range.
+        no_port = [{"level": 0, "name": 24, "int_value": 1, "state": "STATE_PREBIND"}]
         cluster["upstream_bind_config"] = {
             "source_address": {"address": v4, "port_value": 0},
-            "extra_source_addresses": [{"address": {"address": v6, "port_value": 0}}],
+            "socket_options": no_port,
+            "extra_source_addresses": [
+                {"address": {"address": v6, "port_value": 0}, "socket_options": {"socket_options": no_port}}
+            ],
         }
     return cluster
 

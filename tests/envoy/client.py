@@ -18,15 +18,6 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout)
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-
-
 def _read_response(sock: socket.socket) -> bytes:
     """Until EOF or the end of a Content-Length body (Envoy waits for the client to close)."""
     data = bytearray()
@@ -48,11 +39,13 @@ def one(req: dict) -> dict:
     try:
         if "tcp" in req:
             host, port = req["tcp"]
+            payload = req.get("send", "hello").encode()
             with _connect(host, port, timeout) as sock:
-                sock.sendall(req.get("send", "hello").encode())
-                sock.shutdown(socket.SHUT_WR)
-                data = _read_all(sock)
-            return {"echo": data.decode("latin-1")} if data else {"error": "closed"}
+                sock.sendall(payload)
+                data = bytearray()
+                while len(data) < len(payload) and (chunk := sock.recv(65536)):
+                    data += chunk
+            return {"echo": bytes(data).decode("latin-1")} if data else {"error": "closed"}
         host, port = req["http"]
         body = req.get("body", "").encode()
         head = (
