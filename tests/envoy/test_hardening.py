@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cni.cnitest import CniBed, Pod
-from tests.envoy.meshbed import HERE, Meshed, get, meshed_pod, requests, spawn, stop
+from tests.cni.cnitest import UNPRIVILEGED_PYTHON, CniBed, Pod
+from tests.envoy.meshbed import HERE, Meshed, _preexec, get, meshed_pod, requests, spawn, stop
 
 ADMIN_REQUESTS = "http.admin.downstream_rq_total"
 
@@ -128,3 +130,42 @@ def test_connections_to_capture_ports_are_refused_not_looped(mesh: Meshed, peer:
         assert get(mesh.pod, peer.ipv6, 8081, "/ok")["status"] == 200
     finally:
         stop(app)
+
+
+HOLD = r"""
+import json, socket, sys
+host, limit = sys.argv[1], int(sys.argv[2])
+def echo(s):
+    try:
+        s.sendall(b"ping")
+        return s.recv(16) == b"ping"
+    except OSError:
+        return False
+held = [socket.create_connection((host, 9000), timeout=3) for _ in range(limit)]
+result = {"held": [echo(s) for s in held]}
+extra = socket.create_connection((host, 9000), timeout=3)
+result["over_limit"] = echo(extra)
+held.pop().close()
+import time; time.sleep(0.5)
+again = socket.create_connection((host, 9000), timeout=3)
+result["after_one_closed"] = echo(again)
+print(json.dumps(result))
+"""
+
+
+def test_one_peer_cannot_hold_more_than_the_pods_connection_cap(
+    bed: CniBed, peer: Pod, tmp_path: Path
+) -> None:
+    env = {"PROXY_CONFIG": '{"proxyMetadata": {"MESH_MAX_CONNECTIONS": "3"}}'}
+    with meshed_pod(bed, tmp_path, env=env) as capped:
+        done = subprocess.run(
+            [UNPRIVILEGED_PYTHON, "-I", "-S", "-c", HOLD, capped.pod.ipv4, "3"],
+            preexec_fn=_preexec(peer.netns, None),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"held": [True] * 3, "over_limit": False, "after_one_closed": True}
+        assert any(k.endswith("downstream_cx_overflow") and v >= 1 for k, v in capped.stats().items())
+        assert capped.agent is not None and capped.agent.poll() is None
