@@ -90,9 +90,9 @@ def run_probe(probe: Mapping[str, Any], default_host: str) -> str:
             raise ProbeError(f"tcp connect {host}:{action.get('port')}: {err}") from None
         return "tcp connect ok"
     if isinstance(probe.get("grpc"), dict):
-        return grpc_health(
-            default_host, _port(probe["grpc"]), str(probe["grpc"].get("service") or ""), timeout
-        )
+        action = probe["grpc"]
+        service = str(action.get("service") or "")
+        return grpc_health(default_host, _port(action), service, timeout, source=source_for(default_host))
     raise ProbeError("no httpGet, tcpSocket or grpc handler")
 
 
@@ -135,7 +135,7 @@ def _http_get(action: Mapping[str, Any], default_host: str, timeout: float) -> s
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS, _RST, _SETTINGS, _PING, _GOAWAY = 0, 1, 3, 4, 6, 7
-_END_STREAM, _END_HEADERS, _ACK = 0x1, 0x4, 0x1
+_END_STREAM, _END_HEADERS, _ACK, _PADDED = 0x1, 0x4, 0x1, 0x8
 _SERVING = 1
 
 
@@ -183,7 +183,9 @@ def _serving_status(message: bytes) -> int:
     return 0
 
 
-def grpc_health(host: str, port: int, service: str, timeout: float) -> str:
+def grpc_health(
+    host: str, port: int, service: str, timeout: float, *, source: tuple[str, int] | None = None
+) -> str:
     """grpc.health.v1.Health/Check over h2c; passes when the answer is SERVING."""
     encoded = service.encode()
     if len(encoded) > 127:
@@ -202,7 +204,7 @@ def grpc_health(host: str, port: int, service: str, timeout: float) -> str:
         )
     )
     try:
-        sock = socket.create_connection((host, port), timeout=timeout, source_address=source_for(host))
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
     except OSError as err:
         raise ProbeError(f"gRPC connect {host}:{port}: {err}") from None
     try:
@@ -227,6 +229,8 @@ def grpc_health(host: str, port: int, service: str, timeout: float) -> str:
             elif kind == _GOAWAY or (kind == _RST and stream == 1):
                 raise ProbeError("gRPC server reset the health check")
             elif kind == _DATA and stream == 1:
+                if flags & _PADDED and payload:
+                    payload = payload[1 : len(payload) - payload[0]]
                 body += payload
                 if len(body) >= 5 and len(body) >= 5 + int.from_bytes(body[1:5], "big"):
                     status = _serving_status(bytes(body[5 : 5 + int.from_bytes(body[1:5], "big")]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cni.cnitest import CniBed, Pod
-from tests.envoy.meshbed import HERE, Meshed, get, meshed_pod, requests, spawn, stop
+from tests.cni.cnitest import UNPRIVILEGED_PYTHON, CniBed, Pod
+from tests.envoy.meshbed import HERE, REPO, Meshed, _preexec, get, meshed_pod, requests, spawn, stop
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,33 @@ def test_access_log_has_one_json_line_per_request(mesh: Meshed, peer: Pod) -> No
     assert line["upstream_host"] == f"{mesh.pod.ipv4}:8080"
     for key in ("time", "response_flags", "bytes_received", "bytes_sent", "duration_ms"):
         assert key in line
+
+
+GRPC_CLIENT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from proxyagent.probes import grpc_health; "
+    "print(grpc_health(sys.argv[2], 50051, 'app.Serving', 5))"
+)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_h2c_grpc_goes_through_the_http_layer(bed: CniBed, peer: Pod, tmp_path: Path, family: str) -> None:
+    with meshed_pod(bed, tmp_path, grpc=True) as mesh:
+        before = mesh.stats()
+        done = subprocess.run(
+            [UNPRIVILEGED_PYTHON, "-S", "-c", GRPC_CLIENT, str(REPO), getattr(mesh.pod, family)],
+            preexec_fn=_preexec(peer.netns, None),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.stdout.strip() == "SERVING", done.stderr
+        after = mesh.stats()
+        assert (
+            after["http.inbound.downstream_cx_http2_total"]
+            == before.get("http.inbound.downstream_cx_http2_total", 0) + 1
+        )
+        deadline = time.monotonic() + 10
+        while not (found := [x for x in mesh.access_log() if x.get("protocol") == "HTTP/2"]):
+            assert time.monotonic() < deadline, mesh.log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert found[0]["path"] == "/grpc.health.v1.Health/Check" and found[0]["response_code"] == 200
