@@ -55,13 +55,21 @@ def bench_pod(i: int) -> dict[str, Any]:
         "spec": {
             "nodeSelector": {"mesh-injector.test/no-such-node": "true"},
             "containers": [
-                {"name": "web", "image": "busybox", "command": ["sleep", "3600"],
-                 "ports": [{"name": "http", "containerPort": 8080}],
-                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
-                 "livenessProbe": {"tcpSocket": {"port": 8080}}},
+                {
+                    "name": "web",
+                    "image": "busybox",
+                    "command": ["sleep", "3600"],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                    "livenessProbe": {"tcpSocket": {"port": 8080}},
+                },
                 {"name": "worker", "image": "busybox", "command": ["sleep", "3600"]},
-                {"name": "exporter", "image": "busybox", "command": ["sleep", "3600"],
-                 "ports": [{"containerPort": 9100}]},
+                {
+                    "name": "exporter",
+                    "image": "busybox",
+                    "command": ["sleep", "3600"],
+                    "ports": [{"containerPort": 9100}],
+                },
             ],
         },
     }
@@ -72,8 +80,9 @@ def create_times(client: httpx.Client, namespace: str, start: int, count: int) -
     for i in range(start, start + count):
         body = json.dumps(bench_pod(i))
         t0 = time.perf_counter()
-        response = client.post(f"/api/v1/namespaces/{namespace}/pods", content=body,
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            f"/api/v1/namespaces/{namespace}/pods", content=body, headers={"content-type": "application/json"}
+        )
         out.append((time.perf_counter() - t0) * 1000)
         if response.status_code != 201:
             raise SystemExit(f"pod create failed: {response.status_code} {response.text[:300]}")
@@ -84,8 +93,10 @@ def webhook_seconds(client: httpx.Client) -> tuple[float, float]:
     """(sum, count) of the API server's own timing of calls to our webhooks (all label sets)."""
     total, count = 0.0, 0.0
     for line in client.get("/metrics").text.splitlines():
-        if not line.startswith("apiserver_admission_webhook_admission_duration_seconds_") or \
-                "sidecar-injector.mesh-injector.io" not in line:
+        if (
+            not line.startswith("apiserver_admission_webhook_admission_duration_seconds_")
+            or "sidecar-injector.mesh-injector.io" not in line
+        ):
             continue
         name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
         if name.endswith("_sum"):
@@ -99,8 +110,10 @@ def configmap_times(client: httpx.Client, namespace: str, start: int, count: int
     out = []
     for i in range(start, start + count):
         t0 = time.perf_counter()
-        response = client.post(f"/api/v1/namespaces/{namespace}/configmaps",
-                               json={"metadata": {"name": f"bench-{i}"}, "data": {"k": "v"}})
+        response = client.post(
+            f"/api/v1/namespaces/{namespace}/configmaps",
+            json={"metadata": {"name": f"bench-{i}"}, "data": {"k": "v"}},
+        )
         out.append((time.perf_counter() - t0) * 1000)
         if response.status_code != 201:
             raise SystemExit(f"configmap create failed: {response.status_code} {response.text[:300]}")
@@ -134,25 +147,45 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         log = (tmp / "server.log").open("wb")
         server = subprocess.Popen(
-            [*serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
-             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                *serve_command(),
+                "serve",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--tls-cert-file",
+                str(tmp / "tls.crt"),
+                "--tls-key-file",
+                str(tmp / "tls.key"),
+                "--no-events",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         if not wait_ready(f"https://127.0.0.1:{port}", ctx, server, tmp / "server.log"):
             return 1
 
-        mesh_ns = plane.create_namespace(labels={SCOPE_LABEL: scope, "istio-injection": "enabled"},
-                                         prefix="bench-mesh")
+        mesh_ns = plane.create_namespace(
+            labels={SCOPE_LABEL: scope, "istio-injection": "enabled"}, prefix="bench-mesh"
+        )
         plain_ns = plane.create_namespace(labels={SCOPE_LABEL: scope}, prefix="bench-plain")
         namespaces += [mesh_ns, plain_ns]
-        config = webhook_configuration(name=config_name, url=f"https://127.0.0.1:{port}/inject",
-                                       ca_bundle=base64.b64encode(ca.cert_pem).decode())
+        config = webhook_configuration(
+            name=config_name,
+            url=f"https://127.0.0.1:{port}/inject",
+            ca_bundle=base64.b64encode(ca.cert_pem).decode(),
+        )
         for webhook in config["webhooks"]:
             webhook["namespaceSelector"].setdefault("matchLabels", {})[SCOPE_LABEL] = scope
 
-        with httpx.Client(base_url=plane.server, verify=str(plane.ca_file),
-                          headers={"authorization": f"Bearer {plane.token}"}, timeout=30) as api:
+        with httpx.Client(
+            base_url=plane.server,
+            verify=str(plane.ca_file),
+            headers={"authorization": f"Bearer {plane.token}"},
+            timeout=30,
+        ) as api:
             create_times(api, mesh_ns, 0, 20)  # warm-up: connections, caches
 
             def wait_until(want_injected: bool, probe: int) -> int:
@@ -217,17 +250,30 @@ def main(argv: list[str] | None = None) -> int:
             configmap_times(api, plain_ns, 0, 20)
             cm_without = configmap_times(api, plain_ns, 1000, args.pods)
             passthrough = {
-                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
                 "metadata": {"name": config_name},
-                "webhooks": [{
-                    "name": "configmaps.bench.mesh-injector.io", "admissionReviewVersions": ["v1"],
-                    "sideEffects": "None", "failurePolicy": "Fail",
-                    "clientConfig": {"url": f"https://127.0.0.1:{port}/inject",
-                                     "caBundle": base64.b64encode(ca.cert_pem).decode()},
-                    "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                               "resources": ["configmaps"]}],
-                    "namespaceSelector": {"matchLabels": {SCOPE_LABEL: scope}},
-                }],
+                "webhooks": [
+                    {
+                        "name": "configmaps.bench.mesh-injector.io",
+                        "admissionReviewVersions": ["v1"],
+                        "sideEffects": "None",
+                        "failurePolicy": "Fail",
+                        "clientConfig": {
+                            "url": f"https://127.0.0.1:{port}/inject",
+                            "caBundle": base64.b64encode(ca.cert_pem).decode(),
+                        },
+                        "rules": [
+                            {
+                                "apiGroups": [""],
+                                "apiVersions": ["v1"],
+                                "operations": ["CREATE"],
+                                "resources": ["configmaps"],
+                            }
+                        ],
+                        "namespaceSelector": {"matchLabels": {SCOPE_LABEL: scope}},
+                    }
+                ],
             }
             plane.kubectl("create", "-f", "-", input=json.dumps(passthrough))
             time.sleep(3)
@@ -238,21 +284,31 @@ def main(argv: list[str] | None = None) -> int:
         med_with = statistics.median(with_webhook)
         med_plain = statistics.median(not_selected)
         added = med_with - med_without
-        print(f"pod create through kube-apiserver 1.20 on loopback, {len(without)} pods per series "
-              f"({blocks} alternating blocks without/with the webhook configuration), "
-              f"load average {os.getloadavg()[0]:.2f}:")
+        print(
+            f"pod create through kube-apiserver 1.20 on loopback, {len(without)} pods per series "
+            f"({blocks} alternating blocks without/with the webhook configuration), "
+            f"load average {os.getloadavg()[0]:.2f}:"
+        )
         print(f"  without webhook configuration        median {med_without:7.2f} ms")
         print(f"  registered, namespace not selected   median {med_plain:7.2f} ms")
-        print(f"  with webhook (called, injected)      median {med_with:7.2f} ms  "
-              f"p90 {statistics.quantiles(with_webhook, n=10)[-1]:.2f} ms")
-        print(f"  added by the webhook                 {added:+7.2f} ms (target <= {TARGET_ADDED_MS:.0f} ms: "
-              f"ratio {added / TARGET_ADDED_MS:.2f}); vs. not-selected {med_with - med_plain:+.2f} ms")
+        print(
+            f"  with webhook (called, injected)      median {med_with:7.2f} ms  "
+            f"p90 {statistics.quantiles(with_webhook, n=10)[-1]:.2f} ms"
+        )
+        print(
+            f"  added by the webhook                 {added:+7.2f} ms (target <= {TARGET_ADDED_MS:.0f} ms: "
+            f"ratio {added / TARGET_ADDED_MS:.2f}); vs. not-selected {med_with - med_plain:+.2f} ms"
+        )
         med_once = statistics.median(once)
-        print(f"  with webhook, reinvocationPolicy Never median {med_once:7.2f} ms: added "
-              f"{med_once - med_without:+.2f} ms (ratio {(med_once - med_without) / TARGET_ADDED_MS:.2f})")
+        print(
+            f"  with webhook, reinvocationPolicy Never median {med_once:7.2f} ms: added "
+            f"{med_once - med_without:+.2f} ms (ratio {(med_once - med_without) / TARGET_ADDED_MS:.2f})"
+        )
         cm_added = statistics.median(cm_with) - statistics.median(cm_without)
-        print(f"  the API server's fixed cost of one webhook call (ConfigMap create, our server answers "
-              f"allowed without patch): {cm_added:+.2f} ms")
+        print(
+            f"  the API server's fixed cost of one webhook call (ConfigMap create, our server answers "
+            f"allowed without patch): {cm_added:+.2f} ms"
+        )
         calls: dict[str, list[dict[str, Any]]] = {}
         for line in (tmp / "server.log").read_text().splitlines():
             entry = json.loads(line) if line.startswith("{") else {}
@@ -262,14 +318,19 @@ def main(argv: list[str] | None = None) -> int:
             per_pod = statistics.mean(len(v) for v in calls.values())
             inside = statistics.median(float(e["latency_ms"]) for v in calls.values() for e in v)
             repatched = sum(1 for v in calls.values() for e in v[1:] if e.get("patched"))
-            print(f"  IfNeeded: webhook calls per pod {per_pod:.2f} (in-tree plugins re-ran after us); "
-                  f"later calls that patched again: {repatched}; "
-                  f"median time inside the server per call {inside:.2f} ms")
-        print(f"  the API server's own timing of our webhook calls: mean {seen_ms:.2f} ms per call over "
-              f"{seen_calls:.0f} calls (apiserver_admission_webhook_admission_duration_seconds)")
+            print(
+                f"  IfNeeded: webhook calls per pod {per_pod:.2f} (in-tree plugins re-ran after us); "
+                f"later calls that patched again: {repatched}; "
+                f"median time inside the server per call {inside:.2f} ms"
+            )
+        print(
+            f"  the API server's own timing of our webhook calls: mean {seen_ms:.2f} ms per call over "
+            f"{seen_calls:.0f} calls (apiserver_admission_webhook_admission_duration_seconds)"
+        )
     finally:
-        plane.kubectl("delete", "mutatingwebhookconfiguration", config_name, "--ignore-not-found",
-                      check=False)
+        plane.kubectl(
+            "delete", "mutatingwebhookconfiguration", config_name, "--ignore-not-found", check=False
+        )
         for ns in namespaces:
             plane.delete_namespace(ns)
         if server is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -126,6 +127,10 @@ def main() -> int:
                 latencies[(path, mode)] += result["latencies_us"]
                 errors[(path, mode)] += result["errors"]
 
+        load = os.getloadavg()
+        print(
+            f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
+        )
         print(
             f"open loop {args.rate:g} rps, {args.rounds} rounds x {args.seconds:g}s per scenario, interleaved"
         )

@@ -48,29 +48,54 @@ def typical_review() -> dict[str, Any]:
             "namespace": "shop",
             "labels": {"app": "web", "version": "v1", "pod-template-hash": "6f8d9c7b5"},
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9100"},
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-6f8d9c7b5",
-                                 "uid": "0b6c1f1e-7d1a-4c1e-9b8e-5a0e2b7f1c11", "controller": True,
-                                 "blockOwnerDeletion": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "web-6f8d9c7b5",
+                    "uid": "0b6c1f1e-7d1a-4c1e-9b8e-5a0e2b7f1c11",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
         },
         "spec": {
             "serviceAccountName": "web",
             "containers": [
-                {"name": "web", "image": "registry.example.com/shop/web:1.8.2",
-                 "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 8081}],
-                 "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "DB_HOST", "value": "db.shop"},
-                         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-                 "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
-                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
-                 "livenessProbe": {"httpGet": {"path": "/live", "port": 8081}, "initialDelaySeconds": 10},
-                 "startupProbe": {"tcpSocket": {"port": "http"}, "failureThreshold": 30},
-                 "volumeMounts": [{"name": "config", "mountPath": "/etc/web"}]},
-                {"name": "worker", "image": "registry.example.com/shop/worker:1.8.2",
-                 "command": ["/worker", "--queue=orders"],
-                 "livenessProbe": {"exec": {"command": ["/worker", "health"]}},
-                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-                {"name": "exporter", "image": "registry.example.com/tools/exporter:0.9",
-                 "ports": [{"name": "metrics", "containerPort": 9100}],
-                 "readinessProbe": {"grpc": {"port": 9100}}},
+                {
+                    "name": "web",
+                    "image": "registry.example.com/shop/web:1.8.2",
+                    "ports": [
+                        {"name": "http", "containerPort": 8080},
+                        {"name": "admin", "containerPort": 8081},
+                    ],
+                    "env": [
+                        {"name": "LOG_LEVEL", "value": "info"},
+                        {"name": "DB_HOST", "value": "db.shop"},
+                        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    ],
+                    "resources": {
+                        "requests": {"cpu": "200m", "memory": "256Mi"},
+                        "limits": {"memory": "512Mi"},
+                    },
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
+                    "livenessProbe": {"httpGet": {"path": "/live", "port": 8081}, "initialDelaySeconds": 10},
+                    "startupProbe": {"tcpSocket": {"port": "http"}, "failureThreshold": 30},
+                    "volumeMounts": [{"name": "config", "mountPath": "/etc/web"}],
+                },
+                {
+                    "name": "worker",
+                    "image": "registry.example.com/shop/worker:1.8.2",
+                    "command": ["/worker", "--queue=orders"],
+                    "livenessProbe": {"exec": {"command": ["/worker", "health"]}},
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                },
+                {
+                    "name": "exporter",
+                    "image": "registry.example.com/tools/exporter:0.9",
+                    "ports": [{"name": "metrics", "containerPort": 9100}],
+                    "readinessProbe": {"grpc": {"port": 9100}},
+                },
             ],
             "volumes": [{"name": "config", "configMap": {"name": "web-config"}}],
         },
@@ -162,7 +187,9 @@ def run_wrk(
 ) -> dict[str, float]:
     out = subprocess.run(
         [wrk, f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "75", "90", "99"):
@@ -206,9 +233,21 @@ def main(argv: list[str] | None = None) -> int:
         cmd = serve_command()
         log = (tmp / "server.log").open("wb")
         server = subprocess.Popen(
-            [*cmd, "serve", "--address", "127.0.0.1", "--port", str(port),
-             "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                *cmd,
+                "serve",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--tls-cert-file",
+                str(tmp / "tls.crt"),
+                "--tls-key-file",
+                str(tmp / "tls.key"),
+                "--no-events",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
         )
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
@@ -216,36 +255,54 @@ def main(argv: list[str] | None = None) -> int:
             if not wait_ready(url, ctx, server, tmp / "server.log"):
                 return 1
             # Sanity: the review is answered with a patch.
-            request = urllib.request.Request(f"{url}/inject", data=body.read_bytes(),
-                                             headers={"content-type": "application/json"})
+            request = urllib.request.Request(
+                f"{url}/inject", data=body.read_bytes(), headers={"content-type": "application/json"}
+            )
             answer = json.load(urllib.request.urlopen(request, context=ctx))
             assert answer["response"]["allowed"] and answer["response"].get("patch"), answer
             patch_bytes = len(answer["response"]["patch"])
 
-            print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-                  f"review {body.stat().st_size} B, response patch {patch_bytes} B (base64)")
+            print(
+                f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+                f"review {body.stat().st_size} B, response patch {patch_bytes} B (base64)"
+            )
             run_wrk(wrk, f"{url}/inject", script, 3, args.connections, args.threads)  # warm-up
             cpu_before, count_before = cpu_seconds(server.pid), answered(url, ctx)
             m = run_wrk(wrk, f"{url}/inject", script, args.duration, args.connections, args.threads)
             cpu_ms = (cpu_seconds(server.pid) - cpu_before) * 1000 / max(answered(url, ctx) - count_before, 1)
-            print(f"HTTPS keep-alive, {args.connections} connections, 1 server worker, wrk -t{args.threads}, "
-                  f"{args.duration:.0f} s:")
+            print(
+                f"HTTPS keep-alive, {args.connections} connections, 1 server worker, wrk -t{args.threads}, "
+                f"{args.duration:.0f} s:"
+            )
             ratio = m["rps"] / TARGET_RPS
             print(f"  reviews/s   {m['rps']:8.0f}   (target >= {TARGET_RPS:.0f}: ratio {ratio:.2f})")
             print(f"  p50         {m['p50']:8.2f} ms")
             print(f"  p90         {m['p90']:8.2f} ms")
-            print(f"  p99         {m['p99']:8.2f} ms (target <= {TARGET_P99_MS:.0f} ms: ratio "
-                  f"{m['p99'] / TARGET_P99_MS:.2f})")
+            print(
+                f"  p99         {m['p99']:8.2f} ms (target <= {TARGET_P99_MS:.0f} ms: ratio "
+                f"{m['p99'] / TARGET_P99_MS:.2f})"
+            )
             print(f"  non-2xx     {m['non2xx']:8.0f} of {m['requests']:.0f}")
-            print(f"  server CPU  {cpu_ms:8.3f} ms per review (load-robust): one core serves up to "
-                  f"{1000 / cpu_ms:.0f} reviews/s (ratio to target {1000 / cpu_ms / TARGET_RPS:.2f})")
+            print(
+                f"  server CPU  {cpu_ms:8.3f} ms per review (load-robust): one core serves up to "
+                f"{1000 / cpu_ms:.0f} reviews/s (ratio to target {1000 / cpu_ms / TARGET_RPS:.2f})"
+            )
 
             # Memory: one long run on the same 16 keep-alive connections (as the API server keeps
             # its connections), RSS sampled at every 10% of the reviews.
             seconds = int(args.total / max(m["rps"], 1.0) * 3) + 30
             load = subprocess.Popen(
-                [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "-s", str(script),
-                 f"{url}/inject"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    wrk,
+                    f"-t{args.threads}",
+                    f"-c{args.connections}",
+                    f"-d{seconds}s",
+                    "-s",
+                    str(script),
+                    f"{url}/inject",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             samples: list[tuple[int, float]] = []
             try:
@@ -261,13 +318,17 @@ def main(argv: list[str] | None = None) -> int:
                 load.terminate()
                 load.wait(10)
             _, hwm = rss_kib(server.pid)
-            print("memory (server process RSS, MiB) by reviews answered: "
-                  + ", ".join(f"{n // 1000}k: {mib:.1f}" for n, mib in samples))
+            print(
+                "memory (server process RSS, MiB) by reviews answered: "
+                + ", ".join(f"{n // 1000}k: {mib:.1f}" for n, mib in samples)
+            )
             if len(samples) >= 2:
                 half = samples[len(samples) // 2 - 1]
-                print(f"  peak RSS (VmHWM) {hwm / 1024:.1f} MiB after {samples[-1][0]} reviews; growth over "
-                      f"the second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
-                      f"{samples[-1][1] - half[1]:+.1f} MiB")
+                print(
+                    f"  peak RSS (VmHWM) {hwm / 1024:.1f} MiB after {samples[-1][0]} reviews; growth over "
+                    f"the second half ({half[0] // 1000}k -> {samples[-1][0] // 1000}k): "
+                    f"{samples[-1][1] - half[1]:+.1f} MiB"
+                )
         finally:
             server.send_signal(signal.SIGTERM)
             try:
