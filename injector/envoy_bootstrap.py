@@ -121,7 +121,17 @@ def _tcp_proxy(prefix: str, cluster: str, s: BootstrapSettings, log: str | None)
     return {"name": "envoy.filters.network.tcp_proxy", "typed_config": config}
 
 
-def _hcm(prefix: str, routes: list[dict[str, Any]], s: BootstrapSettings, **extra: Any) -> dict[str, Any]:
+def _hcm(
+    prefix: str,
+    routes: list[dict[str, Any]],
+    s: BootstrapSettings,
+    *,
+    router_suppress_envoy_headers: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    router: dict[str, Any] = {"@type": _ROUTER}
+    if router_suppress_envoy_headers:
+        router["suppress_envoy_headers"] = True
     config = {
         "@type": _HCM,
         "stat_prefix": prefix,
@@ -131,7 +141,7 @@ def _hcm(prefix: str, routes: list[dict[str, Any]], s: BootstrapSettings, **extr
             "name": prefix,
             "virtual_hosts": [{"name": prefix, "domains": ["*"], "routes": routes}],
         },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": router}],
         **extra,
     }
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
@@ -161,9 +171,16 @@ def _capture_listener(
                 access_log=_json_log(prefix, None),
                 upgrade_configs=[{"upgrade_type": "websocket"}],
                 http2_protocol_options={"max_concurrent_streams": 1024},
-                # A transparent proxy: keep the client's view of the request intact.
+                # A transparent proxy: keep the request and the app's answer as they were
+                # (no path rewriting, the app's own Server header, no x-envoy-* headers).
                 use_remote_address=False,
                 normalize_path=False,
+                server_header_transformation="PASS_THROUGH",
+                router_suppress_envoy_headers=True,
+                # Long-lived idle streams (gRPC watches) stay up; connections idle for an
+                # hour close; the connection caps bound how many anyone can hold.
+                stream_idle_timeout="0s",
+                common_http_protocol_options={"idle_timeout": s.tcp_idle_timeout},
             )
         ],
     }
