@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per scenario per round")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered requests/s (open loop)")
     parser.add_argument("--max-seconds", type=float, default=3.0, help="closed-loop throughput run")
+    parser.add_argument("--max-connections", type=int, default=64, help="closed-loop connections")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dataplane-"))
@@ -105,7 +106,7 @@ def main() -> int:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             servers.append(server)
         mesh = Meshed(pod=meshed, log=tmp / "proxy.log", env={"MESH_ACCESS_LOG": "false"})
-        mesh.start_agent()
+        mesh.start_agent(concurrency=2)  # as the envoy template runs it
         time.sleep(2)
         idle_anon, idle_pss = _memory(_proxy_pids(mesh))
 
@@ -128,9 +129,7 @@ def main() -> int:
                 errors[(path, mode)] += result["errors"]
 
         load = os.getloadavg()
-        print(
-            f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
-        )
+        print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
         print(
             f"open loop {args.rate:g} rps, {args.rounds} rounds x {args.seconds:g}s per scenario, interleaved"
         )
@@ -150,7 +149,8 @@ def main() -> int:
                 f"{p[0]:>9.3f}{p[1]:>9.3f}{p[2]:>10.3f}{added}"
             )
 
-        print(f"\nmax requests/s (closed loop, keep-alive, 16 connections, {args.max_seconds:g}s)")
+        conns, secs = args.max_connections, args.max_seconds
+        print(f"\nmax requests/s (closed loop, keep-alive, {conns} connections, {secs:g}s)")
         samples: list[tuple[float, float]] = []
         sampling = threading.Event()
 
@@ -164,7 +164,7 @@ def main() -> int:
             if sampler:
                 sampling.clear()
                 sampler.start()
-            rps = _loadgen(source, "closed", host, PORT, 16, args.max_seconds)["rps"]
+            rps = _loadgen(source, "closed", host, PORT, args.max_connections, args.max_seconds)["rps"]
             if sampler:
                 sampling.set()
                 sampler.join()

@@ -111,7 +111,9 @@ class Meshed:
         stop(self.app)
         self.app = None
 
-    def start_agent(self, *, settings: BootstrapSettings | None = None, wait: bool = True) -> None:
+    def start_agent(
+        self, *, settings: BootstrapSettings | None = None, wait: bool = True, concurrency: int = 1
+    ) -> None:
         env = {"PATH": "/usr/bin:/bin", "INSTANCE_IP": self.pod.ipv4, **self.env}
         argv = [
             UNPRIVILEGED_PYTHON,
