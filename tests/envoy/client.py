@@ -59,8 +59,12 @@ def one(req: dict) -> dict:
             return {"error": "closed"}
         status_line, _, rest = data.partition(b"\r\n")
         parts = status_line.split(b" ")
-        _, _, payload = rest.partition(b"\r\n\r\n")
-        return {"status": int(parts[1]), "body": payload.decode("latin-1")}
+        head, _, payload = rest.partition(b"\r\n\r\n")
+        result = {"status": int(parts[1]), "body": payload.decode("latin-1")}
+        if req.get("headers"):
+            pairs = (line.partition(b":") for line in head.split(b"\r\n") if line)
+            result["headers"] = {k.strip().lower().decode(): v.strip().decode("latin-1") for k, _, v in pairs}
+        return result
     except ConnectionRefusedError:
         return {"error": "refused"}
     except ConnectionResetError:

@@ -51,8 +51,11 @@ def test_inbound_http_reaches_the_app_from_the_passthrough_address(
     mesh: Meshed, peer: Pod, family: str, passthrough: str
 ) -> None:
     before = mesh.stats()
-    reply = get(peer, getattr(mesh.pod, family), 8080, "/peer")
-    assert reply == {"status": 200, "body": passthrough}
+    reply = get(peer, getattr(mesh.pod, family), 8080, "/peer", headers=True)
+    assert (reply["status"], reply["body"]) == (200, passthrough)
+    # Transparent: the app's own Server header, nothing of Envoy's added.
+    assert reply["headers"]["server"].startswith("BaseHTTP")
+    assert not [h for h in reply["headers"] if h.startswith("x-envoy")]
     after = mesh.stats()
     assert after["http.inbound.downstream_rq_2xx"] == before.get("http.inbound.downstream_rq_2xx", 0) + 1
 
