@@ -573,7 +573,9 @@ def _static_context(config: InjectorConfig) -> dict[str, Any]:
             "caAddress": mesh.ca_address,
             "discoveryAddress": mesh.discovery_address,
         },
-        "envoyBootstrap": envoy_bootstrap.bootstrap_json(),
+        "envoyBootstrap": envoy_bootstrap.bootstrap_json(
+            envoy_bootstrap.BootstrapSettings(access_log=config.proxy.envoy_access_log)
+        ),
         "choices": {},
         "captures": {},
         "defaultResources": _default_resources(config),

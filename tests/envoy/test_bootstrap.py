@@ -156,3 +156,12 @@ def test_capture_ports_and_admin_are_blackholed_on_both_capture_listeners() -> N
         ports = {c["filter_chain_match"].get("destination_port") for c in listeners[name]["filter_chains"]}
         assert set(BLACKHOLE_PORTS) <= ports
         assert {15000, 15001, 15006} <= set(BLACKHOLE_PORTS)
+
+
+def test_access_logs_can_be_turned_off_for_every_pod_in_the_config() -> None:
+    config = compile_config({"values": {"proxy": {"envoyAccessLog": False}}})
+    boot = _bootstrap_of(_proxy(inject(_pod(), config=config)))
+    assert boot == build_bootstrap(BootstrapSettings(access_log=False))
+    defaults = boot["layered_runtime"]["layers"][0]["static_layer"]
+    assert defaults[ps.ACCESS_LOG_KEY] == 0
+    assert validate(boot).returncode == 0
