@@ -37,6 +37,9 @@ _FALSE = ("false", "0", "no", "off", "n", "f")
 _TRUE = ("true", "1", "yes", "on", "y", "t")
 #: Bytes read from the app's metrics endpoint at most (a misbehaving app cannot exhaust us).
 MAX_APP_METRICS = 16 << 20
+#: The status port's bounds: concurrent connections (threads) and idle seconds per connection.
+MAX_STATUS_CONNECTIONS = 64
+STATUS_IDLE_SECONDS = 5.0
 PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -208,6 +211,7 @@ class Agent:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = STATUS_IDLE_SECONDS  # a client silent this long is dropped (slow loris)
 
             def log_message(self, *_args: Any) -> None:  # the kubelet probes every few seconds
                 pass
@@ -238,9 +242,25 @@ class Agent:
                 else:
                     self._reply(404, b"not found\n")
 
+        slots = threading.BoundedSemaphore(MAX_STATUS_CONNECTIONS)
+
         class Server(ThreadingHTTPServer):
+            """One thread per connection, at most MAX_STATUS_CONNECTIONS: more are closed at once."""
+
             daemon_threads = True
             request_queue_size = 64
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
         try:
             Server.address_family = socket.AF_INET6

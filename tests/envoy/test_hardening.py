@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from proxyagent.agent import MAX_STATUS_CONNECTIONS
 from tests.cni.cnitest import UNPRIVILEGED_PYTHON, CniBed, Pod
 from tests.envoy.meshbed import HERE, Meshed, _preexec, get, meshed_pod, requests, spawn, stop
 
@@ -169,3 +171,40 @@ def test_one_peer_cannot_hold_more_than_the_pods_connection_cap(
         assert json.loads(done.stdout) == {"held": [True] * 3, "over_limit": False, "after_one_closed": True}
         assert any(k.endswith("downstream_cx_overflow") and v >= 1 for k, v in capped.stats().items())
         assert capped.agent is not None and capped.agent.poll() is None
+
+
+FLOOD = r"""
+import json, socket, sys
+host = sys.argv[1]
+idle = [socket.create_connection((host, 15020), timeout=3) for _ in range(100)]
+print(len(idle), flush=True)
+import time; time.sleep(6.5)
+s = socket.create_connection((host, 15020), timeout=3)
+s.sendall(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+print(s.recv(64).split(b"\r\n")[0].decode())
+"""
+
+
+def test_idle_connections_cannot_starve_the_status_port(mesh: Meshed, peer: Pod) -> None:
+    """100 silent connections: the agent holds at most MAX_STATUS_CONNECTIONS of them (threads
+    stay bounded), drops them after its idle timeout, and answers a probe afterwards."""
+    flood = subprocess.Popen(
+        [UNPRIVILEGED_PYTHON, "-I", "-S", "-c", FLOOD, mesh.pod.ipv4],
+        preexec_fn=_preexec(peer.netns, None),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert flood.stdout is not None and flood.stdout.readline().strip() == "100"
+    time.sleep(0.5)
+    assert mesh.agent is not None
+    threads = int(
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{mesh.agent.pid}/status").read_text().splitlines()
+            if line.startswith("Threads:")
+        )
+    )
+    assert threads <= MAX_STATUS_CONNECTIONS + 4
+    assert flood.stdout.readline().strip() == "HTTP/1.1 200 OK"
+    assert flood.wait(timeout=30) == 0
+    assert mesh.agent.poll() is None
