@@ -335,9 +335,10 @@ def run(
     assert agent.envoy is not None
     while not stop.is_set():
         code = agent.envoy.poll()
-        if code is not None:
+        if code is not None:  # Envoy is gone: exit too, so the kubelet restarts the container
             server.shutdown()
-            return code
+            print(f"mesh-proxy-agent: envoy exited with {code}", file=sys.stderr)
+            return code if code >= 0 else 128 - code  # killed by a signal: 128+N, as a shell says
         stop.wait(0.2)
     agent.drain()
     server.shutdown()

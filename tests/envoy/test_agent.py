@@ -130,3 +130,14 @@ def test_access_log_switch_from_the_pods_proxy_config(
                 break
             time.sleep(0.2)
         assert len(logged) == (1 if code else 0)
+
+
+def test_the_agent_exits_when_envoy_dies(bed: CniBed, tmp_path: Path) -> None:
+    """No status port left answering for a proxy that is gone: the container restarts instead."""
+    with meshed_pod(bed, tmp_path) as mesh:
+        assert mesh.agent is not None
+        agent = mesh.agent.pid
+        (envoy,) = map(int, Path(f"/proc/{agent}/task/{agent}/children").read_text().split())
+        os.kill(envoy, signal.SIGKILL)
+        assert mesh.agent.wait(timeout=10) == 128 + signal.SIGKILL
+        assert get(mesh.pod, "127.0.0.1", 15020, "/healthz/ready") == {"error": "refused"}
