@@ -89,11 +89,9 @@ def uninject(view: PodView, config: InjectorConfig) -> Previous:
         status = ann.parse_status(raw)
     except ann.AnnotationError as err:
         raise Rejected(ReasonCode.INVALID_ANNOTATION, str(err)) from None
-    injected_containers = set(status.containers)
-    injected_inits = set(status.init_containers)
     spec = view.spec
+    ours = set(status.containers) | set(status.init_containers)
     proxy = None
-    ours = injected_containers | injected_inits
     for item in named(spec.get("containers")) + named(spec.get("initContainers")):
         if item.get("name") == ann.PROXY_CONTAINER and item.get("name") in ours:
             proxy = item
@@ -101,69 +99,88 @@ def uninject(view: PodView, config: InjectorConfig) -> Previous:
     # Rendered with this very config (an API-server reinvocation, a second kube-inject): keep
     # what was injected as the user's overlay. Rendered with another config (or by Istio):
     # render afresh, or the old proxy would outlive the config that replaced it.
-    keep_overlays = status.config_hash == config.config_hash
+    keep = status.config_hash == config.config_hash
     probers = parse_probers(env_value(proxy, "ISTIO_KUBE_APP_PROBERS")) if proxy else {}
-
-    def strip(key: str, names: set[str]) -> None:
-        if key not in spec:
-            return
-        kept = []
-        for item in spec.get(key) or ():
-            name = item.get("name") if isinstance(item, dict) else None
-            if name in names:
-                if keep_overlays:
-                    over = {k: v for k, v in item.items() if k != "restartPolicy"}
-                    if "env" in over:
-                        env = []
-                        for e in over["env"]:
-                            if isinstance(e, dict) and e.get("name") in DERIVED_ENV:
-                                previous.derived_env.setdefault(name, {})[e["name"]] = e
-                            else:
-                                env.append(e)
-                        over["env"] = env
-                    previous.overlays[name] = over
-                continue
-            if probers:  # app containers, and native sidecars among the init containers
-                item = restore_probes(item, status_port, probers) or item
-            kept.append(item)
-        spec[key] = kept
-
-    strip("containers", injected_containers)
-    strip("initContainers", injected_inits)
+    lists = (("containers", set(status.containers)), ("initContainers", set(status.init_containers)))
+    for key, names in lists:
+        if key in spec:
+            spec[key] = _strip(spec[key], names, previous if keep else None, status_port, probers)
     if "volumes" in spec:
-        ours = set(status.volumes)
         previous.volume_order = list(spec["volumes"] or ())
-        kept_volumes = []
-        for v in spec["volumes"] or ():
-            if v.get("name") not in ours:
-                kept_volumes.append(v)
-            elif keep_overlays:
-                previous.volumes[v["name"]] = v
-        spec["volumes"] = kept_volumes
+        spec["volumes"] = _strip_volumes(spec["volumes"], set(status.volumes), previous if keep else None)
     if "imagePullSecrets" in spec:
-        spec["imagePullSecrets"] = [
-            s for s in spec["imagePullSecrets"] or () if s.get("name") not in set(status.image_pull_secrets)
-        ]
+        secrets = set(status.image_pull_secrets)
+        spec["imagePullSecrets"] = [s for s in spec["imagePullSecrets"] or () if s.get("name") not in secrets]
     annotations = dict(annotations)
     del annotations[ann.STATUS]
-    if (
+    _restore_prometheus(annotations, status_port, proxy)
+    view.metadata["annotations"] = annotations
+    return previous
+
+
+def _strip(
+    items: Any, names: set[str], previous: Previous | None, status_port: int, probers: Mapping[str, Any]
+) -> list[Any]:
+    """The containers that are not ours, probes restored; ours become overlays in ``previous``
+    (when kept) without their pod-derived env."""
+    kept = []
+    for item in items or ():
+        name = item.get("name") if isinstance(item, dict) else None
+        if name in names:
+            if previous is not None:
+                previous.overlays[name] = _overlay(item, name, previous)  # type: ignore[arg-type]
+            continue
+        if probers:  # app containers, and native sidecars among the init containers
+            item = restore_probes(item, status_port, probers) or item
+        kept.append(item)
+    return kept
+
+
+def _overlay(item: dict[str, Any], name: str, previous: Previous) -> dict[str, Any]:
+    over = {k: v for k, v in item.items() if k != "restartPolicy"}
+    if "env" in over:
+        env = []
+        for e in over["env"]:
+            if isinstance(e, dict) and e.get("name") in DERIVED_ENV:
+                previous.derived_env.setdefault(name, {})[e["name"]] = e
+            else:
+                env.append(e)
+        over["env"] = env
+    return over
+
+
+def _strip_volumes(volumes: Any, ours: set[str], previous: Previous | None) -> list[Any]:
+    kept = []
+    for v in volumes or ():
+        if v.get("name") not in ours:
+            kept.append(v)
+        elif previous is not None:
+            previous.volumes[v["name"]] = v
+    return kept
+
+
+def _restore_prometheus(
+    annotations: dict[str, str], status_port: int, proxy: Mapping[str, Any] | None
+) -> None:
+    """Undo the Prometheus merge: the app's own scrape annotations back from the proxy's env."""
+    if not (
         annotations.get(ann.PROM_PATH) == PROM_STATS_PATH
         and annotations.get(ann.PROM_PORT) == str(status_port)
         and annotations.get(ann.PROM_SCRAPE) == "true"
     ):
-        for key in (ann.PROM_SCRAPE, ann.PROM_PORT, ann.PROM_PATH):
-            del annotations[key]
-        saved = env_value(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS") if proxy else None
-        if saved:
-            try:
-                scrape = json.loads(saved)
-            except ValueError:
-                scrape = {}
-            for key, name in (("scrape", ann.PROM_SCRAPE), ("path", ann.PROM_PATH), ("port", ann.PROM_PORT)):
-                if isinstance(scrape, dict) and scrape.get(key):
-                    annotations[name] = str(scrape[key])
-    view.metadata["annotations"] = annotations
-    return previous
+        return
+    for key in (ann.PROM_SCRAPE, ann.PROM_PORT, ann.PROM_PATH):
+        del annotations[key]
+    saved = env_value(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS") if proxy else None
+    if not saved:
+        return
+    try:
+        scrape = json.loads(saved)
+    except ValueError:
+        return
+    for key, name in (("scrape", ann.PROM_SCRAPE), ("path", ann.PROM_PATH), ("port", ann.PROM_PORT)):
+        if isinstance(scrape, dict) and scrape.get(key):
+            annotations[name] = str(scrape[key])
 
 
 def _status_port_hint(annotations: Mapping[str, str], config: InjectorConfig) -> int:

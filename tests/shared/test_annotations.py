@@ -183,3 +183,12 @@ def test_module_is_stdlib_only_and_cheap_to_import() -> None:
     tops = {m.split(".")[0] for m in out.stdout.split()}
     third_party = sorted(t for t in tops if t not in sys.stdlib_module_names and t != "cni")
     assert third_party == []
+
+
+def test_the_readme_lists_every_reason_code() -> None:
+    """Codes are API: each one a user can meet is in the README's table."""
+    from pathlib import Path
+
+    readme = (Path(a.__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [code for code in a.REASON_CODES.values() if f"`{code}`" not in readme]
+    assert missing == []
