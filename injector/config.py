@@ -64,7 +64,9 @@ class ProxyValues(_Model):
     """The proxy container's settings (Istio's values.global.proxy, roughly)."""
 
     image: str = "docker.io/istio/proxyv2:1.24.2"
-    envoy_image: str = "docker.io/envoyproxy/envoy:v1.32.3"
+    envoy_image: str = "ghcr.io/mesh-injector/mesh-proxy:0.1.0"  # Dockerfile.proxy
+    #: The envoy template's JSON access logs on stdout (per pod: MESH_ACCESS_LOG, docs/envoy.md).
+    envoy_access_log: bool = True
     cni_image: str = "ghcr.io/mesh-injector/mesh-cni:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     resources: Resources = Resources(

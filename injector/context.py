@@ -117,7 +117,9 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "componentLogLevel": settings.component_log_level,
         "config": settings.config_json,
         "interceptionMode": settings.mode,
-        "envoyBootstrap": envoy_bootstrap.bootstrap_json(),
+        "envoyBootstrap": envoy_bootstrap.bootstrap_json(
+            envoy_bootstrap.BootstrapSettings(access_log=config.proxy.envoy_access_log)
+        ),
     }
     mesh_group = {
         "revision": mesh.revision,

@@ -88,6 +88,13 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
     choice = select_templates(annotations, config)
     traffic = resolve_traffic(annotations, config)
     plan = traffic.plan
+    if plan.capture_dns and not choice.options.dns_proxy and config.proxy.capture != "none":
+        raise Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {ann.CAPTURE_DNS}=true (or captureDNS in the config): template(s) "
+            f"{', '.join(t.name for t in choice.templates)} have no DNS proxy on port "
+            f"{ann.DNS_CAPTURE_PORT}, so all DNS would fail; use the sidecar template or set it to false",
+        )
     defaults = config.pod_defaults
     image = annotations.get(ann.PROXY_IMAGE)
     if image is not None and not str(image).strip():

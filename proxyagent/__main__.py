@@ -1,0 +1,5 @@
+import sys
+
+from proxyagent.agent import main
+
+sys.exit(main())
