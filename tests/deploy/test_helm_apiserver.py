@@ -194,37 +194,39 @@ def test_install_upgrade_uninstall(helm_bed: Helm) -> None:
         newest = max(pods, key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])
         return "sidecar" in json.dumps(injection_status(newest))
 
-    wait_for(upgraded, timeout=30, what="pods injected with the upgraded config")
+    wait_for("pods injected with the upgraded config", upgraded, timeout=30)
 
-    # uninstall while pods are being created: the webhook configuration goes first (Helm deletes
-    # MutatingWebhookConfigurations before Deployments), so no create fails.
-    seen: dict[str, float] = {}
+    # uninstall while pods are being created. Helm deletes MutatingWebhookConfigurations before
+    # Deployments, so no create is sent to a server that is going away. The server stands in for
+    # the Deployment's pods: it stops 2 s after the Deployment is gone (real pods keep serving
+    # through their termination grace period, 30 s by default), and no create may fail.
+    server = bed.servers["mesh"]
 
-    def watch() -> None:
-        names = {"webhook": ("mutatingwebhookconfiguration", "mesh-injector"),
-                 "deployment": ("deployment", "mesh-injector")}
+    def stop_with_the_deployment() -> None:
         deadline = time.monotonic() + 60
-        while len(seen) < 2 and time.monotonic() < deadline:
-            for key, (kind, name) in names.items():
-                if key in seen:
-                    continue
-                args = ["get", kind, name, "--ignore-not-found", "-o", "name"]
-                if kind == "deployment":
-                    args += ["-n", bed.namespace]
-                if not bed.plane.kubectl(*args, check=False).stdout.strip():
-                    seen[key] = time.monotonic()
+        while time.monotonic() < deadline:
+            args = ["get", "deployment", "mesh-injector", "-n", bed.namespace, "--ignore-not-found",
+                    "-o", "name"]
+            if not bed.plane.kubectl(*args, check=False).stdout.strip():
+                time.sleep(2.0)
+                server.stop()
+                return
+            time.sleep(0.05)
 
-    watcher = threading.Thread(target=watch, daemon=True)
+    stopper = threading.Thread(target=stop_with_the_deployment, daemon=True)
     creator = PodCreator(bed, ns, "during-uninstall")
     creator.start()
-    watcher.start()
+    stopper.start()
     time.sleep(0.5)
     bed.run("uninstall", "mesh", "--namespace", bed.namespace, "--wait")
-    watcher.join(60)
-    time.sleep(0.5)
+    stopper.join(60)
+    assert server.process.poll() is not None, "the Deployment was never deleted"
+    time.sleep(1.0)
     creator.finish()
-    assert creator.failures == []
-    assert seen["webhook"] <= seen["deployment"]
+    assert creator.failures == [] and len(creator.created) >= 3
+    gone = bed.plane.kubectl("get", "mutatingwebhookconfiguration", "mesh-injector", "--ignore-not-found",
+                             "-o", "name", check=False).stdout
+    assert not gone.strip()
     bed.servers.pop("mesh").stop()
     bed.create_pod(ns, "after-uninstall")
     assert injection_status(bed.pod(ns, "after-uninstall")) is None
@@ -248,7 +250,7 @@ def test_canary_revision_relabel_and_tags(helm_bed: Helm, tmp_path: Path) -> Non
         bed.create_pod(ns, name)
         return (injection_status(bed.pod(ns, name)) or {}).get("revision") == "canary"
 
-    wait_for(on_canary, timeout=30, what="pods of the relabelled namespace injected by canary")
+    wait_for("pods of the relabelled namespace injected by canary", on_canary, timeout=30)
 
     # The audit names the pod still running the old revision.
     kubeconfig = bed.plane.kubeconfig
@@ -272,7 +274,7 @@ def test_canary_revision_relabel_and_tags(helm_bed: Helm, tmp_path: Path) -> Non
         bed.create_pod(prod, name)
         return (injection_status(bed.pod(prod, name)) or {}).get("revision") == revision
 
-    wait_for(lambda: injected_by("canary"), timeout=30, what="tag prod serving canary")
+    wait_for("tag prod serving canary", lambda: injected_by("canary"), timeout=30)
     refused = subprocess.run([*tag_cli, "set", "prod", "--revision", "default"], capture_output=True,
                              text=True, check=False)
     assert refused.returncode == 1 and "--overwrite" in refused.stderr
@@ -287,7 +289,7 @@ def test_canary_revision_relabel_and_tags(helm_bed: Helm, tmp_path: Path) -> Non
     for name in creator.created:  # every pod got exactly one revision's proxy
         status = injection_status(bed.pod(prod, name))
         assert status is not None and status["revision"] in ("canary", "default")
-    wait_for(lambda: injected_by("default"), timeout=30, what="tag prod moved to default")
+    wait_for("tag prod moved to default", lambda: injected_by("default"), timeout=30)
     listed = subprocess.run([*tag_cli, "list"], capture_output=True, text=True, check=True).stdout
     assert any(line.split()[:3] == ["prod", "default", prod] for line in listed.splitlines())
     blocked = subprocess.run([*tag_cli, "remove", "prod"], capture_output=True, text=True, check=False)
