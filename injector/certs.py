@@ -428,6 +428,8 @@ class ClusterCerts:
     webhook_config: str | None
     policy: CertPolicy
     write_dir: Path | None = None
+    #: Further configurations sent to this server (its revision tags): caBundle kept in step too.
+    tag_webhook_configs: tuple[str, ...] = ()
     _last_bundle: bytes | None = field(default=None, init=False, repr=False)
 
     def reconcile_once(
@@ -474,6 +476,14 @@ class ClusterCerts:
             log.info("certificates: %s", "; ".join(result.actions))
         if mwc is not None:
             self._patch_ca_bundle(adm, mwc, result.state.bundle)
+        for name in self.tag_webhook_configs:
+            try:
+                tag_mwc = adm.read_mutating_webhook_configuration(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                continue  # tag not made yet (or removed): nothing to keep current
+            self._patch_ca_bundle(adm, tag_mwc, result.state.bundle)
         if self.write_dir is not None and write_tls_dir(self.write_dir, tls_files(result.state)):
             log.info("certificates: published to %s", self.write_dir)
         return result

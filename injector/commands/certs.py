@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="our MutatingWebhookConfiguration whose caBundle is kept current ('' to leave webhooks alone)",
     )
     parser.add_argument(
+        "--tag-webhook-config",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a revision tag's MutatingWebhookConfiguration whose caBundle is kept current too (repeatable)",
+    )
+    parser.add_argument(
         "--service", default="mesh-injector", help="webhook Service: its DNS names go in the SANs"
     )
     parser.add_argument("--cluster-domain", default="cluster.local")
@@ -147,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         secret_name=args.secret,
         webhook_config=args.webhook_config or None,
+        tag_webhook_configs=tuple(args.tag_webhook_config),
         policy=policy,
         write_dir=args.write_dir,
     )

@@ -77,10 +77,14 @@ def test_cert_manager_objects() -> None:
 
 
 def test_checked_in_webhook_configuration_is_the_generated_one() -> None:
-    checked_in = webhook_manifests.CHECKED_IN.read_text()
-    assert checked_in == webhook_manifests.render_yaml(webhook_manifests.webhook_configuration()), (
-        "manifests/base/mutatingwebhookconfiguration.yaml is stale: python -m injector.manifests --write"
-    )
+    """The base's configuration (rendered from the chart) is the selector definition's object."""
+    checked_in = yaml.safe_load(webhook_manifests.CHECKED_IN.read_text())
+    direct = webhook_manifests.webhook_configuration()
+    for obj in (checked_in, direct):  # the chart lists the release namespace first
+        for hook in obj["webhooks"]:
+            for expr in hook["namespaceSelector"]["matchExpressions"]:
+                expr.get("values", []).sort()
+    assert checked_in == direct, "stale: python -m injector.manifests --write"
     done = subprocess.run([sys.executable, "-m", "injector.manifests", "--check"], cwd=REPO, check=False)
     assert done.returncode == 0
 
