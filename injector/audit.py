@@ -227,6 +227,7 @@ class Summary:
     restarts: int = 0
     complete: bool = False
     error: str | None = None
+    timed_out: bool = False
     workloads: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (ns, kind, name) -> pods
     unrestartable: int = 0  # pods needing a restart without a Deployment/StatefulSet/DaemonSet
     targets_dropped: int = 0
@@ -502,6 +503,7 @@ class Report:
             self.summary.complete = True
         except Exception as exc:
             self.summary.error = _describe(exc)
+            self.summary.timed_out = isinstance(exc, TimeoutError)
         finally:
             self.summary.pages, self.summary.restarts = pages.pages, pages.restarts
             self.reader.close()
@@ -700,7 +702,7 @@ async def handle(request: Request, state: ServerState, namespace: str | None,
         chunks = render_chunks(report, fmt, {"requestedBy": user})
         first = await asyncio.to_thread(next, chunks)  # the first page: API errors still get a status
         if report.summary.error and report.summary.pages == 0:
-            raise AuditError(502, report.summary.error)
+            raise AuditError(504 if report.summary.timed_out else 502, report.summary.error)
     except Exception as exc:
         if chunks is not None:
             chunks.close()
@@ -724,9 +726,9 @@ async def handle(request: Request, state: ServerState, namespace: str | None,
 
 async def _drain(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     """A blocking chunk iterator driven from a thread, one chunk (one API page) at a time."""
-    done = b""
+    done = object()
     while True:
         chunk = await asyncio.to_thread(next, chunks, done)
         if chunk is done:
             return
-        yield chunk
+        yield chunk  # type: ignore[misc]
