@@ -390,7 +390,7 @@ class ClusterReader:
         return list(self._pool.map(fn, keys))
 
     def start(self) -> None:
-        """Fail early (404) on a namespace that does not exist, before any row is written."""
+        """Fail early (404, 403) on a namespace we cannot judge, before any row is written."""
         if self.namespace:
             try:
                 self._namespaces.put(self.namespace, self._read_namespace(self.namespace, missing_ok=False))
@@ -404,8 +404,12 @@ class ClusterReader:
             body = _raw(self.core.read_namespace, name, _headers={"Accept": METADATA_ONLY},
                         _request_timeout=self.timeout)
         except Exception as exc:
-            if missing_ok and getattr(exc, "status", None) in (403, 404):
-                return {}  # deleted meanwhile, or not ours to read: judged as unlabelled
+            status = getattr(exc, "status", None)
+            if missing_ok and status == 404:
+                return {}  # deleted since its pods were listed: judged as unlabelled
+            if status == 403:  # judging without the labels would report every pod wrongly
+                raise AuditError(403, f"may not get namespace {name!r}: the audit needs its labels "
+                                      "(get on namespaces)") from None
             raise
         return dict((body.get("metadata") or {}).get("labels") or {})
 
@@ -514,7 +518,7 @@ def _namespace_of(obj: Mapping[str, Any]) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, ListExpired)):
+    if isinstance(exc, (TimeoutError, ListExpired, AuditError)):
         return str(exc)
     status = getattr(exc, "status", None)
     reason = getattr(exc, "reason", None)
