@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import ssl
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -51,8 +52,8 @@ class Api:
 
     def __init__(self, server: str, token: str, ca_file: str, workers: int = 16) -> None:
         limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
-        self.client = httpx.Client(base_url=server, verify=ca_file, limits=limits, timeout=60.0,
-                                   headers={"authorization": f"Bearer {token}"})
+        self.client = httpx.Client(base_url=server, verify=ssl.create_default_context(cafile=ca_file),
+                                   limits=limits, timeout=60.0, headers={"authorization": f"Bearer {token}"})
         self.workers = workers
 
     def close(self) -> None:
