@@ -96,6 +96,14 @@ class Cluster:
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "labels": {BENCH_LABEL: self.run, "istio-injection": "enabled"}}})
         self.namespaces.append(name)
+
+        def has_default_account() -> bool:  # pods are refused until the controller made it
+            try:
+                return bool(self.api.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default"))
+            except RuntimeError:
+                return False
+
+        wait_for(f"namespace {name}'s default service account", has_default_account, timeout=60)
         return name
 
     def _pod(self, name: str, meshed: bool, app: str, owner: dict[str, Any] | None) -> dict[str, Any]:
@@ -187,9 +195,9 @@ def server_run(server: Any, token: str, page_size: int) -> tuple[float, int, int
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM: the peak of this request only
     size = 0
     start = time.perf_counter()
-    with server.client(timeout=600.0) as client, client.stream(
+    with server.client() as client, client.stream(
             "GET", "/audit", params={"pageSize": str(page_size), "format": "jsonl"},
-            headers={"authorization": f"Bearer {token}"}) as response:
+            headers={"authorization": f"Bearer {token}"}, timeout=600.0) as response:
         if response.status_code != 200:
             raise RuntimeError(f"/audit answered {response.status_code}: {response.read()[:300]!r}")
         last = b""

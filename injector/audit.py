@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
 
 import orjson
 
@@ -340,13 +341,37 @@ class Pages:
 # cluster I/O (sync kubernetes client; the server runs it in a thread)
 
 
-def _json(response: Any) -> Any:
-    return orjson.loads(response.data)
-
-
 def _raw(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Call a kubernetes client method and return the JSON body as plain dicts (camelCase keys)."""
-    return _json(call(*args, _preload_content=False, **kwargs))
+    return orjson.loads(call(*args, _preload_content=False, **kwargs).data)
+
+
+class KubeError(Exception):
+    """A non-2xx answer; ``status`` and ``reason`` as the API server gave them."""
+
+    def __init__(self, status: int, reason: str, body: bytes = b"") -> None:
+        super().__init__(f"{status} {reason}")
+        self.status, self.reason, self.body = status, reason, body
+
+
+def kube_get(api: Any, path: str, query: Mapping[str, Any] | None = None, *,
+             accept: str = "application/json", timeout: float = 30.0) -> Any:
+    """GET through the ApiClient's REST layer (its TLS, auth and token refresh), JSON via orjson.
+
+    Not the generated ``CoreV1Api`` & co: importing those costs seconds of CLI start-up, and
+    their models are never used here (every body is read as plain dicts).
+    """
+    config = api.configuration
+    headers = {"Accept": accept, **dict(getattr(api, "default_headers", {}) or {})}
+    for auth in config.auth_settings().values():
+        if auth.get("in") == "header" and auth.get("value"):
+            headers[auth["key"]] = auth["value"]
+    url = config.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
+    response = api.rest_client.request("GET", url, headers=headers, _request_timeout=timeout)
+    data = response.read()
+    if not 200 <= response.status < 300:
+        raise KubeError(response.status, str(response.reason or ""), data or b"")
+    return orjson.loads(data)
 
 
 class _Lru(OrderedDict[Any, Any]):
@@ -366,14 +391,10 @@ class ClusterReader:
 
     def __init__(self, api: Any, namespace: str | None, *, page_size: int = DEFAULT_PAGE_SIZE,
                  request_timeout: float = 30.0) -> None:
-        from kubernetes import client
-
+        self.api = api
         self.namespace = namespace
         self.page_size = check_page_size(page_size)
         self.timeout = request_timeout
-        self.core = client.CoreV1Api(api)
-        self.apps = client.AppsV1Api(api)
-        self.batch = client.BatchV1Api(api)
         self._namespaces: _Lru = _Lru(CACHE_ENTRIES)
         self._owners: _Lru = _Lru(CACHE_ENTRIES)
         self._pool: ThreadPoolExecutor | None = None
@@ -401,8 +422,8 @@ class ClusterReader:
 
     def _read_namespace(self, name: str, *, missing_ok: bool = True) -> dict[str, str]:
         try:
-            body = _raw(self.core.read_namespace, name, _headers={"Accept": METADATA_ONLY},
-                        _request_timeout=self.timeout)
+            body = kube_get(self.api, f"/api/v1/namespaces/{quote(name)}", accept=METADATA_ONLY,
+                            timeout=self.timeout)
         except Exception as exc:
             status = getattr(exc, "status", None)
             if missing_ok and status == 404:
@@ -414,12 +435,11 @@ class ClusterReader:
         return dict((body.get("metadata") or {}).get("labels") or {})
 
     def _fetch_pods(self, limit: int, token: str | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"limit": limit, "_request_timeout": self.timeout}
+        query: dict[str, Any] = {"limit": limit}
         if token:
-            kwargs["_continue"] = token
-        if self.namespace:
-            return _raw(self.core.list_namespaced_pod, self.namespace, **kwargs)
-        return _raw(self.core.list_pod_for_all_namespaces, **kwargs)
+            query["continue"] = token  # and no resourceVersion beside it (the API's rule)
+        path = f"/api/v1/namespaces/{quote(self.namespace)}/pods" if self.namespace else "/api/v1/pods"
+        return kube_get(self.api, path, query, timeout=self.timeout)  # type: ignore[no-any-return]
 
     def pages(self) -> Pages:
         return Pages(self._fetch_pods, page_size=self.page_size)
@@ -433,13 +453,10 @@ class ClusterReader:
 
     def _read_owner(self, key: tuple[str, str, str]) -> Mapping[str, Any] | None:
         namespace, kind, name = key
-        if kind == "ReplicaSet":
-            call = self.apps.read_namespaced_replica_set
-        else:
-            call = self.batch.read_namespaced_job
+        group, plural = ("apps/v1", "replicasets") if kind == "ReplicaSet" else ("batch/v1", "jobs")
+        path = f"/apis/{group}/namespaces/{quote(namespace)}/{plural}/{quote(name)}"
         try:
-            return _raw(call, name, namespace, _headers={"Accept": METADATA_ONLY},
-                        _request_timeout=self.timeout)
+            return kube_get(self.api, path, accept=METADATA_ONLY, timeout=self.timeout)  # type: ignore[no-any-return]
         except Exception:  # gone, or no permission to read owners: report the first step only
             return None
 
