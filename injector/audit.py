@@ -55,6 +55,7 @@ LOOKUP_WORKERS = 8  # concurrent GETs for the owners / namespaces of one page
 RESTARTABLE = ("Deployment", "StatefulSet", "DaemonSet")
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # the annotation `kubectl rollout restart` sets
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 
 
 class AuditError(Exception):
@@ -337,6 +338,25 @@ class Pages:
                 return
 
 
+class PodPages:
+    """Several LISTs paged one after the other (pods without, then with hostNetwork), as one."""
+
+    def __init__(self, lists: list[Pages]) -> None:
+        self.lists = lists
+
+    @property
+    def pages(self) -> int:
+        return sum(p.pages for p in self.lists)
+
+    @property
+    def restarts(self) -> int:
+        return sum(p.restarts for p in self.lists)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        for pages in self.lists:
+            yield from pages
+
+
 # ---------------------------------------------------------------------------------------------
 # cluster I/O (sync kubernetes client; the server runs it in a thread)
 
@@ -434,15 +454,29 @@ class ClusterReader:
             raise
         return dict((body.get("metadata") or {}).get("labels") or {})
 
-    def _fetch_pods(self, limit: int, token: str | None) -> dict[str, Any]:
-        query: dict[str, Any] = {"limit": limit}
+    def _fetch_pods(self, limit: int, token: str | None, host_network: bool = False) -> dict[str, Any]:
+        """One page of pods as metadata only, with ``spec.hostNetwork`` known from the field selector.
+
+        The decision needs the metadata and, from the spec, only ``hostNetwork``: asking for
+        PartialObjectMetadata per field-selected half keeps the page a fraction of full pods
+        (the injected containers are most of a pod) for the API server to encode and us to parse.
+        """
+        selector = f"spec.hostNetwork={str(host_network).lower()}"
+        query: dict[str, Any] = {"limit": limit, "fieldSelector": selector}
         if token:
             query["continue"] = token  # and no resourceVersion beside it (the API's rule)
         path = f"/api/v1/namespaces/{quote(self.namespace)}/pods" if self.namespace else "/api/v1/pods"
-        return kube_get(self.api, path, query, timeout=self.timeout)  # type: ignore[no-any-return]
+        body = kube_get(self.api, path, query, accept=METADATA_LIST, timeout=self.timeout)
+        if host_network:
+            for item in body.get("items") or ():
+                item["spec"] = {"hostNetwork": True}
+        return body  # type: ignore[no-any-return]
 
-    def pages(self) -> Pages:
-        return Pages(self._fetch_pods, page_size=self.page_size)
+    def pages(self) -> PodPages:
+        return PodPages([
+            Pages(lambda limit, token, hn=hn: self._fetch_pods(limit, token, hn), page_size=self.page_size)
+            for hn in (False, True)
+        ])
 
     def namespace_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         names = {str((p.get("metadata") or {}).get("namespace") or "") for p in pods}

@@ -57,26 +57,31 @@ def test_the_cli_pages_through_the_api_and_reports_every_pod_once(
     ns = namespace({"istio-injection": "enabled"})
     meshed = [injected(pending_pod(f"meshed-{i}")) for i in range(13)]
     plain = [pending_pod(f"plain-{i}") for i in range(10)]
-    api.create_pods(ns, meshed + plain)
+    host = pending_pod("host-0")
+    host["spec"]["hostNetwork"] = True
+    api.create_pods(ns, [*meshed, *plain, host])
 
     result = cli(control_plane, "-n", ns, "--page-size", "5", "-o", "jsonl")
     assert result.returncode == 0, result.stderr
     rows, last = jsonl(result.stdout)
-    assert sorted(r["pod"] for r in rows) == sorted(p["metadata"]["name"] for p in meshed + plain)
+    assert sorted(r["pod"] for r in rows) == sorted(p["metadata"]["name"] for p in [*meshed, *plain, host])
+    by_name = {r["pod"]: r for r in rows}
+    assert by_name["host-0"]["reasons"][0]["code"] == "HostNetwork" and not by_name["host-0"]["shouldInject"]
     summary = last["summary"]
-    assert summary["pages"] == 5 and summary["complete"] and summary["listRestarts"] == 0
+    # 23 pods in pages of 5, then the hostNetwork pods' own list (one page)
+    assert summary["pages"] == 6 and summary["complete"] and summary["listRestarts"] == 0
     assert summary["missingSidecar"] == 10 and summary["injected"] == 13 and summary["stale"] == 0
     assert summary["revisions"] == {"default": 13}
 
     as_json = cli(control_plane, "-n", ns, "--page-size", "7", "-o", "json")
     document = json.loads(as_json.stdout)  # one valid document, although written page by page
-    assert len(document["pods"]) == 23 and document["summary"]["pages"] == 4
+    assert len(document["pods"]) == 24 and document["summary"]["pages"] == 5
 
     table = cli(control_plane, "-n", ns, "--page-size", "4")
     lines = table.stdout.splitlines()
     assert lines[0].split()[:3] == ["NAMESPACE", "POD", "OWNER"]
-    assert sum(line.startswith(ns) for line in lines) == 23
-    assert lines[-1].startswith("23 pods: 13 injected, 10 missing the sidecar")
+    assert sum(line.startswith(ns) for line in lines) == 24
+    assert lines[-1].startswith("24 pods: 13 injected, 10 missing the sidecar")
 
 
 def deployment(name: str, replicas: int) -> dict[str, Any]:
@@ -144,13 +149,13 @@ def test_an_expired_continue_token_restarts_the_list_cleanly(
     real_fetch = reader._fetch_pods
     calls: list[str | None] = []
 
-    def fetch(limit: int, token: str | None) -> dict[str, Any]:
+    def fetch(limit: int, token: str | None, host_network: bool = False) -> dict[str, Any]:
         calls.append(token)
         if len(calls) == 2:
             assert token  # the real server gave a continue token after the first page
             api.create_pods(ns, [pending_pod("pod-99")])  # changed meanwhile: the restart sees it
             raise expired(token)
-        return real_fetch(limit, token)
+        return real_fetch(limit, token, host_network)
 
     reader._fetch_pods = fetch  # type: ignore[method-assign]
     report = audit.Report(reader, builtin_config())
@@ -181,9 +186,9 @@ def test_get_audit_streams_json_lines_and_a_json_document(
             missing = client.get("/audit", params={"namespace": "no-such-ns"}, headers=headers)
     finally:
         server.stop()
-    assert len(lines) == 10 and lines[-1]["summary"]["pages"] == 3
+    assert len(lines) == 10 and lines[-1]["summary"]["pages"] == 4  # 3 + the hostNetwork list
     assert lines[-1]["requestedBy"] and lines[-1]["summary"]["complete"]
-    assert len(document["pods"]) == 9 and document["summary"]["pages"] == 5
+    assert len(document["pods"]) == 9 and document["summary"]["pages"] == 6
     assert bad.status_code == 400 and "page-size limit" in bad.json()["error"]
     assert missing.status_code == 404
 
