@@ -241,9 +241,8 @@ class Summary:
         self.missing_sidecar += row.should_inject and not row.injected
         self.unexpected_sidecar += row.injected and not row.should_inject
         self.stale += bool(row.stale)
-        if row.revision:
-            if row.revision not in self.revisions and len(self.revisions) >= 256:
-                return  # label-driven values: bounded; the counts above still add up
+        # Revisions come from pods' annotations: at most 256 distinct ones are counted by name.
+        if row.revision and (row.revision in self.revisions or len(self.revisions) < 256):
             self.revisions[row.revision] = self.revisions.get(row.revision, 0) + 1
         if row.needs_restart:
             self.needs_restart += 1

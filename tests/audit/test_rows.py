@@ -92,3 +92,14 @@ def test_the_summary_counts_and_remembers_only_restartable_workloads() -> None:
     assert totals["revisions"] == {"default": 3}
     assert summary.workloads == {("shop", "StatefulSet", "db"): 2}
     assert summary.unrestartable == 1
+
+
+def test_many_distinct_revisions_stay_bounded_and_every_pod_is_still_counted() -> None:
+    summary = Summary()
+    template = injected_by("default")
+    base = row(template, {"istio.io/rev": "canary"})
+    for i in range(300):
+        base.revision = f"rev-{i}"
+        summary.add(base)
+    assert len(summary.revisions) == 256
+    assert summary.needs_restart == 300 and summary.unrestartable == 300
