@@ -457,8 +457,8 @@ def create_app(state: ServerState) -> WebhookApp:
         """Report every pod's injection state; needs a bearer token allowed to list pods."""
         from injector import audit as audit_mod
 
-        status, body = await audit_mod.handle(request, state, namespace)
-        state.metrics.requests.inc("audit", str(status))
-        return JSONResponse(body, status_code=status)
+        response = await audit_mod.handle(request, state, namespace)
+        state.metrics.requests.inc("audit", str(response.status_code))
+        return response
 
     return app
