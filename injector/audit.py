@@ -379,9 +379,9 @@ def kube_get(api: Any, path: str, query: Mapping[str, Any] | None = None, *,
     """
     config = api.configuration
     headers = {"Accept": accept, **dict(getattr(api, "default_headers", {}) or {})}
-    for auth in config.auth_settings().values():
-        if auth.get("in") == "header" and auth.get("value"):
-            headers[auth["key"]] = auth["value"]
+    for setting in config.auth_settings().values():
+        if setting.get("in") == "header" and setting.get("value"):
+            headers[setting["key"]] = setting["value"]
     url = config.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
     response = api.rest_client.request("GET", url, headers=headers, _request_timeout=timeout)
     data = response.read()
