@@ -290,6 +290,9 @@ def _inject_steps(
     rendered = render.render_templates(choice, fixed, ctx.template_context(fixed, pod), overrides, config)
     r_meta = rendered.get("metadata") or {}
     r_spec = rendered.get("spec") or {}
+    app_fragment = rendered.get("appContainers")
+    if app_fragment:  # e.g. proxyless gRPC: the xDS bootstrap env and mounts in every app container
+        app_containers = [overlay_container(c, app_fragment) for c in app_containers]
 
     # The API server's ServiceAccount plugin mounts the token into every container that lacks
     # it; it re-runs after a webhook changes the pod, and would then change ours, which calls us
@@ -299,7 +302,8 @@ def _inject_steps(
     r_inits = [finish(c) for c in named(r_spec.get("initContainers"))]
     proxy = next((c for c in r_containers if c.get("name") == ann.PROXY_CONTAINER), None)
     others = [c for c in r_containers if c is not proxy]
-    capture = render.capture_init(overrides.proxy.mode, config)
+    # A template may leave the pod's traffic alone (gateway, proxyless gRPC): no capture init.
+    capture = render.capture_init(overrides.proxy.mode, config) if choice.options.capture else None
     capture_inits = [finish(capture)] if capture else []
     native = overrides.native and proxy is not None
     if native:
@@ -378,8 +382,8 @@ def _check_proxy_uid(
 ) -> None:
     """Refuse an app container running as the proxy's UID: its traffic would bypass the redirect."""
     plan = overrides.plan
-    if not plan.redirects or not config.pod_defaults.captures:  # without a redirect nothing is bypassed
-        return
+    if not plan.redirects or not config.pod_defaults.captures or not overrides.choice.options.capture:
+        return  # without a redirect nothing is bypassed
     pod_security = spec.get("securityContext") or {}
     for c in app_containers:
         own = (c.get("securityContext") or {}).get("runAsUser")

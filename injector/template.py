@@ -1,7 +1,9 @@
 """A deliberately small template language for sidecar templates, compiled to closures once.
 
 A template is a YAML document shaped like part of a Pod (``metadata`` labels/annotations,
-``spec`` initContainers/containers/volumes/imagePullSecrets) plus ``options``. Strings may hold
+``spec`` initContainers/containers/volumes/imagePullSecrets) plus ``options`` and
+``appContainers`` (one container fragment, without a name, laid over every app container:
+env by name, volumeMounts by path, as proxyless gRPC needs). Strings may hold
 ``{{ path.to.value }}`` placeholders:
 
 - a string that is exactly one placeholder becomes the value itself, keeping its type (an int
@@ -47,6 +49,11 @@ class TemplateOptions:
     prometheus_merge: bool = True
     #: postStart command that blocks until the proxy is ready (holdApplicationUntilProxyStarts).
     hold_command: tuple[str, ...] = ()
+    #: False: no capture init container (istio-validation/istio-init): the pod's traffic is not
+    #: redirected (a gateway is the proxy itself; proxyless gRPC talks xDS directly).
+    capture: bool = True
+    #: False: the proxy stays a regular container even where native sidecars are on (a gateway).
+    native_sidecar: bool = True
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,8 @@ def _compile(node: Any, consts: Mapping[str, Any] | None = None) -> tuple[bool, 
     raise TemplateError(f"unsupported YAML value {node!r}")
 
 
-_ALLOWED_TOP = {"options", "metadata", "spec"}
+_ALLOWED_TOP = {"options", "metadata", "spec", "appContainers"}
+_OPTIONS = {"rewriteProbes", "prometheusMerge", "holdCommand", "capture", "nativeSidecar"}
 _ALLOWED_META = {"labels", "annotations"}
 _ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets"}
 
@@ -243,9 +251,14 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
         return tuple(out)
 
     options = doc.get("options") or {}
-    if not isinstance(options, dict) or set(options) - {"rewriteProbes", "prometheusMerge", "holdCommand"}:
-        raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand")
-    body = {"metadata": metadata, "spec": spec}
+    if not isinstance(options, dict) or set(options) - _OPTIONS:
+        raise TemplateError(f"options may hold only {', '.join(sorted(_OPTIONS))}")
+    app = doc.get("appContainers") or {}
+    if not isinstance(app, dict) or "name" in app:
+        raise TemplateError("appContainers must be one container fragment without a name")
+    body: dict[str, Any] = {"metadata": metadata, "spec": spec}
+    if app:
+        body["appContainers"] = app
     _compile(body)  # unknown values and unsupported YAML fail here, when the config loads
     return Template(
         name=name,
@@ -264,4 +277,6 @@ def merge_options(templates: list[Template]) -> TemplateOptions:
         rewrite_probes=bool(merged.get("rewriteProbes", True)),
         prometheus_merge=bool(merged.get("prometheusMerge", True)),
         hold_command=tuple(str(a) for a in merged.get("holdCommand") or ()),
+        capture=bool(merged.get("capture", True)),
+        native_sidecar=bool(merged.get("nativeSidecar", True)),
     )
