@@ -37,7 +37,11 @@ WORKLOAD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "ReplicationController": ("spec", "template"),
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "DeploymentConfig": ("spec", "template"),  # OpenShift, apps.openshift.io/v1
 }
+#: The label OpenShift puts on pods of a DeploymentConfig (their controller is a
+#: ReplicationController named ``<name>-<version>``).
+DEPLOYMENT_CONFIG_LABEL = "deploymentconfig"
 @dataclass
 class _Workload:
     """Who owns the pod, for workload name, owner and canonical-name defaults."""
@@ -194,6 +198,9 @@ def _pod_workload(meta: Mapping[str, Any]) -> _Workload:
         template_hash = (meta.get("labels") or {}).get("pod-template-hash")
         if kind == "ReplicaSet" and template_hash and name.endswith("-" + template_hash):
             return _Workload("Deployment", "apps/v1", name[: -len(template_hash) - 1])
+        deployment_config = (meta.get("labels") or {}).get(DEPLOYMENT_CONFIG_LABEL)
+        if kind == "ReplicationController" and deployment_config:  # as Istio: kind changes, API stays
+            return _Workload("DeploymentConfig", api, deployment_config)
         return _Workload(kind, api, name)
     name = meta.get("name") or (meta.get("generateName") or "").rstrip("-")
     return _Workload("Pod", "v1", name)
