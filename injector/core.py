@@ -324,6 +324,7 @@ def _inject_steps(
         user_inits=user_inits,
         native=native,
         proxy_first=overrides.proxy.hold_command is not None,
+        before_proxy=reorder.before_proxy_names(annotations),
     )
 
     new_spec = dict(spec)
