@@ -366,7 +366,7 @@ def _split(
     overlays = dict(previous.overlays)
     app_containers = []
     for c in named(spec.get("containers")):
-        if c.get("name") in choice.container_names or c.get("name") == ann.PROXY_CONTAINER:
+        if c.get("name") in choice.container_names:  # a template without a proxy keeps the pod's
             overlays[c["name"]] = overlay_container(overlays.get(c["name"], {}), c)
         else:
             app_containers.append(c)

@@ -129,3 +129,10 @@ def test_each_builtin_template_is_listed_when_a_name_is_unknown(template: str) -
     )
     assert result.decision is Decision.REJECT
     assert template in result.reasons[0].message
+
+
+def test_a_template_without_a_proxy_keeps_the_pods_own_istio_proxy_container() -> None:
+    own = {"name": "istio-proxy", "image": "example/own-proxy:1"}
+    out = _injected(_pod("grpc-simple", [{"name": "app", "image": "x"}, own]))
+    kept = _by_name(out["spec"]["containers"])["istio-proxy"]
+    assert kept["image"] == "example/own-proxy:1"
