@@ -19,7 +19,7 @@ from cni import annotations as ann
 from injector import context as ctx
 from injector import metadata, render, reorder
 from injector.config import InjectorConfig, default_config
-from injector.merge import named, overlay_container
+from injector.merge import deep_merge, named, overlay_container
 from injector.overrides import Overrides, parse_overrides
 from injector.patch import create_patch, patch_json
 from injector.policy import decide
@@ -334,6 +334,9 @@ def _inject_steps(
     added_volumes, added_secrets = render.lay_out_volumes(
         spec, new_spec, r_spec, previous, config=config, capture=capture
     )
+    r_security = r_spec.get("securityContext")
+    if isinstance(r_security, dict) and r_security:  # e.g. grpc-agent's fsGroup: the pod's own fields win
+        new_spec["securityContext"] = deep_merge(r_security, spec.get("securityContext") or {})
     native_proxy = [proxy] if native and proxy else []
     status = (  # InjectionStatus's fields, in order
         tuple(c["name"] for c in capture_inits + native_proxy + r_inits),

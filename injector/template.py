@@ -1,7 +1,8 @@
 """A deliberately small template language for sidecar templates, compiled to closures once.
 
 A template is a YAML document shaped like part of a Pod (``metadata`` labels/annotations,
-``spec`` initContainers/containers/volumes/imagePullSecrets) plus ``options`` and
+``spec`` initContainers/containers/volumes/imagePullSecrets/securityContext, the pod's own
+security context fields winning) plus ``options`` and
 ``appContainers`` (one container fragment, without a name, laid over every app container:
 env by name, volumeMounts by path, as proxyless gRPC needs). Strings may hold
 ``{{ path.to.value }}`` placeholders:
@@ -213,7 +214,7 @@ def _compile(node: Any, consts: Mapping[str, Any] | None = None) -> tuple[bool, 
 _ALLOWED_TOP = {"options", "metadata", "spec", "appContainers"}
 _OPTIONS = {"rewriteProbes", "prometheusMerge", "holdCommand", "capture", "nativeSidecar"}
 _ALLOWED_META = {"labels", "annotations"}
-_ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets"}
+_ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets", "securityContext"}
 
 
 def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:

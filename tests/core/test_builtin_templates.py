@@ -136,3 +136,11 @@ def test_a_template_without_a_proxy_keeps_the_pods_own_istio_proxy_container() -
     out = _injected(_pod("grpc-simple", [{"name": "app", "image": "x"}, own]))
     kept = _by_name(out["spec"]["containers"])["istio-proxy"]
     assert kept["image"] == "example/own-proxy:1"
+
+
+def test_grpc_agent_lets_the_app_read_the_agents_certificates_unless_the_pod_chose_a_group() -> None:
+    plain = _injected(_pod("grpc-agent", [{"name": "app", "image": "x"}]))
+    assert plain["spec"]["securityContext"] == {"fsGroup": 1337}
+    own = _pod("grpc-agent", [{"name": "app", "image": "x"}])
+    own["spec"]["securityContext"] = {"fsGroup": 2000, "runAsNonRoot": True}
+    assert _injected(own)["spec"]["securityContext"] == {"fsGroup": 2000, "runAsNonRoot": True}
