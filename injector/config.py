@@ -30,7 +30,7 @@ from injector.template import Template, parse_template
 SYSTEM_NAMESPACES: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease", "local-path-storage")
 
 BUILTIN_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-BUILTIN_TEMPLATES: tuple[str, ...] = ("sidecar", "envoy")
+BUILTIN_TEMPLATES: tuple[str, ...] = ("sidecar", "envoy", "gateway", "grpc-agent", "grpc-simple")
 
 
 class _Model(BaseModel):

@@ -57,7 +57,15 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "canonicalName",
         "canonicalRevision",
     ),
-    "mesh": ("revision", "meshID", "clusterID", "trustDomain", "caAddress", "discoveryAddress"),
+    "mesh": (
+        "revision",
+        "meshID",
+        "clusterID",
+        "trustDomain",
+        "caAddress",
+        "discoveryAddress",
+        "plaintextDiscoveryAddress",
+    ),
 }
 #: Groups fixed by (config, ProxySettings): substituted into the template once per settings.
 FIXED_GROUPS: tuple[str, ...] = ("proxy", "mesh")
@@ -128,8 +136,21 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "trustDomain": mesh.trust_domain,
         "caAddress": mesh.ca_address,
         "discoveryAddress": mesh.discovery_address,
+        "plaintextDiscoveryAddress": plaintext_discovery(mesh.discovery_address),
     }
     return FixedContext({"proxy": proxy, "mesh": mesh_group})
+
+
+#: istiod's plaintext xDS port (proxyless gRPC without an agent cannot do istiod's TLS).
+PLAINTEXT_XDS_PORT = 15010
+
+
+def plaintext_discovery(address: str) -> str:
+    """The discovery address's host with istiod's plaintext xDS port (``host:15010``)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()):  # no port given (or a bare IPv6 literal)
+        host = address
+    return f"{host}:{PLAINTEXT_XDS_PORT}"
 
 
 def pod_group(
@@ -180,5 +201,6 @@ _PLURALS = {
     "ReplicationController": "replicationcontrollers",
     "Job": "jobs",
     "CronJob": "cronjobs",
+    "DeploymentConfig": "deploymentconfigs",
     "Pod": "pods",
 }

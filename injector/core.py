@@ -19,7 +19,7 @@ from cni import annotations as ann
 from injector import context as ctx
 from injector import metadata, render, reorder
 from injector.config import InjectorConfig, default_config
-from injector.merge import named, overlay_container
+from injector.merge import deep_merge, named, overlay_container
 from injector.overrides import Overrides, parse_overrides
 from injector.patch import create_patch, patch_json
 from injector.policy import decide
@@ -37,7 +37,11 @@ WORKLOAD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "ReplicationController": ("spec", "template"),
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "DeploymentConfig": ("spec", "template"),  # OpenShift, apps.openshift.io/v1
 }
+#: The label OpenShift puts on pods of a DeploymentConfig (their controller is a
+#: ReplicationController named ``<name>-<version>``).
+DEPLOYMENT_CONFIG_LABEL = "deploymentconfig"
 @dataclass
 class _Workload:
     """Who owns the pod, for workload name, owner and canonical-name defaults."""
@@ -194,6 +198,9 @@ def _pod_workload(meta: Mapping[str, Any]) -> _Workload:
         template_hash = (meta.get("labels") or {}).get("pod-template-hash")
         if kind == "ReplicaSet" and template_hash and name.endswith("-" + template_hash):
             return _Workload("Deployment", "apps/v1", name[: -len(template_hash) - 1])
+        deployment_config = (meta.get("labels") or {}).get(DEPLOYMENT_CONFIG_LABEL)
+        if kind == "ReplicationController" and deployment_config:  # as Istio: kind changes, API stays
+            return _Workload("DeploymentConfig", api, deployment_config)
         return _Workload(kind, api, name)
     name = meta.get("name") or (meta.get("generateName") or "").rstrip("-")
     return _Workload("Pod", "v1", name)
@@ -290,6 +297,9 @@ def _inject_steps(
     rendered = render.render_templates(choice, fixed, ctx.template_context(fixed, pod), overrides, config)
     r_meta = rendered.get("metadata") or {}
     r_spec = rendered.get("spec") or {}
+    app_fragment = rendered.get("appContainers")
+    if app_fragment:  # e.g. proxyless gRPC: the xDS bootstrap env and mounts in every app container
+        app_containers = [overlay_container(c, app_fragment) for c in app_containers]
 
     # The API server's ServiceAccount plugin mounts the token into every container that lacks
     # it; it re-runs after a webhook changes the pod, and would then change ours, which calls us
@@ -299,7 +309,8 @@ def _inject_steps(
     r_inits = [finish(c) for c in named(r_spec.get("initContainers"))]
     proxy = next((c for c in r_containers if c.get("name") == ann.PROXY_CONTAINER), None)
     others = [c for c in r_containers if c is not proxy]
-    capture = render.capture_init(overrides.proxy.mode, config)
+    # A template may leave the pod's traffic alone (gateway, proxyless gRPC): no capture init.
+    capture = render.capture_init(overrides.proxy.mode, config) if choice.options.capture else None
     capture_inits = [finish(capture)] if capture else []
     native = overrides.native and proxy is not None
     if native:
@@ -313,6 +324,7 @@ def _inject_steps(
         user_inits=user_inits,
         native=native,
         proxy_first=overrides.proxy.hold_command is not None,
+        before_proxy=reorder.before_proxy_names(annotations),
     )
 
     new_spec = dict(spec)
@@ -322,6 +334,9 @@ def _inject_steps(
     added_volumes, added_secrets = render.lay_out_volumes(
         spec, new_spec, r_spec, previous, config=config, capture=capture
     )
+    r_security = r_spec.get("securityContext")
+    if isinstance(r_security, dict) and r_security:  # e.g. grpc-agent's fsGroup: the pod's own fields win
+        new_spec["securityContext"] = deep_merge(r_security, spec.get("securityContext") or {})
     native_proxy = [proxy] if native and proxy else []
     status = (  # InjectionStatus's fields, in order
         tuple(c["name"] for c in capture_inits + native_proxy + r_inits),
@@ -354,7 +369,7 @@ def _split(
     overlays = dict(previous.overlays)
     app_containers = []
     for c in named(spec.get("containers")):
-        if c.get("name") in choice.container_names or c.get("name") == ann.PROXY_CONTAINER:
+        if c.get("name") in choice.container_names:  # a template without a proxy keeps the pod's
             overlays[c["name"]] = overlay_container(overlays.get(c["name"], {}), c)
         else:
             app_containers.append(c)
@@ -378,8 +393,8 @@ def _check_proxy_uid(
 ) -> None:
     """Refuse an app container running as the proxy's UID: its traffic would bypass the redirect."""
     plan = overrides.plan
-    if not plan.redirects or not config.pod_defaults.captures:  # without a redirect nothing is bypassed
-        return
+    if not plan.redirects or not config.pod_defaults.captures or not overrides.choice.options.capture:
+        return  # without a redirect nothing is bypassed
     pod_security = spec.get("securityContext") or {}
     for c in app_containers:
         own = (c.get("securityContext") or {}).get("runAsUser")

@@ -95,7 +95,8 @@ def injected_metadata(
     for key, value in (rendered.get("annotations") or {}).items():
         annotations.setdefault(key, value)
     annotations.update(config.model.injected_annotations)
-    annotations.update(overrides.traffic.annotations)
+    if overrides.choice.options.capture:  # what the plugin/istio-init program; nothing without capture
+        annotations.update(overrides.traffic.annotations)
     if default_container is not None and ann.DEFAULT_CONTAINER not in annotations:
         annotations[ann.DEFAULT_CONTAINER] = default_container
     annotations[ann.STATUS] = config.memo.get("status", status, lambda: _status_json(status))

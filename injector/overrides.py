@@ -105,7 +105,9 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
             ReasonCode.INVALID_ANNOTATION,
             f"annotation {ann.LOG_LEVEL}={log_level!r}: expected one of {', '.join(LOG_LEVELS)}",
         )
+    # A template whose proxy is the pod's main container (a gateway) never makes it native.
     native = _flag(annotations, ann.NATIVE_SIDECAR, defaults.native_sidecars)
+    native = native and choice.options.native_sidecar
     rewrite = _flag(annotations, ann.REWRITE_PROBES, defaults.rewrite_probes)
     prom_merge = _flag(annotations, ann.PROMETHEUS_MERGE, defaults.prometheus_merge)
     proxy_config, hold = _proxy_config(annotations, config)

@@ -1,7 +1,10 @@
 """A deliberately small template language for sidecar templates, compiled to closures once.
 
 A template is a YAML document shaped like part of a Pod (``metadata`` labels/annotations,
-``spec`` initContainers/containers/volumes/imagePullSecrets) plus ``options``. Strings may hold
+``spec`` initContainers/containers/volumes/imagePullSecrets/securityContext, the pod's own
+security context fields winning) plus ``options`` and
+``appContainers`` (one container fragment, without a name, laid over every app container:
+env by name, volumeMounts by path, as proxyless gRPC needs). Strings may hold
 ``{{ path.to.value }}`` placeholders:
 
 - a string that is exactly one placeholder becomes the value itself, keeping its type (an int
@@ -49,6 +52,11 @@ class TemplateOptions:
     hold_command: tuple[str, ...] = ()
     #: The proxy answers DNS captured to 15053 (pilot-agent does; plain Envoy does not).
     dns_proxy: bool = True
+    #: False: no capture init container (istio-validation/istio-init): the pod's traffic is not
+    #: redirected (a gateway is the proxy itself; proxyless gRPC talks xDS directly).
+    capture: bool = True
+    #: False: the proxy stays a regular container even where native sidecars are on (a gateway).
+    native_sidecar: bool = True
 
 
 @dataclass(frozen=True)
@@ -205,9 +213,10 @@ def _compile(node: Any, consts: Mapping[str, Any] | None = None) -> tuple[bool, 
     raise TemplateError(f"unsupported YAML value {node!r}")
 
 
-_ALLOWED_TOP = {"options", "metadata", "spec"}
+_ALLOWED_TOP = {"options", "metadata", "spec", "appContainers"}
+_OPTIONS = {"rewriteProbes", "prometheusMerge", "holdCommand", "dnsProxy", "capture", "nativeSidecar"}
 _ALLOWED_META = {"labels", "annotations"}
-_ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets"}
+_ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets", "securityContext"}
 
 
 def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
@@ -245,14 +254,14 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
         return tuple(out)
 
     options = doc.get("options") or {}
-    if not isinstance(options, dict) or set(options) - {
-        "rewriteProbes",
-        "prometheusMerge",
-        "holdCommand",
-        "dnsProxy",
-    }:
-        raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand, dnsProxy")
-    body = {"metadata": metadata, "spec": spec}
+    if not isinstance(options, dict) or set(options) - _OPTIONS:
+        raise TemplateError(f"options may hold only {', '.join(sorted(_OPTIONS))}")
+    app = doc.get("appContainers") or {}
+    if not isinstance(app, dict) or "name" in app:
+        raise TemplateError("appContainers must be one container fragment without a name")
+    body: dict[str, Any] = {"metadata": metadata, "spec": spec}
+    if app:
+        body["appContainers"] = app
     _compile(body)  # unknown values and unsupported YAML fail here, when the config loads
     return Template(
         name=name,
@@ -272,4 +281,6 @@ def merge_options(templates: list[Template]) -> TemplateOptions:
         prometheus_merge=bool(merged.get("prometheusMerge", True)),
         hold_command=tuple(str(a) for a in merged.get("holdCommand") or ()),
         dns_proxy=bool(merged.get("dnsProxy", True)),
+        capture=bool(merged.get("capture", True)),
+        native_sidecar=bool(merged.get("nativeSidecar", True)),
     )
