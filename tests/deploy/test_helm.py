@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
@@ -25,6 +26,20 @@ from tests.deploy.manifests import CRD_KINDS
 from tests.deploy.test_manifests import SUPPORTED_VERSIONS
 
 CHART = manifests.CHART
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+#: Every Kubernetes minor we support that kubernetes-validate has a schema for (oldest..newest).
+EVERY_SUPPORTED_VERSION = tuple(
+    sorted(
+        {v for v in kubernetes_validate.utils.all_versions()
+         if _minor(SUPPORTED_VERSIONS[0]) <= _minor(v) <= _minor(SUPPORTED_VERSIONS[-1])},
+        key=_minor,
+    )
+)
 
 #: Value sets a user would install with: each must lint, render and validate.
 VALUE_SETS: dict[str, tuple[str, ...]] = {
@@ -92,8 +107,14 @@ def test_chart_lints_strictly(values: str) -> None:
     assert "0 chart(s) failed" in done.stdout
 
 
-@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
-@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+@pytest.mark.parametrize(
+    ("values", "version"),
+    # The two installs a user makes (a revision, a canary beside it) on every supported minor;
+    # each other value set on the oldest and the newest.
+    [(values, v) for values in ("defaults", "canary") for v in EVERY_SUPPORTED_VERSION]
+    + [(values, v) for values in sorted(set(VALUE_SETS) - {"defaults", "canary"})
+       for v in SUPPORTED_VERSIONS],
+)
 def test_every_rendered_object_validates_strictly(values: str, version: str) -> None:
     checked = 0
     for obj in render(*VALUE_SETS[values]):
@@ -102,6 +123,11 @@ def test_every_rendered_object_validates_strictly(values: str, version: str) -> 
         kubernetes_validate.validate(obj, version, strict=True)
         checked += 1
     assert checked >= 8
+
+
+def test_every_supported_minor_is_validated() -> None:
+    oldest, newest = _minor(SUPPORTED_VERSIONS[0]), _minor(SUPPORTED_VERSIONS[-1])
+    assert len(EVERY_SUPPORTED_VERSION) == newest[1] - oldest[1] + 1
 
 
 def test_kustomize_base_is_generated_from_the_chart() -> None:
