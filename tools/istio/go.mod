@@ -1,7 +1,13 @@
 // Pin of the real Istio that tests/istio and bench/bench_istio_*.py compare against.
 // istio.io/istio's release tags are not semver; this is the release-1.30 branch commit
 // 9739e10eb9d7 (2026-08-26, VERSION 1.30, BASE_VERSION 1.30-2026-08-26) as a pseudo-version.
-// Built by scripts/setup.d/60-istio.sh.
+// Built by scripts/setup.d/60-istio.sh; tools/istio/release.env says the same in words.
+//
+// Four of the commit's own requirements are not on the module proxy; the nearest ones that are:
+// istio.io/api and istio.io/client-go v1.30.8 (tagged patch releases of the same 1.30 line,
+// newer than its v1.30.4 pseudo-versions), go-control-plane envoy/contrib from 2026-07-13
+// (newer than its 2026-04-09), and agentgateway's api from 2026-05-01 (5 days older than its
+// 2026-05-06: the replace below, the only downgrade).
 module mesh-injector/tools/istio
 
 go 1.26
