@@ -61,7 +61,7 @@ class Resources(_Model):
 class ProxyValues(_Model):
     """The proxy container's settings (Istio's values.global.proxy, roughly)."""
 
-    image: str = "docker.io/istio/proxyv2:1.24.2"
+    image: str = "docker.io/istio/proxyv2:1.30.3"  # = Istio's at the pin in tools/istio
     envoy_image: str = "docker.io/envoyproxy/envoy:v1.32.3"
     cni_image: str = "ghcr.io/mesh-injector/mesh-cni:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
