@@ -63,7 +63,7 @@ class Resources(_Model):
 class ProxyValues(_Model):
     """The proxy container's settings (Istio's values.global.proxy, roughly)."""
 
-    image: str = "docker.io/istio/proxyv2:1.24.2"
+    image: str = "docker.io/istio/proxyv2:1.30.3"  # = Istio's at the pin in tools/istio
     envoy_image: str = "ghcr.io/mesh-injector/mesh-proxy:0.1.0"  # Dockerfile.proxy
     #: The envoy template's JSON access logs on stdout (per pod: MESH_ACCESS_LOG, docs/envoy.md).
     envoy_access_log: bool = True
