@@ -1,30 +1,33 @@
 """Pod start latency (create -> Ready) on the real node, with and without our webhook + plugin.
 
-On the test bed's kubelet + containerd node (tests/testbed), in one run, one pod at a time:
-  plain        no webhook registered, no plugin in the chain (the node as it came)
-  chained      our plugin chained in (installer running), pod not injected: the plugin's cost
-               on every pod of the node
-  meshed       webhook + plugin, namespace istio-injection=enabled: the injected pod (CNI
-               redirect, istio-validation init container, the proxy (test proxy standing in for
-               Envoy, holdApplicationUntilProxyStarts) and the app) until Ready
-Latency is from just before the POST to the first watch event showing the pod Ready. Our part
-is median(meshed) - median(plain), printed next to the anchor: Kubernetes' pod-startup SLO
-(p99 <= 5 s, which excludes image pulls and init containers; we include our init container).
+On the test bed's node (tests/testbed: kubelet 1.37 + containerd 2 + runc), in one run, one pod
+at a time:
+  plain          no webhook registered, no plugin in the chain (the node as it came)
+  chained        our plugin chained in (installer running), pod not injected: the plugin's cost
+                 on every pod of the node
+  meshed-native  webhook + plugin, namespace istio-injection=enabled, native sidecars (the
+                 default on 1.29+): CNI redirect, istio-validation, the proxy as an init
+                 container with restartPolicy Always whose startupProbe gates the app
+  meshed-classic the same with `sidecar.istio.io/nativeSidecar: "false"`: the proxy as the first
+                 regular container, holdApplicationUntilProxyStarts (postStart `pilot-agent wait`)
+The proxy is the test proxy standing in for Envoy. Latency is from just before the POST to the
+first watch event showing every container running / the pod Ready; p50 and p99 (nearest rank).
+Target: meshed p99 <= plain p99 + 1 s (create -> Ready).
 
-    .venv/bin/python bench/bench_pod_start.py [--pods 10]
+    .venv/bin/python bench/bench_pod_start.py [--pods 20]
 
 Attaches to a running test bed when MESH_CONTROL_PLANE and MESH_NODE are set (see
 tests/testbed/README.md: `eval "$(scripts/testbed/up --node)"`), else starts its own and tears
-it down. Needs root and the binaries from scripts/setup.d/30-kube.sh.
+it down. Needs root and the binaries from scripts/setup --test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import ssl
-import statistics
 import sys
 import tempfile
 import threading
@@ -43,6 +46,8 @@ from tests.testbed.controlplane import ControlPlane  # noqa: E402
 from tests.testbed.node import Node  # noqa: E402
 
 SLO_P99_S = 5.0
+#: The issue's target: a meshed pod Ready at most this much later than a plain one, at p99.
+TARGET_S = 1.0
 
 
 class ReadyWatch:
@@ -111,7 +116,12 @@ def post_pod(plane: ControlPlane, namespace: str, pod: dict[str, Any]) -> None:
 
 
 def run_variant(
-    plane: ControlPlane, node: Node, namespace: str, label: str, count: int
+    plane: ControlPlane,
+    node: Node,
+    namespace: str,
+    label: str,
+    count: int,
+    annotations: dict[str, str] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Start `count` pods one after the other; (create -> all containers running, create ->
     Ready) seconds each; then remove them."""
@@ -121,7 +131,9 @@ def run_variant(
         for i in range(count + 1):  # the first one warms up (image in page cache)
             name = f"{label}-{i}"
             created = time.monotonic()
-            post_pod(plane, namespace, app_pod(name))
+            pod = app_pod(name)
+            pod["metadata"]["annotations"] = dict(annotations or {})
+            post_pod(plane, namespace, pod)
             ready = watch.wait(name) - created
             started = watch.started_at[name] - created
             if i:
@@ -165,18 +177,22 @@ def test_bed() -> Iterator[tuple[ControlPlane, Node]]:
         plane.stop()
 
 
-def summary(times: list[float]) -> str:
+def percentile(times: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): with 20 samples p99 is the slowest."""
     ordered = sorted(times)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def summary(times: list[float]) -> str:
     return (
-        f"median {statistics.median(times):5.2f} s  p90 {p90:5.2f} s  "
-        f"min {ordered[0]:5.2f} s  max {ordered[-1]:5.2f} s  (n={len(times)})"
+        f"p50 {percentile(times, 50):5.2f} s  p99 {percentile(times, 99):5.2f} s  "
+        f"min {min(times):5.2f} s  max {max(times):5.2f} s  (n={len(times)})"
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pods", type=int, default=10, help="measured pods per variant (default 10)")
+    parser.add_argument("--pods", type=int, default=20, help="measured pods per variant (default 20)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (the node)", file=sys.stderr)
@@ -201,8 +217,12 @@ def main() -> int:
                 namespaces += [chained_ns, mesh_ns]
                 print("chained (plugin in the chain, pod not injected):", file=sys.stderr)
                 results["chained"] = run_variant(plane, node, chained_ns, "chained", args.pods)
-                print("meshed (webhook + plugin, injected):", file=sys.stderr)
-                results["meshed"] = run_variant(plane, node, mesh_ns, "meshed", args.pods)
+                print("meshed-native (webhook + plugin, injected, native sidecar):", file=sys.stderr)
+                results["meshed-native"] = run_variant(plane, node, mesh_ns, "native", args.pods)
+                print("meshed-classic (injected, nativeSidecar off):", file=sys.stderr)
+                results["meshed-classic"] = run_variant(
+                    plane, node, mesh_ns, "classic", args.pods, {"sidecar.istio.io/nativeSidecar": "false"}
+                )
             finally:
                 installer.stop()
                 webhook.stop()
@@ -214,26 +234,22 @@ def main() -> int:
     for column, what in ((0, "create -> all containers running (the SLO's measure)"), (1, "create -> Ready")):
         print(f"{what}:")
         for label, pair in results.items():
-            print(f"  {label:8} {summary(pair[column])}")
-    med = {label: (statistics.median(p[0]), statistics.median(p[1])) for label, p in results.items()}
-    chained_started = (med["chained"][0] - med["plain"][0]) * 1000
-    chained_ready = (med["chained"][1] - med["plain"][1]) * 1000
-    print(
-        f"our part, unmeshed pod (plugin in the chain): {chained_started:+.0f} ms started, "
-        f"{chained_ready:+.0f} ms Ready (median vs plain)"
-    )
-    ours_started = med["meshed"][0] - med["plain"][0]
-    ours_ready = med["meshed"][1] - med["plain"][1]
-    print(
-        f"our part, meshed pod (webhook + plugin + istio-validation + proxy): {ours_started * 1000:+.0f} ms "
-        f"started, {ours_ready * 1000:+.0f} ms Ready (median vs plain)"
-    )
-    worst = max(results["meshed"][0])
+            print(f"  {label:14} {summary(pair[column])}")
+    plain_p99 = percentile(results["plain"][1], 99)
+    for label in ("chained", "meshed-native", "meshed-classic"):
+        ready = results[label][1]
+        extra_p50 = percentile(ready, 50) - percentile(results["plain"][1], 50)
+        extra_p99 = percentile(ready, 99) - plain_p99
+        verdict = "meets" if extra_p99 <= TARGET_S else "MISSES"
+        print(
+            f"our part, {label}: {extra_p50 * 1000:+.0f} ms at p50, {extra_p99 * 1000:+.0f} ms at p99 "
+            f"(create -> Ready vs plain): {verdict} the target of <= +{TARGET_S:.0f} s at p99"
+        )
+    worst = percentile(results["meshed-native"][0], 99)
     print(
         f"anchor: Kubernetes pod-startup SLO p99 <= {SLO_P99_S:.0f} s (create -> containers running, "
-        f"excluding init containers; we include ours): meshed median {med['meshed'][0]:.2f} s "
-        f"= {med['meshed'][0] / SLO_P99_S:.0%} of it, meshed max {worst:.2f} s = {worst / SLO_P99_S:.0%}, "
-        f"our part {ours_started / SLO_P99_S:.0%}"
+        f"excluding init containers; we include ours): meshed-native p99 {worst:.2f} s "
+        f"= {worst / SLO_P99_S:.0%} of it"
     )
     return 0
 

@@ -7,8 +7,9 @@ Shared by the e2e tests and ``bench/bench_pod_start.py``. Everything runs on thi
   with the selectors of `injector.manifests.webhook_configuration`, plus a per-run scope label
   so it never sees another test's namespaces.
 - `e2e_config_dir`: the injector config the node can run: the built-in `sidecar` template with
-  the test proxy (tests/testbed/testproxy.py, an Envoy stand-in: Envoy cannot be had here) as
-  proxy image and the script-built mesh-cni image as validation image, `imagePullPolicy: Never`.
+  the test proxy (tests/testbed/testproxy.py, an Envoy stand-in) as proxy image and the
+  script-built mesh-cni image as validation image, `imagePullPolicy: Never`, `nativeSidecars:
+  auto` with the cluster's version (native sidecars on this 1.29+ node).
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def wait_for(what: str, fetch: Callable[[], Any], timeout: float = 60.0, interva
     return proc.wait_for(what, fetch, timeout, interval=interval, transient=(OSError, ValueError, KeyError))
 
 
-def e2e_config_dir(directory: Path) -> Path:
-    """An injector config dir (as the mounted ConfigMap) for pods that can run on the test node."""
+def e2e_config_dir(directory: Path, kubernetes_version: str = "", **proxy: Any) -> Path:
+    """An injector config dir (as the mounted ConfigMap) for pods that can run on the test node.
+
+    ``kubernetes_version`` (the cluster's, from GET /version) is the config's fallback for
+    `nativeSidecars: auto`; ``proxy`` overrides values.proxy keys.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(
         json.dumps(
@@ -60,9 +65,10 @@ def e2e_config_dir(directory: Path) -> Path:
                         "imagePullPolicy": "Never",
                         "holdApplicationUntilProxyStarts": True,
                         "capture": "cni",
+                        "nativeSidecars": "auto",
+                        **proxy,
                     },
-                    # kubelet 1.20: no native sidecars
-                    "mesh": {"kubernetesVersion": "1.20"},
+                    "mesh": {"kubernetesVersion": kubernetes_version},
                 },
             },
             indent=1,
@@ -75,6 +81,13 @@ def import_mesh_images(node: Any) -> None:
     """The validation image (our cni package) and the test proxy, built from the working tree."""
     node.import_image(images.mesh_cni_image())
     node.import_image(images.proxy_image())
+    node.import_image(images.proxy_image(ref=images.SLOW_TEST_PROXY_IMAGE, ready_after=3))
+
+
+def cluster_version(plane: Any) -> str:
+    """The API server's major.minor (GET /version), e.g. "1.37"."""
+    version = plane.get_json("/version")
+    return f"{version['major']}.{version['minor'].rstrip('+')}"
 
 
 # -- the installer --------------------------------------------------------------------------------
@@ -221,7 +234,7 @@ class Webhook:
 
         server = start_server(
             workdir,
-            config_dir=e2e_config_dir(workdir / "config"),
+            config_dir=e2e_config_dir(workdir / "config", cluster_version(plane)),
             extra_args=["--kubeconfig", str(plane.kubeconfig)],
         )
         scope = uuid.uuid4().hex[:10]

@@ -77,9 +77,12 @@ def scene(control_plane: Any, node: Any, installer: Installer, webhook: Webhook)
 def test_pods_are_injected_pass_validation_and_become_ready(control_plane: Any, scene: Scene) -> None:
     for pod in scene.web:
         spec = pod["spec"]
-        assert [c["name"] for c in spec["initContainers"]] == ["istio-validation"]
-        assert [c["name"] for c in spec["containers"]] == ["istio-proxy", "app"]
-        assert spec["containers"][0]["image"] == images.TEST_PROXY_IMAGE
+        # Native sidecars (nativeSidecars: auto on a 1.29+ cluster): the proxy is an init
+        # container with restartPolicy Always, after the validation check.
+        assert [c["name"] for c in spec["initContainers"]] == ["istio-validation", "istio-proxy"]
+        assert [c["name"] for c in spec["containers"]] == ["app"]
+        proxy = spec["initContainers"][1]
+        assert proxy["image"] == images.TEST_PROXY_IMAGE and proxy["restartPolicy"] == "Always"
         assert "sidecar.istio.io/status" in pod["metadata"]["annotations"]
         validation = container_status(pod, "istio-validation")
         assert validation["state"]["terminated"]["exitCode"] == 0, validation
@@ -89,9 +92,12 @@ def test_pods_are_injected_pass_validation_and_become_ready(control_plane: Any, 
         ).stdout
         assert "redirect in place: 127.0.0.2:15999 -> 127.0.0.1:15006" in out
         # The app's readiness probe was rewritten to the proxy's status port and answers there.
-        app = spec["containers"][1]
+        app = spec["containers"][0]
         assert app["readinessProbe"]["httpGet"]["path"] == "/app-health/app/readyz"
         assert all(c["ready"] for c in pod["status"]["containerStatuses"])
+        assert (
+            container_status(pod, "istio-proxy")["ready"] and container_status(pod, "istio-proxy")["started"]
+        )
 
 
 def test_meshed_pod_netns_has_our_table(node: Any, scene: Scene) -> None:
