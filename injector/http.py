@@ -12,7 +12,9 @@ still sending its headers (a slow client), so an honest caller gets in.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import resource
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -120,6 +122,53 @@ def request_started(scope: Scope) -> float:
     return started if isinstance(started, float) else time.monotonic()
 
 
+class ConnectionShares:
+    """Open-connection counts of every worker, in memory the supervisor shared before forking.
+
+    Workers accepting on one socket do not share connections evenly: whichever is idle when a
+    burst arrives takes it all (the API server opens its keep-alive connections in bursts). A
+    worker holding more than its share (total / workers, plus one) ends its next response with
+    ``Connection: close``; the client reconnects and an idler worker is likelier to accept.
+    """
+
+    SLOT = struct.Struct("=q")
+
+    #: At most one rebalancing close per worker this often (a burst of closes would re-deal
+    #: all connections at random instead of moving a few).
+    INTERVAL = 0.05
+
+    def __init__(self, memory: Any, index: int, workers: int) -> None:
+        self.memory, self.index, self.workers = memory, index, workers
+        self.closing = 0  # connections this worker told to close and that are not gone yet
+        self.last_close = 0.0
+
+    @classmethod
+    def create(cls, workers: int) -> Any:
+        """Anonymous shared memory for ``workers`` counters (call before forking)."""
+        return mmap.mmap(-1, cls.SLOT.size * workers)
+
+    def add(self, delta: int) -> None:
+        offset = self.index * self.SLOT.size
+        (value,) = self.SLOT.unpack_from(self.memory, offset)
+        self.SLOT.pack_into(self.memory, offset, value + delta)
+
+    def reset(self) -> None:
+        """A worker (re)starts with no connections (the supervisor, before forking it)."""
+        self.SLOT.pack_into(self.memory, self.index * self.SLOT.size, 0)
+
+    def should_close(self) -> bool:
+        """True (and counted) when this worker should hand one connection back to the kernel."""
+        now = time.monotonic()
+        if now - self.last_close < self.INTERVAL:
+            return False
+        counts = [self.SLOT.unpack_from(self.memory, i * self.SLOT.size)[0] for i in range(self.workers)]
+        if counts[self.index] - self.closing <= sum(counts) / self.workers + 1:
+            return False
+        self.closing += 1
+        self.last_close = now
+        return True
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request that broke a limit."""
 
@@ -135,6 +184,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: HttpLimits = HttpLimits()
     metrics: InjectorMetrics | None = None
+    shares: ConnectionShares | None = None
     cap: int = 1000
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -146,6 +196,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._requests = 0
+        self._rebalanced = False
         self._refusal: tuple[int, bytes, str, str] | None = None
 
     # -- timers and refusals
@@ -209,6 +260,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             transport.abort()
             return
         super().connection_made(transport)
+        if self.shares is not None:
+            self.shares.add(1)
         self._phase_since = time.monotonic()
         self._arm(self.limits.header_timeout, self._header_timeout)
 
@@ -234,6 +287,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         if self.transport is None:  # refused in connection_made
             return
+        if self.shares is not None:
+            self.shares.add(-1)
+            if self._rebalanced:
+                self.shares.closing -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -295,7 +352,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._requests += 1
         limit = self.limits.max_requests_per_connection
-        if limit and self._requests >= limit and self.cycle is not None:
+        if self.cycle is not None and limit and self._requests >= limit:
+            self.cycle.keep_alive = False
+        elif self.cycle is not None and self.shares is not None and not self._rebalanced \
+                and self.shares.should_close():
+            self._rebalanced = True
             self.cycle.keep_alive = False
         if self.cycle is not None and self.cycle.more_body:
             self._arm(self.limits.body_timeout, self._body_timeout)
@@ -309,10 +370,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
 
-def protocol_class(limits: HttpLimits, metrics: InjectorMetrics | None) -> type[LimitedHttpToolsProtocol]:
+def protocol_class(limits: HttpLimits, metrics: InjectorMetrics | None,
+                   shares: ConnectionShares | None = None) -> type[LimitedHttpToolsProtocol]:
     """The protocol class for one server, carrying its limits."""
     return type("WebhookHttpProtocol", (LimitedHttpToolsProtocol,),
-                {"limits": limits, "metrics": metrics, "cap": limits.connection_cap()})
+                {"limits": limits, "metrics": metrics, "shares": shares, "cap": limits.connection_cap()})
 
 
 class LimitedServer(Server):

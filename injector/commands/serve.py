@@ -226,6 +226,9 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
     workers = args.workers if args.workers > 0 else cpu_limit()
     # From here on every metric counts into the directory the workers share.
     metrics_mod.enable_multiprocess(metrics_dir)
+    from injector.http import ConnectionShares
+
+    shares = ConnectionShares.create(workers) if workers > 1 else None
     log.info("serving", extra={"address": args.address, "port": args.port, "config_hash": config.config_hash,
                                "workers": workers, "connection_cap": http_limits.connection_cap()})
 
@@ -240,13 +243,16 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
 
     def spawn(index: int) -> None:
+        if shares is not None:
+            ConnectionShares(shares, index, workers).reset()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _worker(args, index, workers, sock, config, certificate, http_limits, dry_limits)
+                code = _worker(args, index, workers, sock, config, certificate, http_limits, dry_limits,
+                               shares)
             except BaseException:
                 log.exception("worker failed", extra={"worker": index})
             finally:
@@ -282,13 +288,13 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
 
 
 def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.socket, config: Any,
-            certificate: Any, http_limits: Any, dry_limits: Any) -> int:
+            certificate: Any, http_limits: Any, dry_limits: Any, shares: Any) -> int:
     """One uvicorn worker on the shared socket (runs in the forked child)."""
     import uvicorn
 
     from injector.dryrun_runner import DryRunRunner
     from injector.events import EventRecorder, api_client
-    from injector.http import LimitedServer, ServerState, protocol_class
+    from injector.http import ConnectionShares, LimitedServer, ServerState, protocol_class
     from injector.metrics import InjectorMetrics
     from injector.server import create_app
 
@@ -321,7 +327,9 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
     app = create_app(state)
     uv_config = uvicorn.Config(
         app,
-        http=protocol_class(http_limits, metrics),  # httptools (C parser) plus our limits
+        # httptools (C parser) plus our limits and the connection balance between workers
+        http=protocol_class(http_limits, metrics,
+                            ConnectionShares(shares, index, workers) if shares is not None else None),
         ws="none",
         loop=args.event_loop,
         lifespan="on",
