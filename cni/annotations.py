@@ -33,6 +33,26 @@ PROXY_UID = "traffic.mesh-injector.io/proxyUID"
 PROXY_GID = "traffic.mesh-injector.io/proxyGID"
 CAPTURE_DNS = "traffic.mesh-injector.io/captureDNS"
 
+# The injector's own (the plugin never reads them).
+TEMPLATES = "inject.istio.io/templates"
+NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
+REWRITE_PROBES = "sidecar.istio.io/rewriteAppHTTPProbers"
+PROXY_IMAGE = "sidecar.istio.io/proxyImage"
+PROXY_CPU = "sidecar.istio.io/proxyCPU"
+PROXY_MEMORY = "sidecar.istio.io/proxyMemory"
+PROXY_CPU_LIMIT = "sidecar.istio.io/proxyCPULimit"
+PROXY_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
+PROXY_CONFIG = "proxy.istio.io/config"
+LOG_LEVEL = "sidecar.istio.io/logLevel"
+COMPONENT_LOG_LEVEL = "sidecar.istio.io/componentLogLevel"
+PROMETHEUS_MERGE = "prometheus.istio.io/merge-metrics"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+CANONICAL_NAME = "service.istio.io/canonical-name"  # label
+CANONICAL_REVISION = "service.istio.io/canonical-revision"  # label
+PROM_SCRAPE = "prometheus.io/scrape"
+PROM_PORT = "prometheus.io/port"
+PROM_PATH = "prometheus.io/path"
+
 #: Every annotation whose value the injector validates and writes back resolved.
 TRAFFIC_ANNOTATIONS: tuple[str, ...] = (
     INTERCEPTION_MODE,
@@ -65,6 +85,21 @@ PROXY_INBOUND_PORTS: tuple[int, ...] = (TUNNEL_PORT, STATUS_PORT_DEFAULT, HEALTH
 INBOUND_PASSTHROUGH_V4 = "127.0.0.6"
 INBOUND_PASSTHROUGH_V6 = "::6"
 
+# --- Container names and limits ----------------------------------------------------------------
+
+PROXY_CONTAINER = "istio-proxy"
+#: The CNI-mode init container that proves the redirect works (the plugin must have run).
+VALIDATION_CONTAINER = "istio-validation"
+#: The init-container-mode container that programs the redirect itself.
+INIT_CONTAINER = "istio-init"
+#: Init containers whose presence in the status annotation means "redirect this pod".
+CAPTURE_CONTAINERS: tuple[str, ...] = (VALIDATION_CONTAINER, INIT_CONTAINER)
+
+#: Per annotation: the injector rejects more; the plugin's batch is atomic up to these.
+MAX_CIDRS = 256
+MAX_PORTS = 1024
+MAX_INTERFACES = 64
+
 MODE_REDIRECT = "REDIRECT"
 MODE_TPROXY = "TPROXY"
 MODE_NONE = "NONE"
@@ -79,6 +114,56 @@ class AnnotationError(ValueError):
         self.value = value
         self.problem = problem
         super().__init__(f"annotation {annotation}={value!r}: {problem}")
+
+
+class ReasonCode:
+    """Every stable reason code, injector and plugin alike: logs, metrics labels and reports show
+    the value. Add, never rename. Plain strings, not an ``enum`` (~3 ms on the CNI hot path);
+    ``injector.result.ReasonCode`` is the same set as a StrEnum."""
+
+    # inject
+    INJECTED = "Injected"
+    ALREADY_INJECTED = "AlreadyInjected"
+    ALWAYS_INJECT_SELECTOR = "AlwaysInjectSelector"
+    POLICY_ENABLED = "PolicyEnabled"
+    POD_OPTED_IN = "PodOptedIn"
+    # skip (webhook-level selection: what the API server selectors would have filtered out)
+    NAMESPACE_NOT_SELECTED = "NamespaceNotSelected"
+    REVISION_MISMATCH = "RevisionMismatch"
+    # skip (in-code policy)
+    HOST_NETWORK = "HostNetwork"
+    SYSTEM_NAMESPACE = "SystemNamespace"
+    POD_OPTED_OUT = "PodOptedOut"
+    NEVER_INJECT_SELECTOR = "NeverInjectSelector"
+    POLICY_DISABLED = "PolicyDisabled"
+    # warnings (injection proceeds or skips with the default)
+    INVALID_INJECT_VALUE = "InvalidInjectValue"
+    UNRESOLVED_PROBE_PORT = "UnresolvedProbePort"  # a probe names a port no container declares
+    # reject
+    INVALID_TRAFFIC_ANNOTATION = "InvalidTrafficAnnotation"
+    PROXY_UID_CONFLICT = "ProxyUIDConflict"
+    INVALID_ANNOTATION = "InvalidAnnotation"
+    UNKNOWN_TEMPLATE = "UnknownTemplate"
+    MALFORMED_OBJECT = "MalformedObject"  # the input is not shaped like a Kubernetes object (CLI/dry-run)
+    PATCH_TOO_LARGE = "PatchTooLarge"  # the injected pod would exceed the patch size limit
+    # passthrough
+    UNSUPPORTED_KIND = "UnsupportedKind"
+    # admission level (the webhook answers without calling the core, or the core failed)
+    INTERNAL_ERROR = "InternalError"
+    NOT_POD = "NotPod"
+    NOT_CREATE = "NotCreate"
+    SUBRESOURCE = "Subresource"
+    REQUEST_TOO_LARGE = "RequestTooLarge"
+    TIMEOUT = "Timeout"
+    # the plugin's redirect decision
+    NOT_INJECTED = "NotInjected"  # no status annotation: the injector did not inject the pod
+    NO_CAPTURE = "NoCapture"  # injected without a validation/init container (capture none, NONE mode)
+    INVALID_STATUS = "InvalidStatus"  # the status annotation is not what the injector writes
+    REDIRECT = "Redirect"  # injected with a validation/init container: program the redirect
+
+
+#: Constant name -> code, in declaration order (what ``injector.result.ReasonCode`` is built from).
+REASON_CODES: dict[str, str] = {k: v for k, v in vars(ReasonCode).items() if k.isupper()}
 
 
 # --- Light records: dataclass-like, without importing dataclasses/inspect (~10 ms per plugin run) ---
@@ -137,7 +222,7 @@ class Cidr:
         except OSError:
             raise ValueError(f"{address!r} is not an IP address") from None
         bits = len(raw) * 8
-        if slash and not (prefix.isdigit() and int(prefix) <= bits):
+        if slash and not (prefix.isascii() and prefix.isdigit() and int(prefix) <= bits):
             raise ValueError(f"{prefix!r} is not a prefix length for {address}")
         length = int(prefix) if slash else bits
         mask = ((1 << length) - 1) << (bits - length)
@@ -172,26 +257,49 @@ def _items(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def parse_port(annotation: str, value: str, item: str | None = None) -> int:
-    """A TCP port number, 1..65535 (``item`` is one entry of a list ``value``, for the error)."""
+def parse_uint(
+    annotation: str, value: str, *, low: int = 0, high: int = 2**32 - 1, item: str | None = None,
+    noun: str = "",
+) -> int:
+    """The one number parser: ASCII digits only, within ``low..high`` (``item`` is one entry of
+    a list ``value``; ``noun`` names the kind of number in the error).
+
+    ``str.isdigit()`` alone accepts ``²`` (which ``int()`` then refuses) and Arabic-Indic digits
+    (which ``int()`` accepts): neither is a number a Kubernetes user means.
+    """
     text = (value if item is None else item).strip()
-    if not text.isdigit():
-        raise AnnotationError(annotation, value, f"{text!r} is not a port number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise AnnotationError(annotation, value, f"port {port} is outside 1-65535")
-    return port
+    if not (text.isascii() and text.isdigit()):
+        raise AnnotationError(annotation, value, f"{text!r} is not a {noun + ' ' if noun else ''}number")
+    if len(text) > 20:  # beyond every bound used here; keeps int() of a huge string out
+        raise AnnotationError(annotation, value, f"{noun or 'number'} {text[:20]}... is outside {low}-{high}")
+    number = int(text)
+    if not low <= number <= high:
+        raise AnnotationError(annotation, value, f"{noun or 'number'} {number} is outside {low}-{high}")
+    return number
+
+
+def parse_port(annotation: str, value: str, item: str | None = None, *, low: int = 1) -> int:
+    """A TCP port number, ``low``..65535 (``item`` is one entry of a list ``value``, for the error)."""
+    return parse_uint(annotation, value, low=low, high=65535, item=item, noun="port")
+
+
+def _bounded_items(annotation: str, value: str, text: str, limit: int, what: str) -> list[str]:
+    items = _items(text)
+    if len(items) > limit:
+        problem = f"{len(items)} {what} exceed the limit of {limit}"
+        raise AnnotationError(annotation, value[:64] + "...", problem)
+    return items
 
 
 def parse_ports(annotation: str, value: str, *, allow_all: bool = False) -> tuple[int, ...] | None:
-    """Comma-separated ports; ``*`` (where allowed) means every port and returns None."""
+    """Comma-separated ports (at most MAX_PORTS); ``*`` (where allowed) means every port and returns None."""
     text = value.strip()
     if text == ALL:
         if not allow_all:
             raise AnnotationError(annotation, value, "'*' is not allowed here")
         return None
     ports: set[int] = set()
-    for item in _items(text):
+    for item in _bounded_items(annotation, value, text, MAX_PORTS, "ports"):
         if item == ALL:
             raise AnnotationError(annotation, value, "'*' must stand alone")
         ports.add(parse_port(annotation, value, item))
@@ -199,14 +307,15 @@ def parse_ports(annotation: str, value: str, *, allow_all: bool = False) -> tupl
 
 
 def parse_cidrs(annotation: str, value: str, *, allow_all: bool = False) -> tuple[Cidr, ...] | None:
-    """Comma-separated IPv4/IPv6 CIDRs (host bits are masked); ``*`` (where allowed) is None."""
+    """Comma-separated IPv4/IPv6 CIDRs (at most MAX_CIDRS; host bits are masked); ``*`` (where
+    allowed) is None."""
     text = value.strip()
     if text == ALL:
         if not allow_all:
             raise AnnotationError(annotation, value, "'*' is not allowed here")
         return None
     networks: set[Cidr] = set()
-    for item in _items(text):
+    for item in _bounded_items(annotation, value, text, MAX_CIDRS, "CIDRs"):
         if item == ALL:
             raise AnnotationError(annotation, value, "'*' must stand alone")
         try:
@@ -217,9 +326,10 @@ def parse_cidrs(annotation: str, value: str, *, allow_all: bool = False) -> tupl
 
 
 def parse_interfaces(annotation: str, value: str) -> tuple[str, ...]:
-    """Comma-separated Linux interface names (1-15 bytes, no '/', whitespace or ':')."""
+    """Comma-separated Linux interface names (at most MAX_INTERFACES; 1-15 bytes, no '/',
+    whitespace or ':')."""
     names: list[str] = []
-    for item in _items(value):
+    for item in _bounded_items(annotation, value, value, MAX_INTERFACES, "interfaces"):
         if len(item.encode()) > 15 or any(c in item for c in "/: \t") or item in (".", ".."):
             raise AnnotationError(annotation, value, f"{item!r} is not a valid interface name")
         if item not in names:
@@ -227,22 +337,34 @@ def parse_interfaces(annotation: str, value: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+TRUE_WORDS: tuple[str, ...] = ("true", "y", "yes", "on", "1")
+FALSE_WORDS: tuple[str, ...] = ("false", "n", "no", "off", "0")
+
+
+def bool_or_none(value: object, *, numeric: bool = True) -> bool | None:
+    """True/False for Istio's accepted spellings (any case, surrounding space), else None.
+
+    ``numeric=False`` refuses 1/0, as Istio's ``sidecar.istio.io/inject`` does (YAML 1.1 words only).
+    """
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS and (numeric or text != "1"):
+        return True
+    if text in FALSE_WORDS and (numeric or text != "0"):
+        return False
+    return None
+
+
 def parse_bool(annotation: str, value: str) -> bool:
     """Kubernetes-style booleans as Istio accepts them (true/false, y/n, yes/no, on/off, 1/0)."""
-    text = value.strip().lower()
-    if text in ("true", "y", "yes", "on", "1"):
-        return True
-    if text in ("false", "n", "no", "off", "0"):
-        return False
-    raise AnnotationError(annotation, value, "expected true or false")
+    parsed = bool_or_none(value)
+    if parsed is None:
+        raise AnnotationError(annotation, value, "expected true or false")
+    return parsed
 
 
 def parse_id(annotation: str, value: str) -> int:
-    """A Linux uid/gid."""
-    text = value.strip()
-    if not text.isdigit() or int(text) > 2**32 - 2:
-        raise AnnotationError(annotation, value, "expected a numeric uid/gid")
-    return int(text)
+    """A Linux uid/gid (2**32-1 is the kernel's "no id")."""
+    return parse_uint(annotation, value, high=2**32 - 2, noun="uid/gid")
 
 
 def parse_mode(annotation: str, value: str) -> str:
@@ -366,7 +488,7 @@ def resolve_traffic(
         return default if value is None else str(value)
 
     mode = parse_mode(INTERCEPTION_MODE, get(INTERCEPTION_MODE, d.interception_mode))
-    status_port = parse_port(STATUS_PORT, get(STATUS_PORT, str(d.status_port)))
+    status_port = parse_port(STATUS_PORT, get(STATUS_PORT, str(d.status_port)), low=0)  # 0: none
     inbound_ports = parse_ports(INCLUDE_INBOUND_PORTS, get(INCLUDE_INBOUND_PORTS, d.include_inbound_ports),
                                 allow_all=True)
     user_inbound_excludes = parse_ports(EXCLUDE_INBOUND_PORTS,
@@ -384,7 +506,8 @@ def resolve_traffic(
     gid = parse_id(PROXY_GID, get(PROXY_GID, str(d.proxy_gid)))
     dns = parse_bool(CAPTURE_DNS, get(CAPTURE_DNS, "true" if d.capture_dns else "false"))
 
-    inbound_excludes = tuple(sorted(set(PROXY_INBOUND_PORTS) | {status_port} | set(user_inbound_excludes)))
+    own = {status_port} if status_port else set()
+    inbound_excludes = tuple(sorted(set(PROXY_INBOUND_PORTS) | own | set(user_inbound_excludes)))
     plan = RedirectPlan(
         mode=mode,
         proxy_uid=uid,
@@ -503,19 +626,30 @@ class RedirectDecision(_Record):
 
 
 def redirect_decision(annotations: Mapping[str, str]) -> RedirectDecision:
-    """The plugin's per-pod gate: only injected, not opted-out, intercepting pods are redirected.
+    """The plugin's per-pod gate, from what the injector wrote and nothing else: a pod is
+    redirected exactly when its status annotation lists a validation or init container.
 
-    Does not validate the traffic annotations; ``plan_from_annotations`` does.
+    Never re-decides from ``sidecar.istio.io/inject`` (the injector already did, label beating
+    annotation); a pod injected without one (capture ``none``, interception ``NONE``) is left
+    alone. Does not validate the traffic annotations; ``plan_from_annotations`` does.
     """
-    if STATUS not in annotations:
-        return RedirectDecision(redirect=False, reason="NotInjected",
+    raw = annotations.get(STATUS)
+    if raw is None:
+        return RedirectDecision(redirect=False, reason=ReasonCode.NOT_INJECTED,
                                 message=f"pod has no {STATUS} annotation")
-    inject = annotations.get(INJECT)
-    if inject is not None and inject.strip().lower() in ("false", "n", "no", "off", "0"):
-        return RedirectDecision(redirect=False, reason="InjectionDisabled", message=f"{INJECT}={inject}")
-    mode = annotations.get(INTERCEPTION_MODE, MODE_REDIRECT).strip().upper()
-    if mode == MODE_NONE:
-        return RedirectDecision(redirect=False, reason="InterceptionNone",
-                                message=f"{INTERCEPTION_MODE}=NONE")
-    return RedirectDecision(redirect=True, reason="Injected",
-                            message="pod is injected; redirecting its traffic")
+    from cni import fastjson  # the C scanner only: ``json`` costs ~6 ms per plugin run
+
+    try:
+        body = fastjson.loads(raw)
+    except (ValueError, RecursionError):
+        body = None
+    inits = body.get("initContainers") if isinstance(body, dict) else None
+    if not isinstance(inits, list):
+        return RedirectDecision(redirect=False, reason=ReasonCode.INVALID_STATUS,
+                                message=f"{STATUS} is not the JSON object the injector writes")
+    capture = [name for name in inits if name in CAPTURE_CONTAINERS]
+    if not capture:
+        return RedirectDecision(redirect=False, reason=ReasonCode.NO_CAPTURE,
+                                message="injected without a validation or init container: no redirect")
+    return RedirectDecision(redirect=True, reason=ReasonCode.REDIRECT,
+                            message=f"injected with {capture[0]}; redirecting its traffic")

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "agent": ("cni.agent", "main", "run the resident node agent that serves plugin calls warm"),
     "install": ("cni.install", "main", "install the plugin and chain it into the node's CNI config"),
     "uninstall": ("cni.install", "uninstall_main", "remove the plugin and its conflist entry"),
+    "version": ("cni.cli", "version_main", "print the version and the CNI spec versions supported"),
 }
 
 
@@ -67,6 +68,26 @@ def main(argv: list[str] | None = None) -> int:
 
     module_name, function, _ = entry
     return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+
+
+def version_main(argv: list[str]) -> int:
+    """``mesh-cni version``: the package version and the CNI spec versions the plugin speaks."""
+    from importlib import metadata
+
+    from cni.spec import SUPPORTED_VERSIONS
+
+    try:
+        version = metadata.version("mesh-injector")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    if argv == ["--short"]:
+        sys.stdout.write(version + "\n")
+    elif argv:
+        sys.stderr.write("usage: mesh-cni version [--short]\n")
+        return 2
+    else:
+        sys.stdout.write(f"mesh-cni {version} (CNI spec {', '.join(SUPPORTED_VERSIONS)})\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,15 +9,17 @@ configuration per request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from cni import annotations as ann
@@ -113,6 +115,19 @@ class Values(_Model):
     mesh: MeshValues = MeshValues()
 
 
+class Limits(_Model):
+    """Bounds on what one pod may cost the injector; exceeding one rejects the pod, naming it.
+
+    Not part of the config hash: a limit changes which pods are admitted, not what they get.
+    """
+
+    #: The JSON Patch for one admitted pod or workload (bytes).
+    max_patch_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: ``proxy.istio.io/config`` (bytes and nesting depth; YAML aliases are always refused).
+    proxy_config_max_bytes: int = Field(default=64 * 1024, ge=1)
+    proxy_config_max_depth: int = Field(default=16, ge=1)
+
+
 class ConfigModel(_Model):
     """The whole configuration as a user writes it (YAML/JSON)."""
 
@@ -126,15 +141,75 @@ class ConfigModel(_Model):
     #: Annotations added to every injected pod (Istio's injectedAnnotations).
     injected_annotations: dict[str, str] = Field(default_factory=dict)
     values: Values = Values()
+    limits: Limits = Limits()
 
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which part and why."""
 
 
+def describe_errors(err: ValidationError) -> str:
+    """Each problem as ``path.in.the.file: what is wrong (got value)``, in the user's key names:
+    no model class names, error type tags or documentation links."""
+    parts = []
+    for item in err.errors(include_url=False):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        if item["type"] == "extra_forbidden":
+            problem = "unknown key"
+        else:
+            problem = re.sub(r" or instance of \w+", "", str(item["msg"]).removeprefix("Value error, "))
+            problem = problem.replace("a valid dictionary", "a mapping")
+            if "input" in item and not isinstance(item["input"], dict | list):
+                problem += f" (got {str(repr(item['input']))[:80]})"
+        parts.append(f"{where or 'the config'}: {problem}")
+    return "; ".join(parts)
+
+
+class Memo:
+    """The one memo of a compiled config: results that depend on the config and a small key only.
+
+    Owned by the (frozen) config, so an entry can never outlive or serve another config. Each
+    kind (traffic, templates, fixed context, render, status, ...) holds at most ``limit``
+    entries and starts over when full: hostile pods with ever-new values cost a recompute, never
+    memory. ``limit=0`` stores nothing (a fresh render every time; the property tests use it).
+    """
+
+    __slots__ = ("_kinds", "limit")
+    #: Kinds with heavier entries get fewer (a compiled config per revision, a compiled template).
+    KIND_LIMITS: Mapping[str, int] = {"revision": 16, "render": 256, "fixed": 256}
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._kinds: dict[str, dict[Hashable, Any]] = {}
+
+    def get(self, kind: str, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value for (kind, key), made by ``make()`` on a miss (an exception stores nothing)."""
+        entries = self._kinds.get(kind)
+        if entries is None:
+            entries = self._kinds[kind] = {}
+        else:
+            found = entries.get(key, _MISSING)
+            if found is not _MISSING:
+                return found
+        value = make()
+        limit = min(self.limit, self.KIND_LIMITS.get(kind, self.limit))
+        if limit:
+            if len(entries) >= limit:
+                entries.clear()
+            entries[key] = value
+        return value
+
+    def size(self) -> int:
+        return sum(len(entries) for entries in self._kinds.values())
+
+
+_MISSING = object()
+
+
 @dataclass(frozen=True)
 class InjectorConfig:
-    """Compiled configuration: everything ``inject()`` needs, precomputed."""
+    """Compiled configuration: everything ``inject()`` needs, precomputed, and the memo of what
+    is computed from it per distinct pod setting."""
 
     model: ConfigModel
     templates: Mapping[str, Template]
@@ -142,7 +217,25 @@ class InjectorConfig:
     traffic_defaults: ann.TrafficDefaults
     config_hash: str
     native_sidecars_default: bool
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
+
+    def without_memo(self) -> InjectorConfig:
+        """The same config with a memo that stores nothing: every render from scratch."""
+        return dataclasses.replace(self, memo=Memo(limit=0))
+
+    def for_revision(self, revision: str | None) -> InjectorConfig:
+        """This config, or the same config as the named revision's injector would run it
+        (dry-run and kube-inject ``--revision``); compiled once per revision."""
+        if not revision or revision == self.revision:
+            return self
+
+        def compile_revision() -> InjectorConfig:
+            data = self.model.model_dump(by_alias=True)
+            data.setdefault("values", {}).setdefault("mesh", {})["revision"] = revision
+            return compile_config(data)
+
+        found: InjectorConfig = self.memo.get("revision", revision, compile_revision)
+        return found
 
     @property
     def proxy(self) -> ProxyValues:
@@ -178,8 +271,8 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     elif not isinstance(model, ConfigModel):
         try:
             model = ConfigModel.model_validate(dict(model))
-        except Exception as err:  # pydantic.ValidationError; keep the message, drop the type
-            raise ConfigError(f"invalid injector config: {err}") from None
+        except ValidationError as err:
+            raise ConfigError(f"invalid injector config: {describe_errors(err)}") from None
 
     sources: dict[str, Any] = dict(_builtin_template_sources())
     sources.update(model.templates)
@@ -220,7 +313,7 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     # Hash what the templates say, not how they are written: comments and layout do not count.
     parsed = {name: yaml.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
     canonical = json.dumps(
-        {"model": model.model_dump(mode="json", by_alias=True), "templates": parsed},
+        {"model": model.model_dump(mode="json", by_alias=True, exclude={"limits"}), "templates": parsed},
         sort_keys=True,
         separators=(",", ":"),
         default=str,

@@ -71,3 +71,8 @@ def overlay_container(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[
         else:
             out[key] = value
     return out
+
+
+def named(items: Any) -> list[dict[str, Any]]:
+    """The mapping items of a pod-spec list (containers, volumes, ...); anything else is dropped."""
+    return [i for i in items or () if isinstance(i, dict)]

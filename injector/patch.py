@@ -8,6 +8,7 @@ thousands of env vars costs what walking it costs.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -93,6 +94,14 @@ def _size(value: Any) -> int:
         return len(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
     except TypeError:  # something JSON cannot hold (from YAML): diff it rather than guess
         return WHOLE_FIELD_LIMIT + 1
+
+
+def patch_json(patch: Patch) -> bytes:
+    """The patch as compact JSON bytes (what the AdmissionResponse carries, base64-encoded)."""
+    try:
+        return orjson.dumps(patch)
+    except TypeError:  # values orjson refuses (64-bit overflow) in hand-written input
+        return json.dumps(patch, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
 def create_patch(original: Any, mutated: Any, *, whole_fields_at: str | None = None) -> Patch:

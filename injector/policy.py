@@ -17,9 +17,6 @@ from injector.selectors import (
     webhook_selectors,
 )
 
-_TRUE = ("y", "yes", "true", "on")
-_FALSE = ("n", "no", "false", "off")
-
 
 @dataclass
 class PolicyOutcome:
@@ -71,12 +68,8 @@ def decide(
         source, raw = "annotation", annotations[ann.INJECT]
     explicit: bool | None = None
     if raw is not None:
-        value = str(raw).strip().lower()
-        if value in _TRUE:
-            explicit = True
-        elif value in _FALSE:
-            explicit = False
-        else:
+        explicit = ann.bool_or_none(raw, numeric=False)  # Istio's inject takes YAML words, not 1/0
+        if explicit is None:
             warnings.append(
                 Reason(
                     ReasonCode.INVALID_INJECT_VALUE,
@@ -118,14 +111,11 @@ def decide(
     )
 
 
-_SELECTOR_CACHE: dict[tuple[str, frozenset[str]], list[Any]] = {}
-
-
 def _selectors_for(config: InjectorConfig) -> list[Any]:
-    key = (config.revision, config.system_namespaces)
-    found = _SELECTOR_CACHE.get(key)
-    if found is None:
-        found = _SELECTOR_CACHE[key] = webhook_selectors(config.revision, config.system_namespaces)
+    """The webhook selectors of the config's revision, computed once per config."""
+    found: list[Any] = config.memo.get(
+        "selectors", None, lambda: webhook_selectors(config.revision, config.system_namespaces)
+    )
     return found
 
 

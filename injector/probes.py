@@ -59,12 +59,15 @@ def _original(probe: Mapping[str, Any], container: Mapping[str, Any]) -> dict[st
 
 
 def rewrite_probes(
-    container: Mapping[str, Any], status_port: int, probers: dict[str, Any]
+    container: Mapping[str, Any],
+    status_port: int,
+    probers: dict[str, Any],
+    kinds: tuple[tuple[str, str], ...] = PROBE_KINDS,
 ) -> dict[str, Any] | None:
     """``container`` with rewritten probes (originals recorded in ``probers``); None if unchanged."""
     name = container.get("name", "")
     out: dict[str, Any] | None = None
-    for field, kind in PROBE_KINDS:
+    for field, kind in kinds:
         probe = container.get(field)
         if not probe:
             continue
@@ -128,3 +131,37 @@ def parse_probers(value: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+#: What a native sidecar (user init container, ``restartPolicy: Always``) gets rewritten: its
+#: readiness only. Its startup probe gates the containers after it, the proxy among them unless
+#: the proxy is native too: pointed at the agent, it would wait for itself.
+NATIVE_SIDECAR_KINDS = PROBE_KINDS[:1]
+
+
+def rewrite_app_probes(
+    containers: list[dict[str, Any]], status_port: int
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, str]]]:
+    """Rewrite the probes of the app containers and the readiness probes of native sidecars
+    (user init containers with ``restartPolicy: Always``) given.
+
+    Returns the containers (unchanged ones as they were), the recorded originals, and
+    (prober path, port name) for each port no container port names (a warning each).
+    """
+    probers: dict[str, Any] = {}
+    out = []
+    for c in containers:
+        kinds = NATIVE_SIDECAR_KINDS if is_native_sidecar(c) else PROBE_KINDS
+        new = rewrite_probes(c, status_port, probers, kinds)
+        out.append(new if new is not None else c)
+    unresolved = []
+    for path, entry in probers.items():
+        port = (entry.get("httpGet") or entry.get("tcpSocket") or {}).get("port")
+        if isinstance(port, str):
+            unresolved.append((path, port))
+    return out, probers, unresolved
+
+
+def is_native_sidecar(container: Mapping[str, Any]) -> bool:
+    """A user init container that keeps running beside the app (Kubernetes native sidecar)."""
+    return container.get("restartPolicy") == "Always"

@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from cni import annotations as ann
+
 
 class Decision(enum.StrEnum):
     INJECT = "inject"  # the object was (or already is) injected; patch may be empty when unchanged
@@ -18,35 +20,18 @@ class Decision(enum.StrEnum):
     PASSTHROUGH = "passthrough"  # not something we inject into (a Service, a ConfigMap, ...)
 
 
-class ReasonCode(enum.StrEnum):
-    """Stable reason codes. The value is what logs, metrics labels and reports show."""
+#: Stable reason codes: the vocabulary's set (``cni.annotations.ReasonCode``, shared with the
+#: plugin and the admission layer) as a StrEnum. The value is what logs, metrics labels and
+#: reports show.
+ReasonCode = enum.StrEnum("ReasonCode", ann.REASON_CODES)  # type: ignore[misc]
 
-    # inject
-    INJECTED = "Injected"
-    ALREADY_INJECTED = "AlreadyInjected"
-    ALWAYS_INJECT_SELECTOR = "AlwaysInjectSelector"
-    POLICY_ENABLED = "PolicyEnabled"
-    POD_OPTED_IN = "PodOptedIn"
-    # skip (webhook-level selection: what the API server selectors would have filtered out)
-    NAMESPACE_NOT_SELECTED = "NamespaceNotSelected"
-    REVISION_MISMATCH = "RevisionMismatch"
-    # skip (in-code policy)
-    HOST_NETWORK = "HostNetwork"
-    SYSTEM_NAMESPACE = "SystemNamespace"
-    POD_OPTED_OUT = "PodOptedOut"
-    NEVER_INJECT_SELECTOR = "NeverInjectSelector"
-    POLICY_DISABLED = "PolicyDisabled"
-    # warnings (injection proceeds or skips with the default)
-    INVALID_INJECT_VALUE = "InvalidInjectValue"
-    UNRESOLVED_PROBE_PORT = "UnresolvedProbePort"  # a probe names a port no container declares
-    # reject
-    INVALID_TRAFFIC_ANNOTATION = "InvalidTrafficAnnotation"
-    PROXY_UID_CONFLICT = "ProxyUIDConflict"
-    INVALID_ANNOTATION = "InvalidAnnotation"
-    UNKNOWN_TEMPLATE = "UnknownTemplate"
-    MALFORMED_OBJECT = "MalformedObject"  # the input is not shaped like a Kubernetes object (CLI/dry-run)
-    # passthrough
-    UNSUPPORTED_KIND = "UnsupportedKind"
+
+class Rejected(Exception):
+    """A step of the injection refuses the pod: becomes a REJECT result with this reason."""
+
+    def __init__(self, code: ReasonCode, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason(code, message)
 
 
 @dataclass(frozen=True)
@@ -79,6 +64,9 @@ class InjectionResult:
     kind: str = "Pod"
     #: For a List: one result per item, in order (the List's own patch covers them all).
     items: list[InjectionResult] = field(default_factory=list)
+    #: ``patch`` as compact JSON (a Pod or workload with a non-empty patch): the core measures it
+    #: against ``limits.maxPatchBytes``, and the webhook sends these bytes instead of encoding again.
+    patch_json: bytes | None = None
 
     @property
     def reason(self) -> Reason:

@@ -31,13 +31,6 @@ class WebhookSelector:
     namespace_selector: Selector
     object_selector: Selector
 
-    def as_webhook(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "namespaceSelector": self.namespace_selector,
-            "objectSelector": self.object_selector,
-        }
-
 
 def _expr(key: str, operator: str, values: Sequence[str] = ()) -> dict[str, Any]:
     body: dict[str, Any] = {"key": key, "operator": operator}

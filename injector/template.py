@@ -26,48 +26,11 @@ from typing import Any
 
 import yaml
 
+from injector.context import VARIABLES  # the one declaration of template values
+
 _OMIT = object()
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\}\}")
 
-#: Every value a template may reference; see injector.render.build_context for their meaning.
-VARIABLES: frozenset[str] = frozenset(
-    {
-        "proxy.name",
-        "proxy.image",
-        "proxy.envoyImage",
-        "proxy.imagePullPolicy",
-        "proxy.uid",
-        "proxy.gid",
-        "proxy.statusPort",
-        "proxy.healthPort",
-        "proxy.prometheusPort",
-        "proxy.adminPort",
-        "proxy.resources",
-        "proxy.lifecycle",
-        "proxy.logLevel",
-        "proxy.componentLogLevel",
-        "proxy.config",
-        "proxy.interceptionMode",
-        "proxy.envoyBootstrap",
-        "pod.name",
-        "pod.namespace",
-        "pod.serviceAccount",
-        "pod.appContainers",
-        "pod.podPorts",
-        "pod.appProbers",
-        "pod.prometheusAnnotations",
-        "pod.workloadName",
-        "pod.owner",
-        "pod.canonicalName",
-        "pod.canonicalRevision",
-        "mesh.revision",
-        "mesh.meshID",
-        "mesh.clusterID",
-        "mesh.trustDomain",
-        "mesh.caAddress",
-        "mesh.discoveryAddress",
-    }
-)
 
 Renderer = Callable[[Mapping[str, Any]], Any]
 
@@ -90,29 +53,19 @@ class TemplateOptions:
 class Template:
     name: str
     options: Mapping[str, Any]
-    render: Renderer
     container_names: tuple[str, ...] = ()
     init_container_names: tuple[str, ...] = ()
-    variables: frozenset[str] = field(default_factory=frozenset)
     doc: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    _specialised: dict[Any, Renderer] = field(default_factory=dict, repr=False, compare=False)
 
-    def render_fixed(self, ctx: Mapping[str, Any], fixed: tuple[str, ...], key: Any) -> Any:
-        """Render ``ctx``, treating the groups named in ``fixed`` (e.g. proxy, mesh) as constants.
+    def specialise(self, consts: Mapping[str, Any]) -> Renderer:
+        """A renderer with the values in ``consts`` (``group.name`` -> value) substituted now.
 
-        ``key`` must identify those groups' values; for each key the template is compiled once
-        more with them substituted, so everything that depends on nothing else becomes a shared
-        constant and only the per-pod parts are built per call. Same output as ``render``.
+        Everything that depends on those values only becomes a shared constant, so per call
+        only the per-pod parts are built. The caller memoizes it per distinct ``consts`` (the
+        config's memo, keyed by what ``consts`` is computed from).
         """
-        render = self._specialised.get(key)
-        if render is None:
-            consts = {f"{group}.{name}": value for group in fixed for name, value in ctx[group].items()}
-            static, compiled = _compile(self.doc, set(), consts)
-            render = (lambda _ctx: compiled) if static else compiled
-            if len(self._specialised) >= 256:
-                self._specialised.clear()
-            self._specialised[key] = render
-        return render(ctx)
+        static, compiled = _compile(self.doc, consts)
+        return (lambda _ctx: compiled) if static else compiled
 
 
 def _lookup(path: tuple[str, ...], text: str) -> Renderer:
@@ -142,22 +95,21 @@ def _lookup(path: tuple[str, ...], text: str) -> Renderer:
     return get
 
 
-def _placeholders(node: str, used: set[str]) -> list[re.Match[str]]:
+def _placeholders(node: str) -> list[re.Match[str]]:
     matches = list(_PLACEHOLDER.finditer(node))
     for m in matches:
         if m.group(1) not in VARIABLES:
             raise TemplateError(f"unknown template value {{{{ {m.group(1)} }}}}")
-        used.add(m.group(1))
     return matches
 
 
-def _compile(node: Any, used: set[str], consts: Mapping[str, Any] | None = None) -> tuple[bool, Any]:
+def _compile(node: Any, consts: Mapping[str, Any] | None = None) -> tuple[bool, Any]:
     """(True, value) for a part without placeholders, shared by every rendered pod and never
     copied (rendered output is read-only by contract); else (False, renderer). Values named in
     ``consts`` are substituted now; (True, _OMIT) marks a part that a constant None removes."""
     fixed = consts or {}
     if isinstance(node, str):
-        matches = _placeholders(node, used)
+        matches = _placeholders(node)
         if not matches:
             return True, node
         if len(matches) == 1 and matches[0].span() == (0, len(node)):
@@ -204,13 +156,12 @@ def _compile(node: Any, used: set[str], consts: Mapping[str, Any] | None = None)
             cond_path = node["$if"]
             if not isinstance(cond_path, str) or cond_path not in VARIABLES:
                 raise TemplateError(f"$if must name a template value, got {cond_path!r}")
-            used.add(cond_path)
             if cond_path in fixed:
                 if not fixed[cond_path]:
                     return True, _OMIT
             else:
                 condition = _lookup(tuple(cond_path.split(".")), cond_path)
-        items = [(str(k), *_compile(v, used, consts)) for k, v in node.items() if k != "$if"]
+        items = [(str(k), *_compile(v, consts)) for k, v in node.items() if k != "$if"]
         items = [(k, static, v) for k, static, v in items if not (static and v is _OMIT)]
         if condition is None and all(static for _, static, _ in items):
             return True, {k: v for k, _, v in items}
@@ -230,7 +181,7 @@ def _compile(node: Any, used: set[str], consts: Mapping[str, Any] | None = None)
 
         return False, render_dict
     if isinstance(node, list):
-        parts = [_compile(item, used, consts) for item in node]
+        parts = [_compile(item, consts) for item in node]
         parts = [(static, v) for static, v in parts if not (static and v is _OMIT)]
         if all(static for static, _ in parts):
             return True, [v for _, v in parts]
@@ -294,17 +245,13 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
     options = doc.get("options") or {}
     if not isinstance(options, dict) or set(options) - {"rewriteProbes", "prometheusMerge", "holdCommand"}:
         raise TemplateError("options may hold only rewriteProbes, prometheusMerge, holdCommand")
-    used: set[str] = set()
     body = {"metadata": metadata, "spec": spec}
-    static, compiled = _compile(body, used)
-    render: Renderer = (lambda ctx: compiled) if static else compiled
+    _compile(body)  # unknown values and unsupported YAML fail here, when the config loads
     return Template(
         name=name,
         options=options,
-        render=render,
         container_names=names("containers"),
         init_container_names=names("initContainers"),
-        variables=frozenset(used),
         doc=body,
     )
 

@@ -1,19 +1,28 @@
 """What ``kube-inject`` and ``check`` share: read workloads, load config, run the core.
 
-Parsing and per-object reporting are the dry-run endpoint's (``injector.dryrun``), so the CLI,
-``/dry-run`` and ``/inject`` give the same decisions and reasons for the same input.
+Input handling is ``injector.documents`` (the same as ``/dry-run``'s), so the CLI, ``/dry-run``
+and ``/inject`` give the same decisions and reasons for the same input. Documents are read,
+injected and handed on one at a time, so a long file costs one document of memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from injector import documents
+from injector.commands._istio import IstioFileError, apply_istio_files
 from injector.config import ConfigError, InjectorConfig, default_config, load_config_dir
-from injector.dryrun import DryRunError, config_for_revision, parse_documents, parse_label_list
+from injector.documents import CLI_LIMITS, DocumentError, DocumentLimits
 from injector.result import InjectionResult
+from injector.yamlio import YamlLimits
+
+#: Files ``load_config_dir`` reads; a --config-dir with none of them is a mistake, not "defaults".
+CONFIG_FILES = ("config", "config.yaml", "values", "values.yaml")
 
 
 class OfflineError(Exception):
@@ -22,7 +31,7 @@ class OfflineError(Exception):
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--filename", required=True, metavar="FILE",
-                        help="Pod or workload YAML/JSON (multi-document and List allowed); '-' for stdin")
+                        help="Pod or workload YAML/JSON (multi-document, any *List); '-' for stdin")
     parser.add_argument("--config-dir", default=None,
                         help="injector configuration directory (default: built-in defaults)")
     parser.add_argument("--namespace", default=None,
@@ -31,47 +40,101 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels of the namespace: also applies the webhook's namespace/object "
                              "selectors, as the API server would (default: not applied, like "
                              "istioctl kube-inject)")
-    parser.add_argument("--revision", default=None, help="judge as this revision's injector")
+    parser.add_argument("-r", "--revision", default=None, help="judge as this revision's injector")
+    istio = parser.add_argument_group("Istio's files (as istioctl kube-inject takes them)")
+    istio.add_argument("--injectConfigFile", dest="inject_config_file", metavar="FILE",
+                       help="the istio-sidecar-injector ConfigMap's config: policy, selectors, "
+                            "injectedAnnotations, templates (Go templates: see the README)")
+    istio.add_argument("--meshConfigFile", dest="mesh_config_file", metavar="FILE",
+                       help="the istio ConfigMap's mesh: trustDomain, defaultConfig")
+    istio.add_argument("--valuesFile", dest="values_file", metavar="FILE",
+                       help="the istio-sidecar-injector ConfigMap's values: global.hub/tag/proxy, ...")
+    limits = parser.add_argument_group("input limits")
+    default = CLI_LIMITS.yaml
+    limits.add_argument("--max-bytes", type=int, default=default.max_bytes, metavar="N",
+                        help="refuse an input larger than this (default: %(default)s)")
+    limits.add_argument("--max-documents", type=int, default=default.max_documents, metavar="N",
+                        help="refuse more YAML documents than this (default: %(default)s)")
+    limits.add_argument("--max-objects", type=int, default=CLI_LIMITS.max_objects, metavar="N",
+                        help="refuse more objects, list items counted one by one (default: %(default)s)")
+    limits.add_argument("--max-nodes", type=int, default=default.max_nodes, metavar="N",
+                        help="refuse a document of more YAML nodes, aliases expanded (default: %(default)s)")
+    limits.add_argument("--max-depth", type=int, default=default.max_depth, metavar="N",
+                        help="refuse a document nested deeper (default: %(default)s)")
+    limits.add_argument("--no-aliases", action="store_true",
+                        help="refuse YAML aliases (*name) instead of expanding them")
 
 
-def input_format(text: bytes) -> str:
-    return "json" if text.lstrip()[:1] in (b"{", b"[") else "yaml"
+def limits_from(args: argparse.Namespace) -> DocumentLimits:
+    return DocumentLimits(
+        yaml=YamlLimits(max_bytes=args.max_bytes, max_depth=args.max_depth, max_nodes=args.max_nodes,
+                        max_documents=args.max_documents, aliases=not args.no_aliases),
+        max_objects=args.max_objects,
+    )
 
 
-def load(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, InjectorConfig]:
-    """The documents, their format and the config, or OfflineError with a one-line reason."""
+def load_config(args: argparse.Namespace) -> InjectorConfig:
+    """The config the objects are judged with, or OfflineError naming what is wrong."""
     try:
-        body = sys.stdin.buffer.read() if args.filename == "-" else Path(args.filename).read_bytes()
-    except OSError as exc:
-        raise OfflineError(f"cannot read {args.filename}: {exc.strerror}") from None
-    fmt = input_format(body)
-    try:
-        docs = parse_documents(body, fmt)
-        labels = parse_label_list(args.namespace_labels)
-    except DryRunError as exc:
+        if args.config_dir:
+            root = Path(args.config_dir)
+            if root.is_dir() and not _has_config(root):
+                raise OfflineError(f"configuration: {root} holds no injector config (expected one of "
+                                   f"{', '.join(CONFIG_FILES)}, templates/*.yaml or *.template.yaml)")
+            config = load_config_dir(root)
+        else:
+            config = default_config()
+        config, notes = apply_istio_files(config, inject_config=args.inject_config_file,
+                                          mesh_config=args.mesh_config_file, values=args.values_file)
+        for note in notes:
+            print(f"mesh-injector: note: {note}", file=sys.stderr)
+        return documents.config_for_revision(config, args.revision)
+    except IstioFileError as exc:
         raise OfflineError(str(exc)) from None
-    args.parsed_labels = labels
-    try:
-        config = load_config_dir(args.config_dir) if args.config_dir else default_config()
     except ConfigError as exc:
         raise OfflineError(f"configuration: {exc}") from None
-    return docs, fmt, config_for_revision(config, args.revision)
 
 
-def inject_documents(docs: list[dict[str, Any]], config: InjectorConfig,
-                     args: argparse.Namespace) -> list[InjectionResult]:
+def _has_config(root: Path) -> bool:
+    return (any((root / name).is_file() for name in CONFIG_FILES)
+            or any((root / "templates").glob("*.yaml")) or any(root.glob("*.template.yaml")))
+
+
+@dataclass
+class Input:
+    """The objects of ``-f``, read as they are needed; errors surface as DocumentError."""
+
+    stream: IO[bytes]
+    fmt: str
+    source: str
+    limits: DocumentLimits
+
+    def documents(self) -> Iterator[dict[str, Any]]:
+        return documents.parse(self.stream, self.fmt, source=self.source, limits=self.limits)
+
+
+def open_input(args: argparse.Namespace) -> Input:
+    source = "stdin" if args.filename == "-" else args.filename
+    try:
+        stream: Any = sys.stdin.buffer if args.filename == "-" else open(args.filename, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise OfflineError(f"cannot read {args.filename}: {exc.strerror}") from None
+    head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""
+    if not head:
+        raise OfflineError(f"{source} is empty: give a Pod, a workload or a List")
+    return Input(stream, documents.input_format(head), source, limits_from(args))
+
+
+def namespace_labels(args: argparse.Namespace) -> dict[str, str] | None:
+    try:
+        return documents.parse_label_list(args.namespace_labels)
+    except DocumentError as exc:
+        raise OfflineError(str(exc)) from None
+
+
+def inject_one(obj: dict[str, Any], config: InjectorConfig, labels: dict[str, str] | None,
+               args: argparse.Namespace) -> InjectionResult:
     from injector.core import inject
 
-    return [inject(doc, config=config, namespace_labels=args.parsed_labels, namespace=args.namespace)
-            for doc in docs]
-
-
-def per_object(result: InjectionResult) -> list[InjectionResult]:
-    """A List's per-item results, or the result itself."""
-    return list(result.items) if result.items else [result]
-
-
-def object_name(result: InjectionResult) -> str:
-    meta = result.mutated.get("metadata") if isinstance(result.mutated.get("metadata"), dict) else {}
-    name = meta.get("name") or meta.get("generateName") or "(unnamed)"
-    return f"{result.kind}/{name}"
+    result = inject(obj, config=config, namespace_labels=labels, namespace=args.namespace)
+    return documents.explained(result, obj)

@@ -88,7 +88,49 @@ def _api_client(kubeconfig: str | None):  # -> kubernetes.client.ApiClient
     return config.new_client_from_config()
 
 
+class _NoCluster(Exception):
+    """No Kubernetes API to talk to: one line on stderr, exit 2."""
+
+
+def _connect(kubeconfig: str | None):  # -> kubernetes.client.ApiClient
+    from kubernetes.config import ConfigException
+
+    try:
+        return _api_client(kubeconfig)
+    except (ConfigException, OSError) as exc:
+        where = kubeconfig or "in-cluster config or ~/.kube/config"
+        raise _NoCluster(f"cannot use the kubeconfig ({where}): {exc}; give --kubeconfig, set KUBECONFIG, "
+                         "or run inside the cluster") from None
+
+
+def _api_failure(exc: Exception) -> str | None:
+    """A one-line reason for an API or connection failure, None for anything else (a bug: re-raise)."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(exc, ApiException):
+        return f"API request failed: {exc.status} {exc.reason}"
+    if isinstance(exc, (HTTPError, OSError)):
+        return f"cannot reach the API server: {exc}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit 0: certificate in place; 1: the API failed or kept conflicting; 2: no cluster to talk to."""
+    try:
+        return _run(args)
+    except _NoCluster as exc:
+        print(f"mesh-injector certs: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        reason = _api_failure(exc)
+        if reason is None:
+            raise
+        print(f"mesh-injector certs: {reason}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [*service_dns_names(args.service, args.namespace, args.cluster_domain), *args.dns_name, *args.ip]
     policy = CertPolicy(
@@ -101,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
     )
     certs = ClusterCerts(
-        api_client=_api_client(args.kubeconfig),
+        api_client=_connect(args.kubeconfig),
         namespace=args.namespace,
         secret_name=args.secret,
         webhook_config=args.webhook_config or None,

@@ -6,16 +6,17 @@ import argparse
 import json
 import sys
 
+from injector import documents
 from injector.commands._offline import (
     OfflineError,
     add_input_arguments,
-    inject_documents,
-    load,
-    object_name,
-    per_object,
+    inject_one,
+    load_config,
+    namespace_labels,
+    open_input,
 )
-from injector.dryrun import result_entry
-from injector.result import Decision
+from injector.documents import DocumentError
+from injector.result import Decision, InjectionResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,20 +26,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 when nothing is rejected, 1 when some object would be refused admission."""
+    """Exit 0 when nothing is rejected, 1 when some object would be refused admission, 2 on bad input."""
     try:
-        docs, _, config = load(args)
-    except OfflineError as exc:
+        config = load_config(args)
+        labels = namespace_labels(args)
+        source = open_input(args)
+        objects = documents.expand(source.documents(), source=source.source, limits=source.limits)
+        # Only the report is kept per object, never the injected object itself.
+        items: list[InjectionResult] = []
+        for obj in objects:
+            item = inject_one(obj, config, labels, args)
+            item.mutated = {"metadata": item.mutated.get("metadata")}
+            items.append(item)
+    except (OfflineError, DocumentError) as exc:
         print(f"mesh-injector check: {exc}", file=sys.stderr)
         return 2
-    items = [item for result in inject_documents(docs, config, args) for item in per_object(result)]
     if args.output == "json":
-        entries = [{k: v for k, v in result_entry(i).items() if k != "mutated"} for i in items]
+        entries = [{k: v for k, v in documents.result_entry(i).items() if k != "mutated"} for i in items]
         sys.stdout.write(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
     else:
         rows = [("OBJECT", "DECISION", "REASON", "MESSAGE")]
         for item in items:
-            rows.append((object_name(item), item.decision.value, item.reason.code.value, item.reason.message))
+            shown = item.reasons if item.decision is Decision.REJECT else item.reasons[:1]
+            name, decision = documents.object_name(item), item.decision.value
+            for n, reason in enumerate(shown):
+                rows.append((name if n == 0 else "", decision if n == 0 else "", reason.code.value,
+                             reason.message))
             rows += [("", "warning", w.code.value, w.message) for w in item.warnings]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for row in rows:

@@ -71,10 +71,10 @@ def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from injector.dryrun_runner import DryRunLimits
+    from injector.dryrun_runner import DryRunProcessLimits
     from injector.http import HttpLimits
 
-    http, dry = HttpLimits(), DryRunLimits()
+    http, dry = HttpLimits(), DryRunProcessLimits()
     parser.add_argument("--address", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=9443, help="HTTPS port (default: %(default)s)")
     parser.add_argument("--tls-cert-file", required=True,
@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _limits(args: argparse.Namespace) -> tuple[Any, Any]:
-    from injector.dryrun_runner import DryRunLimits
+    from injector.dryrun_runner import DryRunProcessLimits
     from injector.http import HttpLimits
 
     http = HttpLimits(
@@ -154,7 +154,7 @@ def _limits(args: argparse.Namespace) -> tuple[Any, Any]:
         max_requests_per_connection=args.max_requests_per_connection,
         max_connections=args.max_connections, tls_handshake_timeout=args.tls_handshake_timeout,
     )
-    dry = DryRunLimits(
+    dry = DryRunProcessLimits(
         max_body_bytes=args.dry_run_max_body_bytes, timeout=args.dry_run_timeout,
         max_memory_bytes=args.dry_run_max_memory * MiB, max_output_bytes=args.dry_run_max_output * MiB,
         concurrency=args.dry_run_concurrency, auth=args.dry_run_auth == "tokenreview",
@@ -324,6 +324,7 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
         config_reload_interval=args.config_reload_interval, limits=http_limits,
         dry_run=DryRunRunner(dry_limits), worker=index, workers=workers,
     )
+    state.dry_run.warm(config.current)
     app = create_app(state)
     uv_config = uvicorn.Config(
         app,

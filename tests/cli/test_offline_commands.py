@@ -13,13 +13,29 @@ import pytest
 import yaml
 
 from injector.cli import main
-from tests.core.test_golden import CASES, GOLDEN, SETTINGS, load_input
+from tests.core.test_golden import CASES, GOLDEN, SETTINGS, load_input, run
 
 REPO = Path(__file__).resolve().parents[2]
 MESH_INJECTOR = [sys.executable, "-m", "injector.cli"]
 #: Goldens judged with the built-in config: those are what the CLI's defaults must reproduce.
 DEFAULT_CONFIG_CASES = [c for c in CASES if not SETTINGS.get(c, {}).get("config")
                         and "@CONFIG_HASH@" not in (GOLDEN / f"{c}.yaml").read_text()]
+
+
+def today(objs: list[dict[str, Any]]) -> str:
+    """What kube-inject wrote before it streamed through libyaml: one pure-Python dump at the end."""
+    return yaml.dump_all(objs, Dumper=yaml.SafeDumper, sort_keys=False, default_flow_style=False,
+                         allow_unicode=True)
+
+
+def today_json(objs: list[dict[str, Any]]) -> str:
+    body = objs[0] if len(objs) == 1 else {"apiVersion": "v1", "kind": "List", "items": objs}
+    return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+
+
+def core_output(case: str) -> dict[str, Any]:
+    """The core's object for a golden input, as the old kube-inject got it (a List in one call)."""
+    return run(case, load_input(case)).mutated
 
 
 def golden(case: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -44,15 +60,43 @@ def test_enough_cases_use_the_builtin_config() -> None:
 
 @pytest.mark.parametrize("case", DEFAULT_CONFIG_CASES)
 def test_kube_inject_prints_the_golden_object(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Byte for byte what it printed before; a refused object is not printed at all."""
     head, want = golden(case)
     code = main(["kube-inject", *cli_args(case)])
     out, err = capsys.readouterr()
-    assert yaml.safe_load(out) == want
-    assert code == (1 if head["decision"] == "reject" else 0)
+    refused = head["decision"] == "reject"
+    assert yaml.safe_load(out) == (None if refused else want)
+    assert out == ("" if refused else today([core_output(case)]))
+    assert code == (1 if refused else 0)
     if head["decision"] in ("skip", "reject"):
         assert head["reasons"][0]["code"] in err and head["reasons"][0]["message"] in err
+    if refused:
+        assert "left out of the output" in err
     for warning in head["warnings"]:
         assert warning["code"] in err
+
+
+@pytest.mark.parametrize("case", DEFAULT_CONFIG_CASES)
+def test_kube_inject_json_is_the_golden_object(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    head, want = golden(case)
+    main(["kube-inject", *cli_args(case), "--output-format", "json"])
+    out = capsys.readouterr().out
+    assert out == ("" if head["decision"] == "reject" else today_json([want]))
+
+
+def test_every_golden_in_one_stream_comes_out_as_before(tmp_path: Path) -> None:
+    """One multi-document file through the streaming writers: the bytes of one dump at the end."""
+    cases = [c for c in DEFAULT_CONFIG_CASES if "namespace" not in SETTINGS.get(c, {})
+             and label_arg(c) == "istio-injection=enabled"]
+    assert len(cases) >= 20
+    source = tmp_path / "all.yaml"
+    source.write_text(today([load_input(c) for c in cases]))
+    kept = [core_output(c) for c in cases if golden(c)[0]["decision"] != "reject"]
+    for fmt, want in (("yaml", today(kept)), ("json", today_json(kept))):
+        done = run_cli("kube-inject", "-f", str(source), "--namespace-labels", "istio-injection=enabled",
+                       "--output-format", fmt)
+        assert done.returncode == 1  # some goldens are refused
+        assert done.stdout.decode() == want
 
 
 @pytest.mark.parametrize("case", DEFAULT_CONFIG_CASES)
@@ -120,7 +164,7 @@ def test_rejected_pod_exits_1_and_names_the_annotation() -> None:
     [
         (["kube-inject", "-f", "/nonexistent/pod.yaml"], None, b"cannot read /nonexistent/pod.yaml"),
         (["kube-inject", "-f", "-"], b"", b"empty"),
-        (["kube-inject", "-f", "-"], b"kind: [unclosed", b"cannot decode"),
+        (["kube-inject", "-f", "-"], b"kind: [unclosed", b"stdin: not valid YAML at line 2"),
         (["check", "-f", "-"], b"- just\n- a list\n", b"not a Kubernetes object"),
         (["check", "-f", "-", "--namespace-labels", "novalue"], b"kind: Pod\n", b"not key=value"),
         (["kube-inject", "-f", "-", "--config-dir", "/nonexistent"], b"kind: Pod\n", b"configuration"),

@@ -16,8 +16,9 @@ import jsonpatch
 import pytest
 import yaml
 
+from cni import annotations as ann
 from injector.config import compile_config
-from injector.core import inject
+from injector.core import WORKLOAD_TEMPLATE_PATHS, inject
 from injector.result import Decision, InjectionResult
 from tests.core.kube import schema_errors
 
@@ -127,3 +128,36 @@ def test_injecting_the_output_again_changes_nothing(case: str) -> None:
     assert again.decision is Decision.INJECT
     assert again.patch == []
     assert again.mutated == result.mutated
+
+
+def _pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod (templates) in an object as the API server stores it: a Pod, a workload, a List."""
+    if obj.get("kind") == "List":
+        return [t for item in obj.get("items") or () for t in _pod_templates(item)]
+    if obj.get("kind", "Pod") == "Pod":
+        return [obj]
+    path = WORKLOAD_TEMPLATE_PATHS.get(obj.get("kind", ""))
+    if path is None:
+        return []
+    template: Any = obj
+    for key in path:
+        template = template[key]
+    return [template]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_plugin_redirects_exactly_the_pods_given_a_capture_init_container(case: str) -> None:
+    """Injector and plugin cannot disagree: the plugin's gate reads what the injector wrote, so a
+    pod given istio-validation/istio-init is redirected and no other pod is (issue 16: label
+    ``sidecar.istio.io/inject: "true"`` beating annotation ``"false"`` is redirected)."""
+    result = run(case, load_input(case))
+    _, stored = expected(case, result)
+    admitted = [] if result.decision is Decision.REJECT else _pod_templates(stored)  # refused: never runs
+    for template in admitted:
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        inits = {c.get("name") for c in (template.get("spec") or {}).get("initContainers") or ()}
+        given_capture = bool(inits & {ann.VALIDATION_CONTAINER, ann.INIT_CONTAINER})
+        decision = ann.redirect_decision(annotations)
+        assert decision.redirect is given_capture, (case, decision)
+        if decision.redirect:  # and the plugin can program what the injector admitted
+            assert ann.plan_from_annotations(annotations).redirects

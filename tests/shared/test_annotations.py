@@ -38,7 +38,12 @@ def test_defaults_redirect_everything_but_the_proxy_ports() -> None:
         (a.EXCLUDE_INTERFACES, "eth0,a/b", "not a valid interface name"),
         (a.CAPTURE_DNS, "maybe", "true or false"),
         (a.PROXY_UID, "-1", "uid"),
-        (a.STATUS_PORT, "0", "outside"),
+        (a.STATUS_PORT, "65536", "outside"),
+        (a.EXCLUDE_INBOUND_PORTS, "8\u00b2", "'8\u00b2' is not a port number"),
+        (a.EXCLUDE_OUTBOUND_PORTS, "\u0668\u0660", "is not a port number"),
+        (a.PROXY_UID, "\u0661\u0663\u0663\u0667", "uid"),
+        (a.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/\u0668", "not an IP address or CIDR"),
+        (a.EXCLUDE_INBOUND_PORTS, "9" * 5000, "outside"),
     ],
 )
 def test_bad_values_name_the_annotation_and_value(key: str, value: str, fragment: str) -> None:
@@ -81,12 +86,38 @@ def test_mesh_defaults_apply_only_where_the_pod_is_silent() -> None:
     assert plan.capture_dns is False
 
 
-def test_redirect_decision_gates_on_status_optout_and_mode() -> None:
-    status = a.InjectionStatus(containers=("istio-proxy",)).to_json()
-    assert not a.redirect_decision({}).redirect
-    assert a.redirect_decision({a.STATUS: status}).redirect
-    assert a.redirect_decision({a.STATUS: status, a.INJECT: "false"}).reason == "InjectionDisabled"
-    assert a.redirect_decision({a.STATUS: status, a.INTERCEPTION_MODE: "none"}).reason == "InterceptionNone"
+def test_redirect_decision_follows_the_status_annotation_only() -> None:
+    def status(*inits: str) -> str:
+        return a.InjectionStatus(init_containers=inits, containers=(a.PROXY_CONTAINER,)).to_json()
+
+    assert a.redirect_decision({}).reason == a.ReasonCode.NOT_INJECTED
+    assert a.redirect_decision({a.STATUS: status(a.VALIDATION_CONTAINER)}).redirect
+    assert a.redirect_decision({a.STATUS: status(a.INIT_CONTAINER, a.PROXY_CONTAINER)}).redirect
+    # The injector decided (a label "true" beats an annotation "false"): the plugin does not re-decide.
+    assert a.redirect_decision({a.STATUS: status(a.VALIDATION_CONTAINER), a.INJECT: "false"}).redirect
+    assert a.redirect_decision({a.STATUS: status()}).reason == a.ReasonCode.NO_CAPTURE
+    for garbage in ("{", "[]", '{"initContainers": 1}', "[" * 100_000):
+        assert a.redirect_decision({a.STATUS: garbage}).reason == a.ReasonCode.INVALID_STATUS
+
+
+def test_numbers_are_ascii_digits_only() -> None:
+    assert a.parse_uint("k", " 42 ") == 42
+    for bad in ("\u00b2", "\u0664\u0662", "\uff14\uff12", "-1", "+1", "1_000", "", "0x10"):
+        with pytest.raises(a.AnnotationError, match="is not a number"):
+            a.parse_uint("k", bad)
+    with pytest.raises(a.AnnotationError, match="outside 1-9"):
+        a.parse_uint("k", "10", low=1, high=9)
+
+
+def test_status_port_zero_means_no_status_port() -> None:
+    plan = a.resolve_traffic({a.STATUS_PORT: "0"}).plan
+    assert plan.status_port == 0 and 0 not in plan.inbound_exclude_ports
+
+
+def test_reason_codes_are_unique_strings() -> None:
+    assert len(set(a.REASON_CODES.values())) == len(a.REASON_CODES)
+    for code in ("InternalError", "NotPod", "NotCreate", "Subresource", "RequestTooLarge", "Timeout"):
+        assert code in a.REASON_CODES.values()
 
 
 def test_status_round_trips_and_rejects_garbage() -> None:

@@ -1,0 +1,182 @@
+"""The template context: ONE declaration of every template value, and the builders that fill it.
+
+``DECLARED`` is the only list of template values: the template compiler accepts exactly these
+names, and the builders below must produce exactly these keys (checked when a fixed context is
+built, and by a test for the pod group). The ``proxy`` and ``mesh`` groups are computed from the
+config and the pod's ``ProxySettings`` alone, so the settings object itself is the key under
+which they (and the renderers specialised on them) are memoised: adding a value to the fixed
+groups cannot forget the cache key, because the builder cannot read anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from cni import annotations as ann
+from injector import envoy_bootstrap
+
+if TYPE_CHECKING:
+    from injector.config import InjectorConfig
+    from injector.overrides import ProxySettings
+
+#: group -> value names; see docs/injection.md#templates for their meaning.
+DECLARED: Mapping[str, tuple[str, ...]] = {
+    "proxy": (
+        "name",
+        "image",
+        "envoyImage",
+        "imagePullPolicy",
+        "uid",
+        "gid",
+        "statusPort",
+        "healthPort",
+        "prometheusPort",
+        "adminPort",
+        "resources",
+        "lifecycle",
+        "logLevel",
+        "componentLogLevel",
+        "config",
+        "interceptionMode",
+        "envoyBootstrap",
+    ),
+    "pod": (
+        "name",
+        "namespace",
+        "serviceAccount",
+        "appContainers",
+        "podPorts",
+        "appProbers",
+        "prometheusAnnotations",
+        "workloadName",
+        "owner",
+        "canonicalName",
+        "canonicalRevision",
+    ),
+    "mesh": ("revision", "meshID", "clusterID", "trustDomain", "caAddress", "discoveryAddress"),
+}
+#: Groups fixed by (config, ProxySettings): substituted into the template once per settings.
+FIXED_GROUPS: tuple[str, ...] = ("proxy", "mesh")
+VARIABLES: frozenset[str] = frozenset(
+    f"{group}.{name}" for group, names in DECLARED.items() for name in names
+)
+
+
+def compact_json(value: Any, *, sort: bool = False) -> str:
+    """Compact JSON (what json.dumps gives with separators=(",", ":")), via orjson for speed."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort else 0).decode()
+    except TypeError:  # e.g. an integer beyond 64 bits in hand-written input: json copes
+        return json.dumps(value, sort_keys=sort, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class FixedContext:
+    """The fixed groups for one ProxySettings, and the same as ``group.name`` constants."""
+
+    __slots__ = ("consts", "groups")
+
+    def __init__(self, groups: dict[str, dict[str, Any]]) -> None:
+        for group in FIXED_GROUPS:
+            if tuple(groups[group]) != DECLARED[group]:
+                raise RuntimeError(f"template group {group!r} does not match its declaration")
+        self.groups = groups
+        self.consts = {
+            f"{group}.{name}": value for group in FIXED_GROUPS for name, value in groups[group].items()
+        }
+
+
+def fixed_context(config: InjectorConfig, settings: ProxySettings) -> FixedContext:
+    """The proxy and mesh groups, memoised on ``settings`` (their only input besides the config)."""
+    found: FixedContext = config.memo.get("fixed", settings, lambda: _build_fixed(config, settings))
+    return found
+
+
+def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContext:
+    from injector.overrides import resources
+
+    mesh = config.mesh
+    hold = settings.hold_command
+    proxy = {
+        "name": ann.PROXY_CONTAINER,
+        "image": settings.image,
+        "envoyImage": settings.envoy_image,
+        "imagePullPolicy": config.proxy.image_pull_policy,
+        "uid": settings.uid,
+        "gid": settings.gid,
+        "statusPort": settings.status_port,
+        "healthPort": ann.HEALTH_PORT,
+        "prometheusPort": ann.PROMETHEUS_PORT,
+        "adminPort": envoy_bootstrap.ADMIN_PORT,
+        "resources": resources(settings, config),
+        "lifecycle": {"postStart": {"exec": {"command": list(hold)}}} if hold is not None else None,
+        "logLevel": settings.log_level,
+        "componentLogLevel": settings.component_log_level,
+        "config": settings.config_json,
+        "interceptionMode": settings.mode,
+        "envoyBootstrap": envoy_bootstrap.bootstrap_json(),
+    }
+    mesh_group = {
+        "revision": mesh.revision,
+        "meshID": mesh.mesh_id,
+        "clusterID": mesh.cluster_id,
+        "trustDomain": mesh.trust_domain,
+        "caAddress": mesh.ca_address,
+        "discoveryAddress": mesh.discovery_address,
+    }
+    return FixedContext({"proxy": proxy, "mesh": mesh_group})
+
+
+def pod_group(
+    *,
+    pod_name: str,
+    namespace: str,
+    service_account: str,
+    app_containers: list[dict[str, Any]],
+    app_probers: str | None,
+    prometheus_annotations: str | None,
+    workload_kind: str,
+    workload_api: str,
+    workload_name: str,
+    canonical_name: str | None,
+    canonical_revision: str,
+) -> dict[str, Any]:
+    """The ``pod`` group: the values computed from this pod (never memoised)."""
+    owner_kind = _PLURALS.get(workload_kind, workload_kind.lower() + "s")
+    api = workload_api or "v1"
+    pod_ports = [p for c in app_containers for p in c.get("ports") or ()]
+    return {
+        "name": pod_name,
+        "namespace": namespace,
+        "serviceAccount": service_account,
+        "appContainers": ",".join(c.get("name", "") for c in app_containers),
+        "podPorts": compact_json(pod_ports),
+        "appProbers": app_probers,
+        "prometheusAnnotations": prometheus_annotations,
+        "workloadName": workload_name or pod_name,
+        "owner": f"kubernetes://apis/{api}/namespaces/{namespace}/{owner_kind}/{workload_name}"
+        if workload_name
+        else None,
+        "canonicalName": canonical_name,
+        "canonicalRevision": canonical_revision,
+    }
+
+
+def template_context(fixed: FixedContext, pod: dict[str, Any]) -> dict[str, Any]:
+    """The whole context a template renders from (the fixed groups are shared, read-only)."""
+    return {"pod": pod, **fixed.groups}
+
+
+_PLURALS = {
+    "Deployment": "deployments",
+    "StatefulSet": "statefulsets",
+    "DaemonSet": "daemonsets",
+    "ReplicaSet": "replicasets",
+    "ReplicationController": "replicationcontrollers",
+    "Job": "jobs",
+    "CronJob": "cronjobs",
+    "Pod": "pods",
+}

@@ -1,0 +1,273 @@
+"""A pod's annotations parsed once into a frozen ``Overrides``: what the pod asks of the injection.
+
+Istio's ``injectPod`` reads the overrides (templates, proxy image, resources, log level, proxy
+config, traffic annotations) before rendering; so does ours, once, here. Every later step reads
+the frozen object, never the annotations. A bad value raises ``Rejected`` naming the
+annotation. ``ProxySettings`` is the part the fixed template groups depend on: it is the key
+of the config memo's fixed-context and render entries, so a render can only be shared by pods
+whose settings are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cni import annotations as ann
+from injector.context import compact_json
+from injector.quantity import parse_quantity
+from injector.result import ReasonCode, Rejected
+from injector.template import Template, TemplateOptions, merge_options
+
+if TYPE_CHECKING:
+    from injector.config import InjectorConfig
+
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+#: The four resource annotations, in the order ``ProxySettings.resources`` holds their values.
+RESOURCE_ANNOTATIONS: tuple[tuple[str, str, str], ...] = (
+    (ann.PROXY_CPU, "requests", "cpu"),
+    (ann.PROXY_MEMORY, "requests", "memory"),
+    (ann.PROXY_CPU_LIMIT, "limits", "cpu"),
+    (ann.PROXY_MEMORY_LIMIT, "limits", "memory"),
+)
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """The templates a pod asked for (or the defaults), with their merged options."""
+
+    templates: tuple[Template, ...]
+    options: TemplateOptions
+    container_names: frozenset[str]
+    init_container_names: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Everything the ``proxy`` and ``mesh`` template groups are computed from (with the config).
+
+    Hashable: the config memo keys the fixed context and the specialised renderers on it.
+    """
+
+    image: str
+    envoy_image: str
+    log_level: str
+    component_log_level: str
+    config_json: str
+    #: The four resource annotation values (RESOURCE_ANNOTATIONS order); None: config defaults.
+    resources: tuple[str | None, ...] | None
+    uid: int
+    gid: int
+    status_port: int
+    mode: str
+    #: The proxy's postStart wait (hold, not native, the template has a command); None: no wait.
+    hold_command: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Overrides:
+    choice: TemplateChoice
+    traffic: ann.ResolvedTraffic
+    native: bool
+    #: Probe rewriting and Prometheus merge, after annotation, template and status port (0: off).
+    rewrite_probes: bool
+    prometheus_merge: bool
+    proxy: ProxySettings
+
+    @property
+    def plan(self) -> ann.RedirectPlan:
+        return self.traffic.plan
+
+
+def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> Overrides:
+    """The pod's overrides over the config's defaults; raise Rejected on the first bad value."""
+    choice = select_templates(annotations, config)
+    traffic = resolve_traffic(annotations, config)
+    plan = traffic.plan
+    image = annotations.get(ann.PROXY_IMAGE)
+    if image is not None and not str(image).strip():
+        raise Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {ann.PROXY_IMAGE} is empty")
+    log_level = annotations.get(ann.LOG_LEVEL, config.proxy.log_level)
+    if log_level not in LOG_LEVELS:
+        raise Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {ann.LOG_LEVEL}={log_level!r}: expected one of {', '.join(LOG_LEVELS)}",
+        )
+    native = _flag(annotations, ann.NATIVE_SIDECAR, config.native_sidecars_default)
+    rewrite = _flag(annotations, ann.REWRITE_PROBES, config.proxy.rewrite_app_http_probers)
+    prom_merge = _flag(annotations, ann.PROMETHEUS_MERGE, config.proxy.enable_prometheus_merge)
+    proxy_config, hold = _proxy_config(annotations, config)
+    resources = _resource_values(annotations)
+    hold_effective = hold and not native and bool(choice.options.hold_command)
+    has_status_port = plan.status_port != 0  # Istio: port 0 is no status port, so nothing to probe
+    settings = ProxySettings(
+        image=image or config.proxy.image,
+        envoy_image=image or config.proxy.envoy_image,
+        log_level=log_level,
+        component_log_level=annotations.get(ann.COMPONENT_LOG_LEVEL, config.proxy.component_log_level),
+        config_json=_json_sorted(_with_hold(proxy_config, hold)) if proxy_config or hold else "{}",
+        resources=resources,
+        uid=plan.proxy_uid,
+        gid=plan.proxy_gid,
+        status_port=plan.status_port,
+        mode=plan.mode,
+        hold_command=choice.options.hold_command if hold_effective else None,
+    )
+    return Overrides(
+        choice=choice,
+        traffic=traffic,
+        native=native,
+        rewrite_probes=rewrite and choice.options.rewrite_probes and has_status_port,
+        prometheus_merge=prom_merge and choice.options.prometheus_merge and has_status_port,
+        proxy=settings,
+    )
+
+
+def _flag(annotations: Mapping[str, str], key: str, default: bool) -> bool:
+    if key not in annotations:
+        return default
+    try:
+        return ann.parse_bool(key, annotations[key])
+    except ann.AnnotationError as err:
+        raise Rejected(ReasonCode.INVALID_ANNOTATION, str(err)) from None
+
+
+def select_templates(annotations: Mapping[str, str], config: InjectorConfig) -> TemplateChoice:
+    """The templates a pod asks for (or the defaults), memoised per config and annotation value."""
+    raw = annotations.get(ann.TEMPLATES)
+    found: TemplateChoice = config.memo.get("templates", raw, lambda: _choose(raw, config))
+    return found
+
+
+def _choose(raw: str | None, config: InjectorConfig) -> TemplateChoice:
+    names = (
+        [n.strip() for n in raw.split(",") if n.strip()]
+        if raw is not None
+        else list(config.model.default_templates)
+    )
+    if not names:
+        raise Rejected(ReasonCode.UNKNOWN_TEMPLATE, f"annotation {ann.TEMPLATES}={raw!r} names no template")
+    out = []
+    for name in names:
+        template = config.templates.get(name)
+        if template is None:
+            raise Rejected(
+                ReasonCode.UNKNOWN_TEMPLATE,
+                f"annotation {ann.TEMPLATES}={raw!r}: unknown template {name!r}; "
+                f"known: {', '.join(sorted(config.templates))}",
+            )
+        out.append(template)
+    return TemplateChoice(
+        templates=tuple(out),
+        options=merge_options(out),
+        container_names=frozenset(n for t in out for n in t.container_names),
+        init_container_names=frozenset(n for t in out for n in t.init_container_names),
+    )
+
+
+def resolve_traffic(annotations: Mapping[str, str], config: InjectorConfig) -> ann.ResolvedTraffic:
+    """resolve_traffic, memoised: most pods carry the same few traffic annotations (usually none)."""
+    present = tuple((k, annotations[k]) for k in ann.TRAFFIC_ANNOTATIONS if k in annotations)
+
+    def resolve() -> ann.ResolvedTraffic:  # from the key alone, so the key cannot miss an input
+        try:
+            return ann.resolve_traffic(dict(present), config.traffic_defaults)
+        except ann.AnnotationError as err:
+            raise Rejected(ReasonCode.INVALID_TRAFFIC_ANNOTATION, str(err)) from None
+
+    found: ann.ResolvedTraffic = config.memo.get("traffic", present, resolve)
+    return found
+
+
+def _resource_values(annotations: Mapping[str, str]) -> tuple[str | None, ...] | None:
+    """The resource annotations' values, validated (quantities; request <= limit); None: none set."""
+    if not any(k in annotations for k, _, _ in RESOURCE_ANNOTATIONS):
+        return None
+    values: dict[tuple[str, str], str] = {}
+    parsed: dict[tuple[str, str], Any] = {}
+    for key, section, resource in RESOURCE_ANNOTATIONS:
+        if key not in annotations:
+            continue
+        value = values[(section, resource)] = str(annotations[key]).strip()
+        try:
+            parsed[(section, resource)] = parse_quantity(value)
+        except ValueError as err:
+            raise Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {key}={value!r}: {err}") from None
+    for resource in ("cpu", "memory"):
+        request, limit = parsed.get(("requests", resource)), parsed.get(("limits", resource))
+        if request is not None and limit is not None and request > limit:
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION,
+                f"proxy {resource} request {values[('requests', resource)]} exceeds its limit "
+                f"{values[('limits', resource)]}",
+            )
+    return tuple(values.get((section, resource)) for _, section, resource in RESOURCE_ANNOTATIONS)
+
+
+def resources(settings: ProxySettings, config: InjectorConfig) -> dict[str, Any] | None:
+    """The proxy's resources: only the annotations' when any is set (Istio's rule), else the config's."""
+    if settings.resources is None:
+        defaults = config.proxy.resources
+        out: dict[str, Any] = {}
+        if defaults.requests:
+            out["requests"] = dict(defaults.requests)
+        if defaults.limits:
+            out["limits"] = dict(defaults.limits)
+        return out or None
+    chosen: dict[str, dict[str, str]] = {}
+    for (_, section, resource), value in zip(RESOURCE_ANNOTATIONS, settings.resources, strict=True):
+        if value is not None:
+            chosen.setdefault(section, {})[resource] = value
+    return chosen
+
+
+def _proxy_config(annotations: Mapping[str, str], config: InjectorConfig) -> tuple[dict[str, Any], bool]:
+    """The pod's ProxyConfig overrides (proxy.istio.io/config) and the effective hold setting."""
+    raw = annotations.get(ann.PROXY_CONFIG)
+    body: Any = {}
+    if raw is not None:
+        from injector import yamlio
+
+        # A small mapping: these bounds (config ``limits``) refuse YAML bombs (aliases, nesting)
+        # before they cost memory; the error names the limit.
+        bounds = config.model.limits
+        limits = yamlio.YamlLimits(
+            max_bytes=bounds.proxy_config_max_bytes, max_depth=bounds.proxy_config_max_depth, aliases=False
+        )
+        try:
+            body = yamlio.load_one(str(raw), source=f"annotation {ann.PROXY_CONFIG}", limits=limits) or {}
+        except yamlio.YamlLimitError as err:  # names the source (the annotation) and the limit
+            raise Rejected(ReasonCode.INVALID_ANNOTATION, str(err)) from None
+        except (ValueError, yaml.YAMLError, RecursionError):
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION, f"annotation {ann.PROXY_CONFIG}: not valid YAML/JSON"
+            ) from None
+        if not isinstance(body, dict):
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION, f"annotation {ann.PROXY_CONFIG}: expected a mapping"
+            )
+    hold = config.proxy.hold_application_until_proxy_starts
+    if "holdApplicationUntilProxyStarts" in body:
+        value = body["holdApplicationUntilProxyStarts"]
+        if not isinstance(value, bool):
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION,
+                f"annotation {ann.PROXY_CONFIG}: holdApplicationUntilProxyStarts must be true or false",
+            )
+        hold = value
+    return body, hold
+
+
+def _with_hold(proxy_config: Mapping[str, Any], hold: bool) -> dict[str, Any]:
+    out = dict(proxy_config)
+    if hold:
+        out["holdApplicationUntilProxyStarts"] = True
+    return out
+
+
+def _json_sorted(value: Any) -> str:
+    return compact_json(value, sort=True)
+

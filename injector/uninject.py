@@ -1,0 +1,173 @@
+"""Uninjection: take out what the status annotation says we injected, as Linkerd keeps it apart.
+
+Used before every injection (a pod that carries our status is re-injected from what it was
+before), and so re-injection is idempotent: the same pod gives the same pod.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cni import annotations as ann
+from injector.merge import named
+from injector.probes import parse_probers, restore_probes
+from injector.result import Reason, ReasonCode, Rejected
+
+if TYPE_CHECKING:
+    from injector.config import InjectorConfig
+
+#: Where the ``sidecar`` template's agent serves merged metrics (the Prometheus merge target).
+PROM_STATS_PATH = "/stats/prometheus"
+
+#: Proxy env values computed from the pod: on re-injection they are recomputed, never kept.
+DERIVED_ENV = frozenset(
+    {
+        "ISTIO_META_APP_CONTAINERS",
+        "ISTIO_META_POD_PORTS",
+        "ISTIO_KUBE_APP_PROBERS",
+        "ISTIO_PROMETHEUS_ANNOTATIONS",
+        "ISTIO_META_WORKLOAD_NAME",
+        "ISTIO_META_OWNER",
+        "PROXY_CONFIG",
+        "ISTIO_META_INTERCEPTION_MODE",
+    }
+)
+
+
+@dataclass
+class PodView:
+    """Shallow copies of the pod's metadata and spec that the steps replace fields of."""
+
+    metadata: dict[str, Any]
+    spec: dict[str, Any]
+    warnings: list[Reason] = field(default_factory=list)
+
+
+def env_value(container: Mapping[str, Any], name: str) -> str | None:
+    for item in container.get("env") or ():
+        if isinstance(item, dict) and item.get("name") == name:
+            value = item.get("value")
+            return value if isinstance(value, str) else None
+    return None
+
+
+@dataclass
+class Previous:
+    """What an earlier injection left, turned back into user input (overlays) and records.
+
+    On a reinvocation the API server sends our own output back with its defaults filled in
+    (terminationMessagePath, volume defaultMode, fieldRef apiVersion, the token mount...): the
+    old containers and volumes are kept as overlays so those fields survive, and the volume
+    order is remembered so ours go back where they were.
+    """
+
+    overlays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: container name -> env name -> the old item of a pod-derived variable (kept if unchanged).
+    derived_env: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: volume name -> our old volume, laid over the rendered one.
+    volumes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the pod's volumes before ours were taken out (None: not a re-injection).
+    volume_order: list[Any] | None = None
+
+
+def uninject(view: PodView, config: InjectorConfig) -> Previous:
+    """Take out what the status annotation says we injected, restoring probes and Prometheus annotations.
+
+    When the pod was injected with the current config, injected containers come back as
+    overlays without their pod-derived env, so a user's ``istio-proxy`` customisation survives
+    and everything computed from the pod is recomputed.
+    """
+    previous = Previous()
+    annotations = view.metadata.get("annotations") or {}
+    raw = annotations.get(ann.STATUS)
+    if raw is None:
+        return previous
+    try:
+        status = ann.parse_status(raw)
+    except ann.AnnotationError as err:
+        raise Rejected(ReasonCode.INVALID_ANNOTATION, str(err)) from None
+    injected_containers = set(status.containers)
+    injected_inits = set(status.init_containers)
+    spec = view.spec
+    proxy = None
+    ours = injected_containers | injected_inits
+    for item in named(spec.get("containers")) + named(spec.get("initContainers")):
+        if item.get("name") == ann.PROXY_CONTAINER and item.get("name") in ours:
+            proxy = item
+    status_port = _status_port_hint(annotations, config)
+    # Rendered with this very config (an API-server reinvocation, a second kube-inject): keep
+    # what was injected as the user's overlay. Rendered with another config (or by Istio):
+    # render afresh, or the old proxy would outlive the config that replaced it.
+    keep_overlays = status.config_hash == config.config_hash
+    probers = parse_probers(env_value(proxy, "ISTIO_KUBE_APP_PROBERS")) if proxy else {}
+
+    def strip(key: str, names: set[str]) -> None:
+        if key not in spec:
+            return
+        kept = []
+        for item in spec.get(key) or ():
+            name = item.get("name") if isinstance(item, dict) else None
+            if name in names:
+                if keep_overlays:
+                    over = {k: v for k, v in item.items() if k != "restartPolicy"}
+                    if "env" in over:
+                        env = []
+                        for e in over["env"]:
+                            if isinstance(e, dict) and e.get("name") in DERIVED_ENV:
+                                previous.derived_env.setdefault(name, {})[e["name"]] = e
+                            else:
+                                env.append(e)
+                        over["env"] = env
+                    previous.overlays[name] = over
+                continue
+            if probers:  # app containers, and native sidecars among the init containers
+                item = restore_probes(item, status_port, probers) or item
+            kept.append(item)
+        spec[key] = kept
+
+    strip("containers", injected_containers)
+    strip("initContainers", injected_inits)
+    if "volumes" in spec:
+        ours = set(status.volumes)
+        previous.volume_order = list(spec["volumes"] or ())
+        kept_volumes = []
+        for v in spec["volumes"] or ():
+            if v.get("name") not in ours:
+                kept_volumes.append(v)
+            elif keep_overlays:
+                previous.volumes[v["name"]] = v
+        spec["volumes"] = kept_volumes
+    if "imagePullSecrets" in spec:
+        spec["imagePullSecrets"] = [
+            s for s in spec["imagePullSecrets"] or () if s.get("name") not in set(status.image_pull_secrets)
+        ]
+    annotations = dict(annotations)
+    del annotations[ann.STATUS]
+    if (
+        annotations.get(ann.PROM_PATH) == PROM_STATS_PATH
+        and annotations.get(ann.PROM_PORT) == str(status_port)
+        and annotations.get(ann.PROM_SCRAPE) == "true"
+    ):
+        for key in (ann.PROM_SCRAPE, ann.PROM_PORT, ann.PROM_PATH):
+            del annotations[key]
+        saved = env_value(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS") if proxy else None
+        if saved:
+            try:
+                scrape = json.loads(saved)
+            except ValueError:
+                scrape = {}
+            for key, name in (("scrape", ann.PROM_SCRAPE), ("path", ann.PROM_PATH), ("port", ann.PROM_PORT)):
+                if isinstance(scrape, dict) and scrape.get(key):
+                    annotations[name] = str(scrape[key])
+    view.metadata["annotations"] = annotations
+    return previous
+
+
+def _status_port_hint(annotations: Mapping[str, str], config: InjectorConfig) -> int:
+    try:
+        return ann.parse_port(ann.STATUS_PORT, annotations[ann.STATUS_PORT], low=0)
+    except (KeyError, ann.AnnotationError):
+        return config.traffic_defaults.status_port
