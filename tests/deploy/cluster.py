@@ -4,8 +4,7 @@ The control plane is shared by the whole test session, and our webhook has `fail
 So what is applied *for real* differs from the rendered objects in three stated ways:
 - each webhook's namespaceSelector also requires a label only this test run's namespaces carry;
 - the webhook calls a server on loopback by URL (there is no node to run the Deployment);
-- the Deployment is scaled to 0 and the DaemonSet pinned to no node (no images here), and the PDB
-  is served as policy/v1beta1 (see `manifests.for_apiserver_1_20`).
+- the Deployment is scaled to 0 and the DaemonSet pinned to no node (no images here).
 Everything else, RBAC above all, is applied exactly as rendered.
 """
 
@@ -19,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO
-from tests.deploy.manifests import find, for_apiserver_1_20, to_yaml
+from tests.deploy.manifests import find, to_yaml
 
 RUN_LABEL = "mesh-injector.io/deploy-test"
 
 
 def harmless(objs: list[dict[str, Any]], *, run_id: str, webhook_url: str | None) -> list[dict[str, Any]]:
-    out = for_apiserver_1_20(objs)
+    out = copy.deepcopy(objs)
     webhook = find(out, "MutatingWebhookConfiguration", "mesh-injector")
     for hook in webhook["webhooks"]:
         hook["namespaceSelector"].setdefault("matchExpressions", []).append(

@@ -54,19 +54,5 @@ def find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind}/{name} among {[(o['kind'], o['metadata']['name']) for o in objs]}")
 
 
-def for_apiserver_1_20(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The one translation the test bed's kube-apiserver (1.20) needs.
-
-    ``policy/v1`` PodDisruptionBudget exists from Kubernetes 1.21; 1.20 serves the same object
-    (minAvailable + selector, all we use) as ``policy/v1beta1``, which in turn is gone from 1.25,
-    our oldest supported version. Everything else in the manifests exists in 1.20 as written.
-    """
-    out = copy.deepcopy(objs)
-    for obj in out:
-        if obj["kind"] == "PodDisruptionBudget" and obj["apiVersion"] == "policy/v1":
-            obj["apiVersion"] = "policy/v1beta1"
-    return out
-
-
 def to_yaml(objs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(objs, sort_keys=False)
