@@ -55,6 +55,7 @@ class HttpLimits:
     max_requests_per_connection: int = 10_000  # then "Connection: close" (spreads load over workers)
     max_connections: int = 1000  # per worker; lowered to fit RLIMIT_NOFILE
     tls_handshake_timeout: float = 5.0
+    drain_timeout: float = 5.0  # on SIGTERM: keep answering (each with Connection: close) this long
 
     def connection_cap(self) -> int:
         """``max_connections``, or fewer when the process's file-descriptor limit is lower."""
@@ -186,6 +187,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     metrics: InjectorMetrics | None = None
     shares: ConnectionShares | None = None
     cap: int = 1000
+    draining = False  # set on the class when the server drains: every answer closes its connection
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -352,7 +354,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._requests += 1
         limit = self.limits.max_requests_per_connection
-        if self.cycle is not None and limit and self._requests >= limit:
+        if self.cycle is not None and (self.draining or (limit and self._requests >= limit)):
             self.cycle.keep_alive = False
         elif self.cycle is not None and self.shares is not None and not self._rebalanced \
                 and self.shares.should_close():
@@ -368,6 +370,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self._phase_since = time.monotonic()
         super().on_response_complete()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since this connection last did anything (0 while a request is under way)."""
+        if self._raw_header_bytes or (self.cycle is not None and not self.cycle.response_complete):
+            return 0.0
+        return now - self._phase_since
 
 
 def protocol_class(limits: HttpLimits, metrics: InjectorMetrics | None,
@@ -402,3 +410,28 @@ class LimitedServer(Server):
                 kwargs["ssl_handshake_timeout"] = self.limits.tls_handshake_timeout
             self.servers.append(await loop.create_server(create_protocol, **kwargs))
         self.started = True
+
+    #: During the drain, a connection idle this long is closed: the API server reuses its most
+    #: recently used connection first, so a long-idle one is the least likely to carry a request
+    #: at the moment it closes (the race every HTTP/1.1 server has when it closes a kept-alive
+    #: connection).
+    DRAIN_IDLE = 1.0
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        """Drain, then uvicorn's shutdown: stop accepting, answer what arrives on the open
+        connections with ``Connection: close`` for up to ``drain_timeout``, closing connections
+        as they fall idle, so that a rolling restart drops no request the API server sends."""
+        for server in self.servers:
+            server.close()
+        protocol = self.config.http_protocol_class
+        deadline = time.monotonic() + self.limits.drain_timeout
+        if issubclass(protocol, LimitedHttpToolsProtocol) and not self.force_exit:
+            protocol.draining = True
+            while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
+                now = time.monotonic()
+                for conn in list(self.server_state.connections):
+                    if isinstance(conn, LimitedHttpToolsProtocol) and conn.idle_for(now) >= self.DRAIN_IDLE \
+                            and conn.transport is not None and not conn.transport.is_closing():
+                        conn.transport.close()
+                await asyncio.sleep(0.05)
+        await super().shutdown(sockets)

@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the slowest client still sending headers (default: %(default)s)")
     limits.add_argument("--tls-handshake-timeout", type=float, default=http.tls_handshake_timeout,
                         metavar="SECONDS", help="(default: %(default)s)")
+    limits.add_argument("--drain-timeout", type=float, default=http.drain_timeout, metavar="SECONDS",
+                        help="on SIGTERM, keep answering on open connections (each answer closing its "
+                             "connection) for up to this long (default: %(default)s)")
     dr = parser.add_argument_group("/dry-run (runs in a child process per request)")
     dr.add_argument("--dry-run-auth", choices=["tokenreview", "none"], default="tokenreview",
                     help="tokenreview: bearer token + SubjectAccessReview 'create pods'; none: for a "
@@ -153,6 +156,7 @@ def _limits(args: argparse.Namespace) -> tuple[Any, Any]:
         request_deadline=args.request_deadline, keepalive_timeout=args.keepalive_timeout,
         max_requests_per_connection=args.max_requests_per_connection,
         max_connections=args.max_connections, tls_handshake_timeout=args.tls_handshake_timeout,
+        drain_timeout=args.drain_timeout,
     )
     dry = DryRunProcessLimits(
         max_body_bytes=args.dry_run_max_body_bytes, timeout=args.dry_run_timeout,
@@ -236,6 +240,7 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
 
     def on_signal(signum: int, _frame: Any) -> None:
         stopping.append(signum)
+        sock.close()  # once the workers close theirs too, new connections are refused, not queued
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -283,7 +288,6 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
         time.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
         if not stopping:
             spawn(index)
-    sock.close()
     return 0
 
 
