@@ -28,6 +28,7 @@ import pytest
 from injector.manifests import webhook_configuration
 from tests.server.helpers import RunningServer, free_port, make_pki, start_server
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.testproxy import _pipe as pipe  # byte pump with half-close
 
 pytestmark = pytest.mark.apiserver
 
@@ -74,19 +75,8 @@ class Balancer:
             return
         upstream.settimeout(None)
 
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    with contextlib.suppress(OSError):
-                        s.shutdown(socket.SHUT_RDWR)
-
-        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
-        pump(client, upstream)
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
         client.close()
         upstream.close()
 
