@@ -23,15 +23,14 @@ from injector.result import Decision, InjectionResult, Reason, ReasonCode
 log = logging.getLogger("injector.admission")
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
-# Admission-level reason codes. Named as in the shared ReasonCode set (cni/annotations.py, where
-# the core helper adds them); kept here until that lands so the values cannot drift.
+# Admission-level reason codes, from the shared vocabulary (cni/annotations.py ReasonCode).
 #: The core failed on a pod (a bug or a pod shape it cannot handle).
-INTERNAL_ERROR = "InternalError"
-NOT_POD = "NotPod"
-NOT_CREATE = "NotCreate"
-SUBRESOURCE = "Subresource"
+INTERNAL_ERROR = ReasonCode.INTERNAL_ERROR.value
+NOT_POD = ReasonCode.NOT_POD.value
+NOT_CREATE = ReasonCode.NOT_CREATE.value
+SUBRESOURCE = ReasonCode.SUBRESOURCE.value
 #: The review was not decided within the request deadline (``serve --request-deadline``).
-TIMEOUT = "Timeout"
+TIMEOUT = ReasonCode.TIMEOUT.value
 MALFORMED_OBJECT = ReasonCode.MALFORMED_OBJECT.value
 
 
@@ -241,7 +240,8 @@ def review_request(
         out.pod = pod
     elif result.patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(dumps(result.patch)).decode()
+        # The core's own encoding when it made one (it measured it against its patch limit).
+        response["patch"] = base64.b64encode(result.patch_json or dumps(result.patch)).decode()
         out.patched = True
     if result.warnings:
         response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]

@@ -12,7 +12,9 @@ still sending its headers (a slow client), so an honest caller gets in.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import resource
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -53,6 +55,7 @@ class HttpLimits:
     max_requests_per_connection: int = 10_000  # then "Connection: close" (spreads load over workers)
     max_connections: int = 1000  # per worker; lowered to fit RLIMIT_NOFILE
     tls_handshake_timeout: float = 5.0
+    drain_timeout: float = 5.0  # on SIGTERM: keep answering (each with Connection: close) this long
 
     def connection_cap(self) -> int:
         """``max_connections``, or fewer when the process's file-descriptor limit is lower."""
@@ -120,6 +123,53 @@ def request_started(scope: Scope) -> float:
     return started if isinstance(started, float) else time.monotonic()
 
 
+class ConnectionShares:
+    """Open-connection counts of every worker, in memory the supervisor shared before forking.
+
+    Workers accepting on one socket do not share connections evenly: whichever is idle when a
+    burst arrives takes it all (the API server opens its keep-alive connections in bursts). A
+    worker holding more than its share (total / workers, plus one) ends its next response with
+    ``Connection: close``; the client reconnects and an idler worker is likelier to accept.
+    """
+
+    SLOT = struct.Struct("=q")
+
+    #: At most one rebalancing close per worker this often (a burst of closes would re-deal
+    #: all connections at random instead of moving a few).
+    INTERVAL = 0.05
+
+    def __init__(self, memory: Any, index: int, workers: int) -> None:
+        self.memory, self.index, self.workers = memory, index, workers
+        self.closing = 0  # connections this worker told to close and that are not gone yet
+        self.last_close = 0.0
+
+    @classmethod
+    def create(cls, workers: int) -> Any:
+        """Anonymous shared memory for ``workers`` counters (call before forking)."""
+        return mmap.mmap(-1, cls.SLOT.size * workers)
+
+    def add(self, delta: int) -> None:
+        offset = self.index * self.SLOT.size
+        (value,) = self.SLOT.unpack_from(self.memory, offset)
+        self.SLOT.pack_into(self.memory, offset, value + delta)
+
+    def reset(self) -> None:
+        """A worker (re)starts with no connections (the supervisor, before forking it)."""
+        self.SLOT.pack_into(self.memory, self.index * self.SLOT.size, 0)
+
+    def should_close(self) -> bool:
+        """True (and counted) when this worker should hand one connection back to the kernel."""
+        now = time.monotonic()
+        if now - self.last_close < self.INTERVAL:
+            return False
+        counts = [self.SLOT.unpack_from(self.memory, i * self.SLOT.size)[0] for i in range(self.workers)]
+        if counts[self.index] - self.closing <= sum(counts) / self.workers + 1:
+            return False
+        self.closing += 1
+        self.last_close = now
+        return True
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request that broke a limit."""
 
@@ -135,7 +185,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: HttpLimits = HttpLimits()
     metrics: InjectorMetrics | None = None
+    shares: ConnectionShares | None = None
     cap: int = 1000
+    draining = False  # set on the class when the server drains: every answer closes its connection
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -146,6 +198,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._requests = 0
+        self._rebalanced = False
         self._refusal: tuple[int, bytes, str, str] | None = None
 
     # -- timers and refusals
@@ -209,6 +262,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             transport.abort()
             return
         super().connection_made(transport)
+        if self.shares is not None:
+            self.shares.add(1)
         self._phase_since = time.monotonic()
         self._arm(self.limits.header_timeout, self._header_timeout)
 
@@ -234,6 +289,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         if self.transport is None:  # refused in connection_made
             return
+        if self.shares is not None:
+            self.shares.add(-1)
+            if self._rebalanced:
+                self.shares.closing -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -295,7 +354,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._requests += 1
         limit = self.limits.max_requests_per_connection
-        if limit and self._requests >= limit and self.cycle is not None:
+        if self.cycle is not None and (self.draining or (limit and self._requests >= limit)):
+            self.cycle.keep_alive = False
+        elif self.cycle is not None and self.shares is not None and not self._rebalanced \
+                and self.shares.should_close():
+            self._rebalanced = True
             self.cycle.keep_alive = False
         if self.cycle is not None and self.cycle.more_body:
             self._arm(self.limits.body_timeout, self._body_timeout)
@@ -308,11 +371,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase_since = time.monotonic()
         super().on_response_complete()
 
+    def idle_for(self, now: float) -> float:
+        """Seconds since this connection last did anything (0 while a request is under way)."""
+        if self._raw_header_bytes or (self.cycle is not None and not self.cycle.response_complete):
+            return 0.0
+        return now - self._phase_since
 
-def protocol_class(limits: HttpLimits, metrics: InjectorMetrics | None) -> type[LimitedHttpToolsProtocol]:
+
+def protocol_class(limits: HttpLimits, metrics: InjectorMetrics | None,
+                   shares: ConnectionShares | None = None) -> type[LimitedHttpToolsProtocol]:
     """The protocol class for one server, carrying its limits."""
     return type("WebhookHttpProtocol", (LimitedHttpToolsProtocol,),
-                {"limits": limits, "metrics": metrics, "cap": limits.connection_cap()})
+                {"limits": limits, "metrics": metrics, "shares": shares, "cap": limits.connection_cap()})
 
 
 class LimitedServer(Server):
@@ -340,3 +410,28 @@ class LimitedServer(Server):
                 kwargs["ssl_handshake_timeout"] = self.limits.tls_handshake_timeout
             self.servers.append(await loop.create_server(create_protocol, **kwargs))
         self.started = True
+
+    #: During the drain, a connection idle this long is closed: the API server reuses its most
+    #: recently used connection first, so a long-idle one is the least likely to carry a request
+    #: at the moment it closes (the race every HTTP/1.1 server has when it closes a kept-alive
+    #: connection).
+    DRAIN_IDLE = 1.0
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        """Drain, then uvicorn's shutdown: stop accepting, answer what arrives on the open
+        connections with ``Connection: close`` for up to ``drain_timeout``, closing connections
+        as they fall idle, so that a rolling restart drops no request the API server sends."""
+        for server in self.servers:
+            server.close()
+        protocol = self.config.http_protocol_class
+        deadline = time.monotonic() + self.limits.drain_timeout
+        if issubclass(protocol, LimitedHttpToolsProtocol) and not self.force_exit:
+            protocol.draining = True
+            while self.server_state.connections and time.monotonic() < deadline and not self.force_exit:
+                now = time.monotonic()
+                for conn in list(self.server_state.connections):
+                    if isinstance(conn, LimitedHttpToolsProtocol) and conn.idle_for(now) >= self.DRAIN_IDLE \
+                            and conn.transport is not None and not conn.transport.is_closing():
+                        conn.transport.close()
+                await asyncio.sleep(0.05)
+        await super().shutdown(sockets)

@@ -416,7 +416,7 @@ def create_app(state: ServerState) -> WebhookApp:
     )
     app.state.injector = state
     if state.dry_run is None:
-        state.dry_run = dryrun_runner.DryRunRunner(dryrun_runner.DryRunLimits())
+        state.dry_run = dryrun_runner.DryRunRunner(dryrun_runner.DryRunProcessLimits())
     app.inject_endpoint = InjectEndpoint(state)
     # Also routed (same endpoint) so that mounting the app elsewhere keeps /inject working.
     app.router.routes.insert(0, Route("/inject", endpoint=app.inject_endpoint, methods=["POST", "GET"]))

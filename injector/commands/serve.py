@@ -71,10 +71,10 @@ def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from injector.dryrun_runner import DryRunLimits
+    from injector.dryrun_runner import DryRunProcessLimits
     from injector.http import HttpLimits
 
-    http, dry = HttpLimits(), DryRunLimits()
+    http, dry = HttpLimits(), DryRunProcessLimits()
     parser.add_argument("--address", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=9443, help="HTTPS port (default: %(default)s)")
     parser.add_argument("--tls-cert-file", required=True,
@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the slowest client still sending headers (default: %(default)s)")
     limits.add_argument("--tls-handshake-timeout", type=float, default=http.tls_handshake_timeout,
                         metavar="SECONDS", help="(default: %(default)s)")
+    limits.add_argument("--drain-timeout", type=float, default=http.drain_timeout, metavar="SECONDS",
+                        help="on SIGTERM, keep answering on open connections (each answer closing its "
+                             "connection) for up to this long (default: %(default)s)")
     dr = parser.add_argument_group("/dry-run (runs in a child process per request)")
     dr.add_argument("--dry-run-auth", choices=["tokenreview", "none"], default="tokenreview",
                     help="tokenreview: bearer token + SubjectAccessReview 'create pods'; none: for a "
@@ -144,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _limits(args: argparse.Namespace) -> tuple[Any, Any]:
-    from injector.dryrun_runner import DryRunLimits
+    from injector.dryrun_runner import DryRunProcessLimits
     from injector.http import HttpLimits
 
     http = HttpLimits(
@@ -153,8 +156,9 @@ def _limits(args: argparse.Namespace) -> tuple[Any, Any]:
         request_deadline=args.request_deadline, keepalive_timeout=args.keepalive_timeout,
         max_requests_per_connection=args.max_requests_per_connection,
         max_connections=args.max_connections, tls_handshake_timeout=args.tls_handshake_timeout,
+        drain_timeout=args.drain_timeout,
     )
-    dry = DryRunLimits(
+    dry = DryRunProcessLimits(
         max_body_bytes=args.dry_run_max_body_bytes, timeout=args.dry_run_timeout,
         max_memory_bytes=args.dry_run_max_memory * MiB, max_output_bytes=args.dry_run_max_output * MiB,
         concurrency=args.dry_run_concurrency, auth=args.dry_run_auth == "tokenreview",
@@ -226,6 +230,9 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
     workers = args.workers if args.workers > 0 else cpu_limit()
     # From here on every metric counts into the directory the workers share.
     metrics_mod.enable_multiprocess(metrics_dir)
+    from injector.http import ConnectionShares
+
+    shares = ConnectionShares.create(workers) if workers > 1 else None
     log.info("serving", extra={"address": args.address, "port": args.port, "config_hash": config.config_hash,
                                "workers": workers, "connection_cap": http_limits.connection_cap()})
 
@@ -233,6 +240,7 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
 
     def on_signal(signum: int, _frame: Any) -> None:
         stopping.append(signum)
+        sock.close()  # once the workers close theirs too, new connections are refused, not queued
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -240,13 +248,16 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started)
 
     def spawn(index: int) -> None:
+        if shares is not None:
+            ConnectionShares(shares, index, workers).reset()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _worker(args, index, workers, sock, config, certificate, http_limits, dry_limits)
+                code = _worker(args, index, workers, sock, config, certificate, http_limits, dry_limits,
+                               shares)
             except BaseException:
                 log.exception("worker failed", extra={"worker": index})
             finally:
@@ -277,18 +288,17 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
         time.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
         if not stopping:
             spawn(index)
-    sock.close()
     return 0
 
 
 def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.socket, config: Any,
-            certificate: Any, http_limits: Any, dry_limits: Any) -> int:
+            certificate: Any, http_limits: Any, dry_limits: Any, shares: Any) -> int:
     """One uvicorn worker on the shared socket (runs in the forked child)."""
     import uvicorn
 
     from injector.dryrun_runner import DryRunRunner
     from injector.events import EventRecorder, api_client
-    from injector.http import LimitedServer, ServerState, protocol_class
+    from injector.http import ConnectionShares, LimitedServer, ServerState, protocol_class
     from injector.metrics import InjectorMetrics
     from injector.server import create_app
 
@@ -318,10 +328,13 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
         config_reload_interval=args.config_reload_interval, limits=http_limits,
         dry_run=DryRunRunner(dry_limits), worker=index, workers=workers,
     )
+    state.dry_run.warm(config.current)
     app = create_app(state)
     uv_config = uvicorn.Config(
         app,
-        http=protocol_class(http_limits, metrics),  # httptools (C parser) plus our limits
+        # httptools (C parser) plus our limits and the connection balance between workers
+        http=protocol_class(http_limits, metrics,
+                            ConnectionShares(shares, index, workers) if shares is not None else None),
         ws="none",
         loop=args.event_loop,
         lifespan="on",

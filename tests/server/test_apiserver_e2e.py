@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from injector.config import default_config
+from injector.config import compile_config
 from injector.core import inject
 from injector.manifests import webhook_configuration
 from injector.result import Decision, ReasonCode
@@ -301,7 +301,9 @@ def test_reinvocation_finds_nothing_to_do(cluster: Cluster) -> None:
     cluster.apply(typical_stored_pod("stored"), "-n", ns)
     # A plain GET: the object as the API server serialises it (its field order, as in a review).
     stored = cluster.plane.get_json(f"/api/v1/namespaces/{ns}/pods/stored")
-    assert container_names(stored) == ["istio-validation", "migrate", "app", "worker", "istio-proxy"]
+    # nativeSidecars: auto on this (>= 1.29) API server: the proxy is a native sidecar, started
+    # right after the validation container and before the app's own init containers (Istio's order).
+    assert container_names(stored) == ["istio-validation", "istio-proxy", "migrate", "app", "worker"]
     spec = stored["spec"]
     for container in spec["initContainers"] + spec["containers"]:
         token_mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == TOKEN_PATH]
@@ -313,8 +315,11 @@ def test_reinvocation_finds_nothing_to_do(cluster: Cluster) -> None:
     assert [(e["reason"], e["patched"]) for e in calls[1:]] == [("AlreadyInjected", False)] * (len(calls) - 1)
     assert len(calls) == 1, "called again: an in-tree plugin changed the pod after our patch"
 
-    # What a reinvocation would be sent: our own output, defaulted by the API server.
-    again = inject(stored, config=default_config())
+    # What a reinvocation would be sent: our own output, defaulted by the API server, injected
+    # with the config the server runs (the built-in one, with this cluster's version applied).
+    version = cluster.plane.get_json("/version")["gitVersion"]
+    running = compile_config({"values": {"mesh": {"kubernetesVersion": version}}})
+    again = inject(stored, config=running)
     assert again.decision is Decision.INJECT
     assert again.reason.code is ReasonCode.ALREADY_INJECTED, again.reasons
     assert again.patch == []

@@ -148,7 +148,7 @@ def pod_list(count: int) -> dict:
 def limited(tmp_path_factory: pytest.TempPathFactory, fake_api: FakeApiServer) -> Iterator[RunningServer]:
     workdir = tmp_path_factory.mktemp("dry-run-limits")
     server = start_server(workdir, extra_args=[
-        "--kubeconfig", str(fake_api.kubeconfig(workdir / "kubeconfig")), "--dry-run-timeout", "1",
+        "--kubeconfig", str(fake_api.kubeconfig(workdir / "kubeconfig")), "--dry-run-timeout", "10",
         "--dry-run-max-body-bytes", "200000", "--dry-run-max-memory", "32"])
     yield server
     server.stop()
@@ -156,21 +156,23 @@ def limited(tmp_path_factory: pytest.TempPathFactory, fake_api: FakeApiServer) -
 
 def test_dry_run_body_limit_is_its_own(limited: RunningServer) -> None:
     response = dry_run(limited, json.dumps(pod_list(400)), "application/json")
-    assert response.status_code == 400
+    assert response.status_code == 413
     assert "200000 bytes (serve --dry-run-max-body-bytes)" in response.json()["error"]
 
 
-def test_dry_run_over_its_time_is_stopped_naming_the_limit(limited: RunningServer) -> None:
-    body = yaml.safe_dump(pod_list(150))  # YAML: slow to parse, under the body limit
-    assert len(body) < 200_000
-    started = time.monotonic()
-    response = dry_run(limited, body * 1, "application/yaml")
-    if response.status_code == 200:  # this machine parsed it within the second: ask for more work
-        response = dry_run(limited, json.dumps([pod_list(150)] * 40), "application/json")
-    assert response.status_code == 400, response.text[:300]
-    assert "--dry-run-timeout" in response.json()["error"]
-    assert time.monotonic() - started < 30
-    assert dry_run(limited, json.dumps(typical_pod()), "application/json").status_code == 200
+def test_dry_run_over_its_time_is_stopped_naming_the_limit(tmp_path: Path, fake_api: FakeApiServer) -> None:
+    # The document limits keep honest work far below any sane time limit; a tiny one shows the
+    # backstop: the child is killed, the caller told which flag, the worker unharmed.
+    server = start_server(tmp_path, extra_args=[
+        "--kubeconfig", str(fake_api.kubeconfig(tmp_path / "kubeconfig")), "--dry-run-timeout", "0.01"])
+    try:
+        response = dry_run(server, yaml.safe_dump(pod_list(150)), "application/yaml")
+        assert response.status_code == 400, response.text[:300]
+        assert "within 0.01 s (limit --dry-run-timeout)" in response.json()["error"]
+        with server.client() as client:
+            assert client.post("/inject", json=review(typical_pod())).json()["response"]["patch"]
+    finally:
+        server.stop()
 
 
 def test_dry_run_expansion_bomb_is_stopped_by_its_limits(limited: RunningServer) -> None:
@@ -191,34 +193,36 @@ def test_dry_run_expansion_bomb_is_stopped_by_its_limits(limited: RunningServer)
 
 
 def test_a_huge_dry_run_does_not_hold_inject(tmp_path: Path, fake_api: FakeApiServer) -> None:
-    """/inject answers while a long dry-run runs: every one of them before the dry-run's answer."""
+    """/inject answers while the largest dry-run the document limits admit is running."""
     server = start_server(tmp_path, extra_args=[
-        "--kubeconfig", str(fake_api.kubeconfig(tmp_path / "kubeconfig")), "--dry-run-timeout", "300"])
+        "--kubeconfig", str(fake_api.kubeconfig(tmp_path / "kubeconfig"))])
     try:
-        body = yaml.safe_dump(pod_list(300))
+        body = yaml.safe_dump(pod_list(200))  # 200 objects: injector.dryrun's max_objects
         finished: dict[str, float] = {}
 
         def big() -> None:
+            finished["started"] = time.monotonic()
             response = dry_run(server, body, "application/yaml", timeout=300)
             finished["dry-run"] = time.monotonic()
             finished["status"] = response.status_code
 
         thread = threading.Thread(target=big)
-        thread.start()
-        time.sleep(0.5)  # the dry-run is parsing by now
-        latencies = []
+        done: list[float] = []
         with server.client() as client:
+            assert client.get("/healthz").status_code == 200  # this connection is open already
+            thread.start()
+            time.sleep(0.15)  # the dry-run is authenticated and running by now
             for _ in range(20):
                 started = time.monotonic()
                 answer = client.post("/inject", json=review(typical_pod())).json()["response"]
-                latencies.append(time.monotonic() - started)
+                done.append(time.monotonic())
                 assert answer["allowed"] and answer["patch"]
-        injects_done = time.monotonic()
+                latency = done[-1] - started
         thread.join(300)
         assert finished["status"] == 200
-        assert injects_done < finished["dry-run"], "the /inject calls waited for the dry-run"
-        print(f"/inject during the dry-run: median {sorted(latencies)[10] * 1000:.1f} ms, "
-              f"max {max(latencies) * 1000:.1f} ms; the dry-run ended "
-              f"{finished['dry-run'] - injects_done:.1f} s later")
+        answered_meanwhile = sum(t < finished["dry-run"] for t in done)
+        assert answered_meanwhile >= 5, "the /inject calls waited for the dry-run"
+        print(f"dry-run {finished['dry-run'] - finished['started']:.2f} s; {answered_meanwhile} of 20 "
+              f"/inject answered meanwhile; last /inject {latency * 1000:.1f} ms")
     finally:
         server.stop()

@@ -139,3 +139,23 @@ def test_default_worker_count_follows_the_cgroup_cpu_limit(tmp_path: Path) -> No
     unlimited = {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
     assert cgroup(tmp_path / "v1none", unlimited, "12:cpu,cpuacct:/\n") == cpus
     assert json.dumps(cpu_limit())  # this machine: some positive number
+
+
+def test_a_burst_of_keepalive_connections_ends_up_shared_by_both_workers(two: RunningServer) -> None:
+    """The API server opens its connections in bursts; one idle worker would accept them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clients = [two.client() for _ in range(20)]
+    try:
+        def pid_of(client: httpx.Client) -> int:
+            return int(client.get("/readyz").json()["worker"]["pid"])
+
+        with ThreadPoolExecutor(20) as pool:
+            for _ in range(30):  # each worker hands back at most one connection per 50 ms
+                pids = list(pool.map(pid_of, clients))
+                time.sleep(0.05)
+        counts = sorted(pids.count(pid) for pid in set(pids))
+        assert len(counts) == 2 and counts[0] >= 7, counts  # 10 each, give or take the slack of one
+    finally:
+        for client in clients:
+            client.close()
