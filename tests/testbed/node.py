@@ -1,4 +1,4 @@
-"""A real single node on this machine: kube-scheduler + containerd + runc + kubelet.
+"""A real single node on this machine: kube-scheduler + containerd 2 + runc + kubelet.
 
 It registers with a `ControlPlane` as `control_plane.node_name` (a name resolving to 127.0.0.1,
 where the kubelet serves exec/logs/port-forward). Everything it can keep to itself lives in one
@@ -10,8 +10,8 @@ What it cannot keep to itself, it records and undoes in `stop()`:
 - sysctls the kubelet and the bridge plugin set (restored to the values found at start);
 - cgroups under `kubepods` in every v1 hierarchy (processes left in them killed, dirs removed);
 - entries it created in /var/log/pods and /var/log/containers (the dirs too if it created them),
-  in /var/lib/kubelet/device-plugins (a path fixed in kubelet 1.20) and, by name, libcni's cache
-  files in /var/lib/cni/results (containerd 1.6 cannot move that cache);
+  in /var/lib/kubelet/device-plugins (a path fixed in the kubelet) and, by name, libcni's cache
+  files in /var/lib/cni/results (containerd has no setting for that cache);
 - mounts under its work dir (pod volumes, netns, rootfs), the bridge `mesh-tb0`, shim sockets
   under /run/containerd/s;
 - the Node object in the API.
@@ -51,6 +51,7 @@ from tests.testbed.proc import (
     free_port,
     kube_binary,
     load_state,
+    pinned_binary,
     save_state,
     start_daemon,
     wait_until,
@@ -93,6 +94,8 @@ SHIM_SOCKET_DIR = Path("/run/containerd/s")
 #: Points at the work dir of the node running on this machine (one at a time: bridge, kubepods).
 ACTIVE_POINTER = Path("/run/mesh-injector-testbed-node")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: containerd 2's default import (defaults.DefaultConfigIncludePattern), read whatever the config says.
+CONTAINERD_DROP_INS = Path("/etc/containerd/conf.d/*.toml")
 
 
 def node_prerequisites_missing() -> list[str]:
@@ -100,10 +103,10 @@ def node_prerequisites_missing() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root")
-    for name in ("kubelet", "kube-scheduler"):
-        if not os.access(kube_binary(name), os.X_OK):
-            missing.append(f"{kube_binary(name)} (scripts/setup.d/30-kube.sh)")
-    for tool in ("containerd", "ctr", "runc", "gcc", "ip", "ldd", "containerd-shim-runc-v2"):
+    for name in ("kubelet", "kube-scheduler", "containerd", "containerd-shim-runc-v2", "ctr", "runc"):
+        if not os.access(pinned_binary(name), os.X_OK):
+            missing.append(f"{pinned_binary(name)} (scripts/setup --test)")
+    for tool in ("gcc", "ip", "ldd"):
         if shutil.which(tool) is None:
             missing.append(tool)
     for path in (
@@ -114,6 +117,11 @@ def node_prerequisites_missing() -> list[str]:
     ):
         if not path.exists():
             missing.append(str(path))
+    # containerd 2 always merges its default drop-in dir into any config (no setting turns it
+    # off): a host drop-in would change the test node's runtime behind its back.
+    drop_ins = sorted(CONTAINERD_DROP_INS.parent.glob(CONTAINERD_DROP_INS.name))
+    if drop_ins:
+        missing.append(f"no containerd drop-ins in {CONTAINERD_DROP_INS.parent} (found {drop_ins[0]})")
     if not (CGROUP_ROOT / "cpu").is_dir():
         missing.append("cgroup v1 hierarchies under /sys/fs/cgroup (the recipe uses cgroupfs v1)")
     return missing
@@ -139,13 +147,20 @@ def _mounts_under(root: Path) -> list[str]:
 
 
 def _containerd_config(workdir: Path, socket: Path) -> str:
+    """containerd 2's config (format version 3): everything under the work dir, CRI on cgroupfs.
+
+    Each setting that is not containerd's default is explained in tests/testbed/README.md.
+    """
     ctd = workdir / "containerd"
-    cri = 'plugins."io.containerd.grpc.v1.cri"'
-    return f"""version = 2
+    return f"""version = 3
 root = "{ctd / "root"}"
 state = "{ctd / "state"}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.erofs",
+  "io.containerd.nri.v1.nri", "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
 
 [grpc]
   address = "{socket}"
@@ -159,26 +174,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.internal.v1.opt"]
   path = "{ctd / "opt"}"
 
-[{cri}]
-  sandbox_image = "{images.PAUSE_IMAGE}"
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{images.PAUSE_IMAGE}"
+
+[plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
   disable_apparmor = true
   enable_selinux = false
-[{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
-[{cri}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.runc.options]
-  SystemdCgroup = false
-  Root = "{ctd / "runc"}"
-[{cri}.cni]
-  bin_dir = "{workdir / "cni" / "bin"}"
-  conf_dir = "{workdir / "cni" / "net.d"}"
-  max_conf_num = 1
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "{pinned_binary("runc")}"
+        SystemdCgroup = false
+        Root = "{ctd / "runc"}"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{workdir / "cni" / "bin"}"]
+    conf_dir = "{workdir / "cni" / "net.d"}"
+    max_conf_num = 1
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 """
 
 
@@ -205,10 +226,15 @@ def _primary_conflist(workdir: Path) -> dict[str, Any]:
     }
 
 
-def _kubelet_config(port: int, healthz_port: int) -> dict[str, Any]:
+def _kubelet_config(port: int, healthz_port: int, containerd_socket: Path) -> dict[str, Any]:
+    """The kubelet's settings; each one that is not the kubelet's default: tests/testbed/README.md."""
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
+        "containerRuntimeEndpoint": f"unix://{containerd_socket}",
+        # This host mounts cgroup v1 hierarchies (hybrid, no systemd): the kubelet refuses to
+        # start on v1 unless told otherwise (v1 support is in maintenance since 1.31).
+        "failCgroupV1": False,
         "address": "127.0.0.1",
         "port": port,
         "readOnlyPort": 0,
@@ -363,9 +389,7 @@ class Node:
                     str(kube_binary("kube-scheduler")),
                     f"--kubeconfig={plane.kubeconfig}",
                     "--leader-elect=false",
-                    "--port=0",
                     "--secure-port=0",
-                    "--logtostderr=true",
                     "--v=1",
                 ],
                 self.workdir / "logs",
@@ -381,10 +405,16 @@ class Node:
         config = self.workdir / "containerd" / "config.toml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(_containerd_config(self.workdir, self.containerd_socket))
+        # containerd finds its shim on PATH (the shim finds runc through the config's BinaryName).
+        env = {
+            **os.environ,
+            "PATH": f"{pinned_binary('containerd').parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        }
         containerd = start_daemon(
             "containerd",
-            ["containerd", "--config", str(config), "--log-level", "info"],
+            [str(pinned_binary("containerd")), "--config", str(config), "--log-level", "info"],
             self.workdir / "logs",
+            env=env,
         )
         self.daemons.append(containerd)
         wait_until(
@@ -422,20 +452,18 @@ class Node:
         )
         kubeconfig.chmod(0o600)
         config = self.workdir / "kubelet-config.json"
-        config.write_text(json.dumps(_kubelet_config(self.kubelet_port, free_port()), indent=2))
+        config.write_text(
+            json.dumps(_kubelet_config(self.kubelet_port, free_port(), self.containerd_socket), indent=2)
+        )
         kubelet = start_daemon(
             "kubelet",
             [
                 str(kube_binary("kubelet")),
                 f"--config={config}",
                 f"--kubeconfig={kubeconfig}",
-                "--container-runtime=remote",
-                f"--container-runtime-endpoint=unix://{self.containerd_socket}",
                 f"--root-dir={kubelet_dir}",
                 f"--cert-dir={kubelet_dir / 'pki'}",
                 f"--hostname-override={self.name}",
-                f"--pod-infra-container-image={images.PAUSE_IMAGE}",
-                "--logtostderr=true",
                 "--v=1",
             ],
             self.workdir / "logs",
@@ -700,7 +728,14 @@ class Node:
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run `ctr` against this node's containerd, in the CRI namespace `k8s.io`."""
-        cmd = ["ctr", "--address", str(self.containerd_socket), "--namespace", "k8s.io", *args]
+        cmd = [
+            str(pinned_binary("ctr")),
+            "--address",
+            str(self.containerd_socket),
+            "--namespace",
+            "k8s.io",
+            *args,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check)
 
     def import_image(self, archive: Path) -> None:

@@ -19,15 +19,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CACHE_DIR = Path(os.environ.get("MESH_INJECTOR_CACHE", Path.home() / ".cache" / "mesh-injector"))
-#: Where scripts/setup.d/30-kube.sh leaves the Kubernetes binaries it built (and kubectl 1.20).
-KUBE_BIN_DIR = Path(os.environ.get("MESH_KUBE_BIN_DIR", CACHE_DIR / "kube" / "bin"))
-
 
 class TestbedError(RuntimeError):
     """A part of the test bed failed to start; the message points at its log."""
 
     __test__ = False  # not a pytest test class
+
+
+CACHE_DIR = Path(os.environ.get("MESH_INJECTOR_CACHE", Path.home() / ".cache" / "mesh-injector"))
+#: The Go modules under tools/ pin each built part (scripts/setup.d builds and caches them).
+TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
+#: binary -> (tools/<dir>, the module whose version names the cache dir, cache part name).
+PINNED_BINARIES: dict[str, tuple[str, str, str]] = {
+    **{
+        name: ("kube", "k8s.io/kubernetes", "kube")
+        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl")
+    },
+    "etcd": ("etcd", "go.etcd.io/etcd/server/v3", "etcd"),
+    "containerd": ("containerd", "github.com/containerd/containerd/v2", "containerd"),
+    "containerd-shim-runc-v2": ("containerd", "github.com/containerd/containerd/v2", "containerd"),
+    "ctr": ("containerd", "github.com/containerd/containerd/v2", "containerd"),
+    "runc": ("runc", "github.com/opencontainers/runc", "runc"),
+}
+
+
+def pinned_version(tool_dir: str, module: str) -> str:
+    """The version of `module` that tools/<tool_dir>/go.mod pins (what setup built and cached)."""
+    for line in (TOOLS_DIR / tool_dir / "go.mod").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["require"]:
+            words = words[1:]
+        if len(words) >= 2 and words[0] == module and words[1].startswith("v"):
+            return words[1]
+    raise TestbedError(f"tools/{tool_dir}/go.mod pins no {module}")
+
+
+def pinned_binary(name: str) -> Path:
+    """Where scripts/setup.d left a pinned binary: ~/.cache/mesh-injector/<part>-<version>/bin/<name>."""
+    tool_dir, module, part = PINNED_BINARIES[name]
+    if part == "kube" and os.environ.get("MESH_KUBE_BIN_DIR"):
+        return Path(os.environ["MESH_KUBE_BIN_DIR"]) / name
+    return CACHE_DIR / f"{part}-{pinned_version(tool_dir, module)}" / "bin" / name
+
+
+#: The Kubernetes release the test bed runs (tools/kube/go.mod), e.g. "v1.37.2".
+KUBE_VERSION = pinned_version("kube", "k8s.io/kubernetes")
 
 
 def free_port() -> int:
@@ -38,7 +74,7 @@ def free_port() -> int:
 
 
 def kube_binary(name: str) -> Path:
-    return KUBE_BIN_DIR / name
+    return pinned_binary(name)
 
 
 def _start_time(pid: int) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO, require
 from tests.testbed.controlplane import ControlPlane, missing_binaries
-from tests.testbed.proc import wait_for
+from tests.testbed.proc import KUBE_VERSION, wait_for
 
 pytestmark = pytest.mark.apiserver
 
@@ -54,20 +54,30 @@ def test_deployment_yields_replicaset_and_pending_pods_with_token(control_plane:
         for pod in pods:
             assert pod["metadata"]["ownerReferences"][0]["name"] == replicasets[0]["metadata"]["name"]
             assert pod["status"]["phase"] == "Pending"
-            # The ServiceAccount admission plugin mounted the namespace's token secret.
+            # The ServiceAccount admission plugin added the projected token volume: a bound token,
+            # the namespace's kube-root-ca.crt and the namespace (no token Secret since 1.24).
             mounts = pod["spec"]["containers"][0].get("volumeMounts", [])
-            assert any(m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" for m in mounts)
+            mount = next(
+                m for m in mounts if m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+            )
+            volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+            sources = volume["projected"]["sources"]
+            assert sources[0]["serviceAccountToken"]["path"] == "token"
+            assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
 
-        secrets = _items(control_plane, "secrets", ns)
-        token_secrets = [s for s in secrets if s["type"] == "kubernetes.io/service-account-token"]
-        assert token_secrets and "token" in token_secrets[0]["data"] and "ca.crt" in token_secrets[0]["data"]
+        root_ca = control_plane.get_json(f"/api/v1/namespaces/{ns}/configmaps/kube-root-ca.crt")
+        assert root_ca["data"]["ca.crt"] == control_plane.ca_file.read_text()
     finally:
         control_plane.delete_namespace(ns)
 
 
-def test_kubectl_matches_the_server_version(control_plane: ControlPlane) -> None:
+def test_kubectl_and_server_report_the_pinned_release(control_plane: ControlPlane) -> None:
+    """Both carry the release stamp of tools/kube/go.mod (GET /version is what `serve` reads)."""
     version = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
-    assert version["clientVersion"]["minor"] == version["serverVersion"]["minor"] == "20"
+    assert version["clientVersion"]["gitVersion"] == version["serverVersion"]["gitVersion"] == KUBE_VERSION
+    major, minor = KUBE_VERSION.lstrip("v").split(".")[:2]
+    assert control_plane.get_json("/version")["major"] == major
+    assert control_plane.get_json("/version")["minor"] == minor
 
 
 def test_api_client_and_rbac(control_plane: ControlPlane) -> None:

@@ -39,7 +39,7 @@ while True:
 # Imports first (this interpreter's stdlib may live where uid 1337 cannot read), then drop to
 # the proxy's UID and run the proxy as a script.
 _AS_PROXY_UID = (
-    "import contextlib, encodings.idna, http.client, http.server, json, os, socket, socketserver; "
+    "import contextlib, encodings.idna, http.client, http.server, json, os, signal, socket, socketserver; "
     "import sys, threading, time; "
     "path = sys.argv[1]; code = compile(open(path).read(), path, 'exec'); "
     "os.setgroups([]); os.setgid(1337); os.setuid(1337); "

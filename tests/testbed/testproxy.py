@@ -15,6 +15,10 @@ proxy, just enough of one for the redirect to be observable:
   `/app-health/<container>/<readyz|livez|startupz>` runs the original probe from
   ISTIO_KUBE_APP_PROBERS (httpGet or tcpSocket against the pod) like Istio's agent does.
 - `pilot-agent wait` (holdApplicationUntilProxyStarts) polls 15021 until ready.
+- TESTPROXY_READY_AFTER=SECONDS (env, default 0): 15021 answers 503 `starting` until that long
+  after start (a slow Envoy start, to show who waits for the proxy); the `ready` line is
+  printed when it turns ready. SIGTERM prints `{"event": "terminating"}` and exits 0 (to show
+  when the kubelet stopped the proxy relative to the app).
 Command-line arguments (`proxy sidecar ...`, Envoy's `-c ...`) are accepted and ignored.
 """
 
@@ -25,6 +29,7 @@ import http.client
 import http.server
 import json
 import os
+import signal
 import socket
 import socketserver
 import sys
@@ -174,11 +179,27 @@ def _run_probe(probe: dict[str, object]) -> bool:
     return False
 
 
+#: Monotonic time from which 15021 answers ready (see TESTPROXY_READY_AFTER).
+_ready_at = 0.0
+
+
+def _ready_after(env: dict[str, str] | os._Environ[str]) -> float:
+    """TESTPROXY_READY_AFTER as seconds, bounded to 0-300 (a bad value means no delay)."""
+    try:
+        value = float(env.get("TESTPROXY_READY_AFTER", "0"))
+    except ValueError:
+        return 0.0
+    return min(max(value, 0.0), 300.0) if value == value else 0.0  # NaN -> 0
+
+
 class _Status(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path in ("/healthz/ready", "/ready"):
-            self._reply(200, "ready")
+            if time.monotonic() < _ready_at:
+                self._reply(503, "starting")
+            else:
+                self._reply(200, "ready")
         elif path == "/stats/prometheus":
             self._reply(200, "# test proxy: no stats\n")
         elif path.startswith("/app-health/"):
@@ -224,11 +245,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 six.server_bind()
                 six.server_activate()
                 servers.append(six)
+    global _ready_at
+    _ready_at = time.monotonic() + _ready_after(os.environ)
+    signal.signal(signal.SIGTERM, _terminate)
     for server in servers:
         _serve(server)
+    time.sleep(max(0.0, _ready_at - time.monotonic()))
     log(event="ready", uid=os.getuid(), ports=[OUTBOUND_PORT, INBOUND_PORT, STATUS_PORT, HEALTH_PORT])
     while True:
         time.sleep(3600)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM: say so (the kubelet's stop order shows in the logs), then exit 0."""
+    del signum, frame
+    log(event="terminating")
+    os._exit(0)
 
 
 def pilot_agent_main(argv: Sequence[str] | None = None) -> int:
