@@ -181,7 +181,9 @@ def _tokens(tmp_path: Path, ident: Identity) -> TokenDir:
 def test_kubeconfig_is_private_usable_and_follows_token_rotation(
     identity: Identity, host: AgentConfig, tmp_path: Path
 ) -> None:
-    from cni import podinfo  # the plugin's own reader: what will consume this kubeconfig
+    def reader() -> KubeApi:
+        """The plugin's own client from the kubeconfig (what cni.plugin.api_annotations builds)."""
+        return KubeApi.from_kubeconfig(str(host.kubeconfig))
 
     identity.apply(_pod(identity, "reader-target", node=None, injected=False))
     tokens = _tokens(tmp_path, identity)
@@ -191,20 +193,16 @@ def test_kubeconfig_is_private_usable_and_follows_token_rotation(
         assert host.kubeconfig.stat().st_mode & 0o777 == 0o600
         assert not host.kubeconfig.is_relative_to(host.cni_net_dir)
         first = tokens.token.read_text()
-        assert podinfo.load_kubeconfig(str(host.kubeconfig)).token == first
-        pod = podinfo.get_pod(
-            podinfo.load_kubeconfig(str(host.kubeconfig)), identity.namespace, "reader-target"
-        )
+        assert reader().token == first
+        pod = reader().get_pod(identity.namespace, "reader-target")
         assert pod["metadata"]["name"] == "reader-target"
 
         second = identity.token()
         assert second != first
         tokens.write(second)  # kubelet-style: ..data symlink swap
-        elapsed = wait_for(lambda: podinfo.load_kubeconfig(str(host.kubeconfig)).token == second, timeout=10)
+        elapsed = wait_for(lambda: reader().token == second, timeout=10)
         assert host.kubeconfig.stat().st_mode & 0o777 == 0o600
-        pod = podinfo.get_pod(
-            podinfo.load_kubeconfig(str(host.kubeconfig)), identity.namespace, "reader-target"
-        )
+        pod = reader().get_pod(identity.namespace, "reader-target")
         assert pod["metadata"]["uid"]
     print(f"kubeconfig followed the rotated token in {elapsed * 1000:.0f} ms")
 
