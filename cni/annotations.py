@@ -156,6 +156,8 @@ class ReasonCode:
     REQUEST_TOO_LARGE = "RequestTooLarge"
     TIMEOUT = "Timeout"
     # the plugin's redirect decision
+    EXCLUDED_NAMESPACE = "ExcludedNamespace"  # the pod's namespace is in the plugin's exclude list
+    OWN_POD = "OwnPod"  # the pod is the CNI's own node agent (name prefix): never redirected
     NOT_INJECTED = "NotInjected"  # no status annotation: the injector did not inject the pod
     NO_CAPTURE = "NoCapture"  # injected without a validation/init container (capture none, NONE mode)
     INVALID_STATUS = "InvalidStatus"  # the status annotation is not what the injector writes

@@ -17,6 +17,7 @@ Table ``inet mesh_cni``::
 
 from __future__ import annotations
 
+import _socket
 import struct
 
 from cni import nfnl
@@ -57,8 +58,6 @@ DNS_PORT = 53
 
 V4_LOOPBACK = (4, bytes([127, 0, 0, 1]), 32)
 V6_LOOPBACK = (6, bytes(15) + b"\x01", 128)
-V4_PASSTHROUGH = (4, bytes([127, 0, 0, 6]), 32)
-V6_PASSTHROUGH = (6, bytes(15) + b"\x06", 128)
 
 #: (chain name, hook) where hook is (hook number, priority, type) for base chains.
 Chain = tuple[str, "tuple[int, int, str] | None"]
@@ -137,6 +136,15 @@ def net_of(network: Cidr) -> Net:
     return (network.version, network.packed, network.prefixlen)
 
 
+def passthrough_nets() -> tuple[Net, Net]:
+    """The proxy's inbound passthrough sources (the shared vocabulary's) as host Nets. Imported
+    here, not at module level: DEL/CHECK import this module without the vocabulary."""
+    from cni.annotations import INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6
+
+    return ((4, _socket.inet_pton(_socket.AF_INET, INBOUND_PASSTHROUGH_V4), 32),
+            (6, _socket.inet_pton(_socket.AF_INET6, INBOUND_PASSTHROUGH_V6), 128))
+
+
 def _contains(net: Net, host: Net) -> bool:
     version, packed, prefix = net
     if version != host[0]:
@@ -189,7 +197,7 @@ def build_ruleset(plan: RedirectPlan) -> Ruleset:
 
     for port in p.outbound_exclude_ports:
         add("outbound", tcp, dport(port), ret())
-    for passthrough in (V4_PASSTHROUGH, V6_PASSTHROUGH):
+    for passthrough in passthrough_nets():
         add("outbound", ifname(META_OIFNAME, "lo"), addr(passthrough, source=True), ret())
     include = p.outbound_include_cidrs
     include_nets = None if include is None else [net_of(n) for n in include]

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 #: annotation module (tests assert the two agree).
 STATUS_ANNOTATION = "sidecar.istio.io/status"
 #: = cni.annotations.ReasonCode values, for the decisions taken before that module is imported.
-NOT_POD, EXCLUDED, NOT_INJECTED = "NotPod", "SystemNamespace", "NotInjected"
+NOT_POD, EXCLUDED_NAMESPACE, OWN_POD, NOT_INJECTED = "NotPod", "ExcludedNamespace", "OwnPod", "NotInjected"
 
 
 def because(reason: str, message: str) -> str:
@@ -48,9 +48,9 @@ def pod_annotations(request: Request, log: Log) -> tuple[dict[str, str] | None, 
     if not namespace or not name:
         return None, because(NOT_POD, "no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: not a Kubernetes pod")
     if namespace in config.exclude_namespaces:
-        return None, because(EXCLUDED, f"namespace {namespace} is excluded")
+        return None, because(EXCLUDED_NAMESPACE, f"namespace {namespace} is excluded")
     if name.startswith(config.cni_pod_name_prefix):
-        return None, because(EXCLUDED, f"pod {name} is the CNI's own pod")
+        return None, because(OWN_POD, f"pod {name} is the CNI's own pod")
     annotations = config.pod_annotations()
     if annotations is None:
         kubeconfig = config.kubeconfig

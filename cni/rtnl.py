@@ -19,7 +19,6 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD, IFA_F_PERMANENT = 0x02, 0x80
 RT_SCOPE_HOST = 254
 LOOPBACK_INDEX = 1  # `lo` is always ifindex 1 in a network namespace
-PASSTHROUGH_V6 = bytes(15) + b"\x06"
 
 
 def add_passthrough_v6(sock: _socket.socket | None = None) -> bool:
@@ -27,11 +26,14 @@ def add_passthrough_v6(sock: _socket.socket | None = None) -> bool:
 
     Returns False when IPv6 is unavailable there; raises OSError on other failures.
     """
+    from cni.annotations import INBOUND_PASSTHROUGH_V6  # already loaded: only redirected pods get here
+
+    passthrough = _socket.inet_pton(AF_INET6, INBOUND_PASSTHROUGH_V6)
     own = sock is None
     if sock is None:
         sock = _socket.socket(16, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     try:
-        attrs = b"".join(struct.pack("=HH", 20, kind) + PASSTHROUGH_V6 for kind in (IFA_LOCAL, IFA_ADDRESS))
+        attrs = b"".join(struct.pack("=HH", 20, kind) + passthrough for kind in (IFA_LOCAL, IFA_ADDRESS))
         body = struct.pack("=BBBBI", AF_INET6, 128, IFA_F_NODAD | IFA_F_PERMANENT, RT_SCOPE_HOST,
                            LOOPBACK_INDEX) + attrs
         sock.send(struct.pack("=IHHII", 16 + len(body), RTM_NEWADDR,

@@ -65,8 +65,8 @@ def test_no_inbound_capture_without_inbound_ports() -> None:
 def test_status_annotation_shortcut_matches_the_shared_vocabulary() -> None:
     assert plugin.STATUS_ANNOTATION == annotations.STATUS
     codes = annotations.ReasonCode
-    assert (plugin.NOT_POD, plugin.EXCLUDED, plugin.NOT_INJECTED) == (
-        codes.NOT_POD, codes.SYSTEM_NAMESPACE, codes.NOT_INJECTED)
+    assert (plugin.NOT_POD, plugin.EXCLUDED_NAMESPACE, plugin.OWN_POD, plugin.NOT_INJECTED) == (
+        codes.NOT_POD, codes.EXCLUDED_NAMESPACE, codes.OWN_POD, codes.NOT_INJECTED)
 
 
 def test_hot_path_imports_stay_lean(bed: CniBed) -> None:

@@ -157,6 +157,10 @@ def test_uninjected_and_excluded_pods_are_left_alone(bed: CniBed, server: Pod) -
     own = bed.add_pod("meshnet", INJECTED, name="mesh-cni-node-x1")
     for pod in (server, opted_out, none_mode, system, own):
         assert "mesh_cni" not in nft_ruleset(pod.netns), pod.name
+    # Each skip names its own reason: an excluded namespace is not the CNI's own pod.
+    log = bed.log_file.read_text()
+    assert "namespace kube-system is excluded (reason ExcludedNamespace)" in log
+    assert "pod mesh-cni-node-x1 is the CNI's own pod (reason OwnPod)" in log
     # The injector decided (label beats annotation); the plugin follows its status, never re-decides.
     injected_anyway = bed.add_pod("meshnet", {**INJECTED, "sidecar.istio.io/inject": "false"})
     assert "mesh_cni" in nft_ruleset(injected_anyway.netns)

@@ -6,9 +6,12 @@ reads and patches them, and pods bound to them stay as the test sets their statu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -107,14 +110,15 @@ class Identity:
         return self.plane.get_json(path)
 
 
-@pytest.fixture(scope="module")
-def identity(control_plane: Any) -> Iterator[Identity]:
-    namespace = control_plane.create_namespace(prefix="mesh-cni-install")
+@contextlib.contextmanager
+def bound_identity(plane: Any) -> Iterator[Identity]:
+    """A namespace + service account on ``plane`` with the tested ClusterRole bound."""
+    namespace = plane.create_namespace(prefix="mesh-cni-install")
     account = "mesh-cni"
     role = f"mesh-cni-test-{namespace}"
-    control_plane.kubectl("create", "serviceaccount", account, "-n", namespace)
+    plane.kubectl("create", "serviceaccount", account, "-n", namespace)
     rules = _cluster_role_rules(RBAC)
-    ident = Identity(control_plane, namespace, account)
+    ident = Identity(plane, namespace, account)
     ident.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                  "metadata": {"name": role}, "rules": rules})  # fmt: skip
     ident.apply({
@@ -126,10 +130,14 @@ def identity(control_plane: Any) -> Iterator[Identity]:
     try:
         yield ident
     finally:
-        control_plane.kubectl(
-            "delete", "clusterrolebinding,clusterrole", role, "--ignore-not-found", check=False
-        )
-        control_plane.delete_namespace(namespace)
+        plane.kubectl("delete", "clusterrolebinding,clusterrole", role, "--ignore-not-found", check=False)
+        plane.delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def identity(control_plane: Any) -> Iterator[Identity]:
+    with bound_identity(control_plane) as ident:
+        yield ident
 
 
 def _node(ident: Identity, name: str) -> str:
@@ -181,7 +189,9 @@ def _tokens(tmp_path: Path, ident: Identity) -> TokenDir:
 def test_kubeconfig_is_private_usable_and_follows_token_rotation(
     identity: Identity, host: AgentConfig, tmp_path: Path
 ) -> None:
-    from cni import podinfo  # the plugin's own reader: what will consume this kubeconfig
+    def reader() -> KubeApi:
+        """The plugin's own client from the kubeconfig (what cni.plugin.api_annotations builds)."""
+        return KubeApi.from_kubeconfig(str(host.kubeconfig))
 
     identity.apply(_pod(identity, "reader-target", node=None, injected=False))
     tokens = _tokens(tmp_path, identity)
@@ -191,20 +201,16 @@ def test_kubeconfig_is_private_usable_and_follows_token_rotation(
         assert host.kubeconfig.stat().st_mode & 0o777 == 0o600
         assert not host.kubeconfig.is_relative_to(host.cni_net_dir)
         first = tokens.token.read_text()
-        assert podinfo.load_kubeconfig(str(host.kubeconfig)).token == first
-        pod = podinfo.get_pod(
-            podinfo.load_kubeconfig(str(host.kubeconfig)), identity.namespace, "reader-target"
-        )
+        assert reader().token == first
+        pod = reader().get_pod(identity.namespace, "reader-target")
         assert pod["metadata"]["name"] == "reader-target"
 
         second = identity.token()
         assert second != first
         tokens.write(second)  # kubelet-style: ..data symlink swap
-        elapsed = wait_for(lambda: podinfo.load_kubeconfig(str(host.kubeconfig)).token == second, timeout=10)
+        elapsed = wait_for(lambda: reader().token == second, timeout=10)
         assert host.kubeconfig.stat().st_mode & 0o777 == 0o600
-        pod = podinfo.get_pod(
-            podinfo.load_kubeconfig(str(host.kubeconfig)), identity.namespace, "reader-target"
-        )
+        pod = reader().get_pod(identity.namespace, "reader-target")
         assert pod["metadata"]["uid"]
     print(f"kubeconfig followed the rotated token in {elapsed * 1000:.0f} ms")
 
@@ -421,3 +427,108 @@ def test_real_node_unmeshed_pod_is_replaced_by_a_meshed_one(
         if agent is not None:
             agent.uninstall()
         assert snapshot(node.cni_conf_dir, node.cni_bin_dir) == before
+
+
+# --- fault: the API server restarting under the agent's loops (issue 11) -------------------------
+
+
+@pytest.fixture
+def own_plane(tmp_path: Path) -> Iterator[Any]:
+    """A control plane of this test's own: restarting the session's would disturb other tests."""
+    from tests.conftest import require
+    from tests.testbed.controlplane import ControlPlane, missing_binaries
+
+    missing = missing_binaries()
+    require(not missing, "needs the Kubernetes binaries: " + ", ".join(missing))
+    plane = ControlPlane.start(tmp_path / "control-plane")
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+def _stop_apiserver(plane: Any) -> None:
+    """SIGTERM kube-apiserver (etcd and the controller manager keep running)."""
+    daemon = next(d for d in plane.daemons if d.name == "kube-apiserver")
+    daemon.stop()
+    plane.daemons.remove(daemon)
+
+
+def _start_apiserver(plane: Any) -> None:
+    """The same kube-apiserver again: same port, certificates, tokens and service-account keys.
+    (The test bed has no restart; this uses its own start step.)"""
+    port = int(plane.server.rsplit(":", 1)[1])
+    plane._start_apiserver(port, plane.workdir / "pki" / "tokens.csv", plane.workdir / "logs", 90.0)
+
+
+def _max_attempts(seconds: float, first_s: float) -> int:
+    """Most calls one loop may make in ``seconds`` of outage with the agent's backoff (waits
+    >= 0.8 * first_s * 2**k): one in flight when the outage starts, then one per wait."""
+    return 2 + int(math.log2(seconds / (0.8 * first_s) + 1))
+
+
+def test_loops_recover_by_themselves_after_the_api_server_restarts(
+    own_plane: Any, host: AgentConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cni.repair import WorkerConfig
+
+    calls: list[tuple[str, float]] = []  # (agent thread, when): every request and watch it makes
+    request, watch = KubeApi.request, KubeApi.watch
+
+    def counted_request(self: KubeApi, *args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, time.monotonic()))
+        return request(self, *args, **kwargs)
+
+    def counted_watch(self: KubeApi, *args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, time.monotonic()))
+        return watch(self, *args, **kwargs)
+
+    monkeypatch.setattr(KubeApi, "request", counted_request)
+    monkeypatch.setattr(KubeApi, "watch", counted_watch)
+    first_s = WorkerConfig(node="x").retry_s
+    down_s = 8.0
+    with bound_identity(own_plane) as ident:
+        own = _node(ident, f"mesh-restart-{uuid.uuid4().hex[:6]}")
+        before, after = "broken-before", "broken-after"
+        ident.apply(_pod(ident, before, node=own))
+        _set_validation_exit(ident, before, 126)
+        tokens = _tokens(tmp_path, ident)
+        rotated = ident.token()  # issued now: TokenRequest needs the API server
+        write_shape(host, "bridge-conflist")
+        config = _agent_config(host, ident, tokens, own, repair_mode="label", taint_recheck_s=2.0)
+        with running_agent(host, **config) as agent:
+            wait_for(lambda: NOT_READY_TAINT_KEY not in _taint_keys(ident, own), timeout=30, interval=0.2)
+            wait_for(lambda: _labels(ident, before).get(REPAIR_LABEL) == "true", timeout=30, interval=0.2)
+
+            down_at, cpu_at, seen = time.monotonic(), time.process_time(), len(calls)
+            # SIGTERM: it refuses new connections at once, holds open watches until it exits
+            # (this build hangs in shutdown until the test bed's SIGKILL, 15 s later).
+            _stop_apiserver(own_plane)
+            gone_at = time.monotonic()
+            tokens.write(rotated)  # the kubelet rotates the token while the API server is away
+            wait_for(lambda: KubeApi.from_kubeconfig(str(host.kubeconfig)).token == rotated, timeout=10)
+            time.sleep(max(0.0, down_s - (time.monotonic() - gone_at)))  # down: the watch is gone too
+            outage, cpu = time.monotonic() - down_at, time.process_time() - cpu_at
+            during = [name for name, _ in calls[seen:]]
+            _start_apiserver(own_plane)
+
+            # After the restart: the node is tainted again (re-registered) and another pod breaks.
+            own_plane.kubectl("taint", "node", own, f"{NOT_READY_TAINT_KEY}:NoSchedule")
+            ident.apply(_pod(ident, after, node=own))
+            _set_validation_exit(ident, after, 126)
+            # Up to one capped backoff (max_retry_s, +20%) after the restart, plus the calls.
+            recovered = wait_for(lambda: NOT_READY_TAINT_KEY not in _taint_keys(ident, own),
+                                 timeout=90, interval=0.2)
+            wait_for(lambda: _labels(ident, after).get(REPAIR_LABEL) == "true", timeout=90, interval=0.2)
+            wait_for(lambda: agent.status.counters["mesh_cni_repair_pods_total|label"] == 2, timeout=10)
+            assert agent.status.counters["mesh_cni_taint_removed_total"] == 2
+            # The plugin's client, from the kubeconfig the agent rewrote during the outage.
+            plugin_view = KubeApi.from_kubeconfig(str(host.kubeconfig)).get_pod(ident.namespace, after)
+            assert plugin_view["metadata"]["name"] == after
+        assert "example.com/keep-me" in _taint_keys(ident, own)
+    print(f"outage {outage:.1f} s: {during.count('taint')} taint + {during.count('repair')} repair calls, "
+          f"{cpu * 1000:.0f} ms CPU; taint gone {recovered:.1f} s after the restart")
+    bound = _max_attempts(outage, first_s)
+    assert during.count("taint") <= bound and during.count("repair") <= bound, (
+        f"{during} in {outage:.1f} s: more than the backoff allows ({bound} per loop)")
+    assert during.count("taint") >= 1 and during.count("repair") >= 1, "the loops kept trying"

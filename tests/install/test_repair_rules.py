@@ -79,3 +79,34 @@ def test_kubeconfig_is_json_with_embedded_ca_and_bracketed_ipv6() -> None:
     assert body["clusters"][0]["cluster"]["server"] == "https://[fd00::1]:443"
     assert body["clusters"][0]["cluster"]["certificate-authority-data"] == "UEVN"
     assert body["users"][0]["user"]["token"] == "t"
+
+
+class _ClosingApi:
+    """An API server (or proxy) that answers the pod list but ends every watch at once."""
+
+    def __init__(self) -> None:
+        self.lists = 0
+
+    def request(self, method: str, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.lists += 1
+        return {"items": [], "metadata": {"resourceVersion": "1"}}
+
+    def watch(self, path: str, **kwargs: Any) -> Any:
+        return iter(())
+
+
+def test_watches_ended_at_once_do_not_make_the_repair_loop_relist_hot() -> None:
+    import threading
+
+    from cni.repair import Signals, WorkerConfig, repair_loop
+
+    api, stop, valid = _ClosingApi(), threading.Event(), threading.Event()
+    valid.set()
+    config = WorkerConfig(node="n", repair_mode="label", retry_s=0.1, max_retry_s=0.4)
+    thread = threading.Thread(target=repair_loop, args=(api, config, Signals(stop, valid, lambda _: None)))
+    thread.start()
+    stop.wait(2.0)
+    stop.set()
+    thread.join(5)
+    # Waits 0.1, 0.2, 0.4, 0.4, ... (x0.8..1.2): at most ~7 lists in 2 s; a hot loop makes thousands.
+    assert 2 <= api.lists <= 8, api.lists
