@@ -8,4 +8,4 @@ source scripts/lib.sh
 version=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' tools/etcd/go.mod)
 GO_BUILD_FLAGS=("-ldflags=-s -w")
 bindir=$(go_bins_build etcd "$version" tools/etcd etcd=go.etcd.io/etcd/server/v3)
-"$bindir/etcd" --version | head -n1 >&2
+"$bindir/etcd" --version | sed -n 1p >&2  # sed reads it all: no SIGPIPE under pipefail

@@ -23,4 +23,4 @@ go_bins_build containerd "$version" tools/containerd \
 version=$(awk '$1 == "github.com/opencontainers/runc" {print $2; exit}' tools/runc/go.mod)
 GO_BUILD_FLAGS=(-tags=seccomp "-ldflags=-s -w -X main.version=${version#v}")
 bindir=$(CGO_ENABLED=1 go_bins_build runc "$version" tools/runc github.com/opencontainers/runc)
-"$bindir/runc" --version | head -n1 >&2
+"$bindir/runc" --version | sed -n 1p >&2  # sed reads it all: no SIGPIPE under pipefail
