@@ -108,7 +108,8 @@ def test_a_go_template_we_cannot_render_is_refused_by_name(tmp_path: Path) -> No
 def test_an_unused_go_template_is_dropped_and_pods_asking_for_it_refused(tmp_path: Path) -> None:
     inject = tmp_path / "inject.yaml"
     inject.write_text(yaml.safe_dump({"templates": {"my-gateway": "{{ .Values.x }}\nmetadata: {}\n"}}))
-    asking = {**POD, "metadata": {**POD["metadata"], "annotations": {"inject.istio.io/templates": "my-gateway"}}}
+    annotations = {"inject.istio.io/templates": "my-gateway"}
+    asking = {**POD, "metadata": {**POD["metadata"], "annotations": annotations}}
     done = run_cli("kube-inject", "-f", "-", "--injectConfigFile", str(inject),
                    stdin=yaml.safe_dump(asking).encode())
     assert done.returncode == 1
