@@ -528,7 +528,7 @@ class Report:
 
     def pages(self) -> Iterator[list[PodAudit]]:
         """Audit page after page; errors end the iteration and land in ``summary.error``."""
-        from injector.dryrun import config_for_revision
+        from injector.documents import config_for_revision
 
         pages = self.reader.pages()
         iterator = iter(pages)

@@ -36,7 +36,7 @@ def injected(pod: Mapping[str, Any], revision: str = "default") -> dict[str, Any
     """The pod as the injector of ``revision`` (built-in config) would have admitted it."""
     from injector.configwatch import builtin_config
     from injector.core import inject
-    from injector.dryrun import config_for_revision
+    from injector.documents import config_for_revision
 
     config = config_for_revision(builtin_config(), revision)
     result = inject(copy.deepcopy(dict(pod)), config=config, namespace_labels={"istio.io/rev": revision},

@@ -9,7 +9,7 @@ import pytest
 from injector.audit import Summary, audit_pod, wanted_revision
 from injector.configwatch import builtin_config
 from injector.core import inject
-from injector.dryrun import config_for_revision
+from injector.documents import config_for_revision
 
 
 def pod(name: str = "web-1", labels: dict[str, str] | None = None, **meta: Any) -> dict[str, Any]:
