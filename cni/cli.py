@@ -89,23 +89,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def version_main(argv: list[str]) -> int:
     """``mesh-cni version``: the package version and the CNI spec versions the plugin speaks."""
+    import argparse
     from importlib import metadata
 
     from cni.spec import SUPPORTED_VERSIONS
 
+    parser = argparse.ArgumentParser(
+        prog="mesh-cni version",
+        description="The package version and the CNI spec versions the plugin speaks.",
+    )
+    parser.add_argument("--short", action="store_true", help="the version number only (default: off)")
+    args = parser.parse_args(argv)
     try:
         version = metadata.version("mesh-injector")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    if argv == ["--short"]:
+    if args.short:
         sys.stdout.write(version + "\n")
-    elif argv:
-        sys.stderr.write("usage: mesh-cni version [--short]\n")
-        return 2
     else:
         sys.stdout.write(f"mesh-cni {version} (CNI spec {', '.join(SUPPORTED_VERSIONS)})\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
