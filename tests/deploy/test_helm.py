@@ -8,8 +8,8 @@ The tests against the API server are in test_helm_apiserver.py.
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +133,8 @@ def test_every_supported_minor_is_validated() -> None:
 def test_kustomize_base_is_generated_from_the_chart() -> None:
     """One source of truth: manifests/base is `helm template` of the chart, checked in."""
     helm()
+    # (`python -m injector.manifests --check`, the same check as a command, runs in test_manifests.)
     assert manifests.stale_files() == [], "run: python -m injector.manifests --write"
-    done = subprocess.run(
-        [os.environ.get("PYTHON", "python3"), "-m", "injector.manifests", "--check"],
-        cwd=REPO, capture_output=True, text=True, check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def test_drift_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,8 +300,6 @@ def test_bad_values_are_refused_naming_the_value(args: tuple[str, ...], named: s
 
 def test_tag_generate_prints_what_the_chart_makes() -> None:
     """`mesh-injector tag generate` (no cluster) and the chart's revisionTags make the same object."""
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "injector.cli", "tag", "generate", "prod", "--revision", "canary"],
         cwd=REPO, capture_output=True, text=True, check=False,

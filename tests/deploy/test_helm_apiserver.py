@@ -29,7 +29,7 @@ import yaml
 from injector import manifests
 from tests.conftest import REPO
 from tests.deploy.test_helm import helm
-from tests.server.helpers import RunningServer, start_server
+from tests.server.helpers import RunningServer, serve_command, start_server
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.proc import wait_for
 
@@ -59,7 +59,7 @@ class Helm:
             assert done.returncode == 0, f"helm {' '.join(args)}:\n{done.stdout}{done.stderr}"
         return done
 
-    def values(self, release: str, server: RunningServer) -> list[str]:
+    def values(self, server: RunningServer) -> list[str]:
         return [
             "--namespace", self.namespace,
             "--set", "injector.replicas=0",
@@ -92,7 +92,7 @@ class Helm:
         self, release: str, *extra: str, command: str = "install"
     ) -> subprocess.CompletedProcess[str]:
         server = self.server_for(release)
-        args = [command, release, str(manifests.CHART), *self.values(release, server),
+        args = [command, release, str(manifests.CHART), *self.values(server),
                 "--set", "cni.enabled=false", *extra]
         if command == "install":
             args.append("--create-namespace")
@@ -118,14 +118,6 @@ class Helm:
 def injection_status(pod: dict[str, Any]) -> dict[str, Any] | None:
     text = (pod["metadata"].get("annotations") or {}).get("sidecar.istio.io/status")
     return json.loads(text) if text else None
-
-
-def served_by(server: RunningServer, namespace: str, name: str) -> bool:
-    """Did this server answer the review for that pod? (its JSON request log names both)."""
-    return any(
-        line.get("namespace") == namespace and name in str(line.get("name", "")) + str(line.get("pod", ""))
-        for line in server.logs()
-    )
 
 
 @pytest.fixture(scope="module")
@@ -255,15 +247,17 @@ def test_canary_revision_relabel_and_tags(helm_bed: Helm, tmp_path: Path) -> Non
     # The audit names the pod still running the old revision.
     kubeconfig = bed.plane.kubeconfig
     audit = subprocess.run(
-        [str(Path(os.sys.executable).parent / "mesh-injector"), "audit", "--kubeconfig", str(kubeconfig),
-         "--namespace", ns, "-o", "json"],
+        [*serve_command(), "audit", "--kubeconfig", str(kubeconfig), "--namespace", ns, "-o", "json"],
         capture_output=True, text=True, check=False, cwd=REPO,
     )
     assert audit.returncode in (0, 1), audit.stderr
-    assert "old" in audit.stdout and "canary" in audit.stdout
+    rows = {row["pod"]: row for row in json.loads(audit.stdout)["pods"]}
+    assert (rows["old"]["revision"], rows["old"]["wantedRevision"], rows["old"]["stale"]) == (
+        "default", "canary", True
+    )
 
     # A revision tag: `prod` -> canary, then moved to default in one step.
-    tag_cli = [str(Path(os.sys.executable).parent / "mesh-injector"), "tag", "--kubeconfig", str(kubeconfig)]
+    tag_cli = [*serve_command(), "tag", "--kubeconfig", str(kubeconfig)]
     done = subprocess.run([*tag_cli, "set", "prod", "--revision", "canary"], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
