@@ -8,6 +8,10 @@
 # directory, so changing tools/istio rebuilds and nothing else does.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/lib.sh
+# istio-cni in sidecar mode programs a pod's netns with the host's iptables-restore/-save
+# (bench/bench_istio_cni.py runs it); our plugin needs neither.
+apt_need iptables
 
 CACHE="${MESH_INJECTOR_CACHE:-$HOME/.cache/mesh-injector}"
 PIN="$(awk '$1 == "istio.io/istio" {print $2}' tools/istio/go.mod)"
