@@ -21,7 +21,6 @@ Needs wrk (apt), the test bed's Kubernetes binaries and the Istio build (scripts
 from __future__ import annotations
 
 import argparse
-import base64
 import copy
 import json
 import os
@@ -43,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import bench_server as bs  # noqa: E402
 
 from tests.istio import oracle  # noqa: E402
-from tests.istio.istiod import Istiod  # noqa: E402
+from tests.istio.istiod import Istiod, added_containers, patch_of  # noqa: E402
 from tests.testbed.controlplane import ControlPlane  # noqa: E402
 
 ENV_COUNT = 2000
@@ -82,23 +81,17 @@ def post(url: str, review: dict[str, Any]) -> dict[str, Any]:
 
 
 def injection_shape(answer: dict[str, Any]) -> str:
-    """What the answer's patch does to the pod, in a few words; fails unless it injects istio-proxy.
+    """What the answer's patch does to the pod, in a few words; fails unless it adds istio-proxy.
 
     Reading the patch keeps the comparison honest: a server answering "allowed, no patch" fast
     would otherwise win.
     """
-    response = answer.get("response") or {}
-    assert response.get("allowed"), f"not allowed: {response}"
-    patch = json.loads(base64.b64decode(response.get("patch") or b"W10="))
-    assert patch, "empty patch: nothing injected"
-    where = []
-    for op in patch:
-        values = op["value"] if isinstance(op.get("value"), list) else [op.get("value")]
-        for value in values:
-            if isinstance(value, dict) and value.get("name") in PROXY_CONTAINERS:
-                where.append(f"{value['name']} in {op['path'].split('/')[2]}")
-    assert any(w.startswith("istio-proxy") for w in where), f"no istio-proxy in the patch: {where}"
-    return f"{len(patch)} ops, {len(response['patch'])} B base64; " + ", ".join(sorted(set(where)))
+    assert (answer.get("response") or {}).get("allowed"), f"not allowed: {answer.get('response')}"
+    patch = patch_of(answer)
+    added = added_containers(patch)
+    assert any(name == "istio-proxy" for name, _ in added), f"no istio-proxy in the patch: {added}"
+    return (f"{len(patch)} ops, {len(answer['response']['patch'])} B base64; "
+            + ", ".join(f"{name} in {field}" for name, field in added if name in PROXY_CONTAINERS))
 
 
 def start_ours(tmp: Path, port: int, workers: int, kubeconfig: Path, log: Any) -> subprocess.Popen[bytes]:

@@ -18,6 +18,7 @@ exist here and the API server must not call a webhook that points at a Service).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import ssl
@@ -83,7 +84,7 @@ class Istiod:
                 f"--grpcAddr=127.0.0.1:{ports['grpc']}", f"--secureGRPCAddr=127.0.0.1:{ports['sgrpc']}",
                 f"--monitoringAddr=127.0.0.1:{ports['monitoring']}",
                 "--ctrlz_address=127.0.0.1", f"--ctrlz_port={ports['ctrlz']}",
-                "--domain=cluster.local", "--log_output_level=default:info"]
+                "--domain=cluster.local", "--log_output_level=default:info", "--shutdownDuration=1s"]
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir),
             "POD_NAMESPACE": NAMESPACE, "POD_NAME": "istiod-bench", "SERVICE_ACCOUNT": "istiod",
@@ -120,10 +121,35 @@ class Istiod:
         self.daemon.stop()
 
 
-def _probe_review() -> dict[str, Any]:
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": "default"},
-           "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
+def patch_of(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON patch of an AdmissionReview answer (empty when it has none)."""
+    encoded = (answer.get("response") or {}).get("patch")
+    return json.loads(base64.b64decode(encoded)) if encoded else []
+
+
+def added_containers(patch: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(name, pod field) of every container a patch adds, e.g. ("istio-proxy", "initContainers")."""
+    out = []
+    for op in patch:
+        field = op["path"].split("/")[2] if op["path"].startswith("/spec/") else ""
+        if op.get("op") != "add" or field not in ("containers", "initContainers"):
+            continue
+        for value in op["value"] if isinstance(op["value"], list) else [op["value"]]:
+            if isinstance(value, dict) and "name" in value:
+                out.append((value["name"], field))
+    return out
+
+
+def pod_review(pod: dict[str, Any], uid: str = "probe") -> dict[str, Any]:
+    """A CREATE AdmissionReview for a pod, as the API server sends it."""
+    namespace = pod["metadata"].get("namespace", "default")
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": "probe", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
                         "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "namespace": "default", "operation": "CREATE", "object": pod}}
+                        "namespace": namespace, "operation": "CREATE", "object": pod}}
+
+
+def _probe_review() -> dict[str, Any]:
+    return pod_review({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": "probe", "namespace": "default"},
+                       "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
