@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for variant in variants:
                 samples[variant].append(runner.round(variant))
+        istio_runs = args.rounds * sum(v.startswith("istio") for v in variants)
+        gets = pod_gets(plane) - gets_before
 
         med = {v: tuple(statistics.median(column) for column in zip(*rows, strict=True))
                for v, rows in samples.items()}
@@ -280,15 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\npeak RSS of one ADD: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in rss.items())
               + f"; resident node agent {agent_rss:.1f} MiB")
 
-        istio_runs = args.rounds * sum(v.startswith("istio") for v in variants)
-        gets = pod_gets(plane) - gets_before
         print("\nwhat each needs on the host:")
         print("  mesh-cni : a Python 3 interpreter and the cni package; netlink only (no binaries, no API "
               "call: the pod's annotations come from the runtime); the node agent is optional")
         print(f"  istio-cni: its {istio_cni.stat().st_size / 2**20:.0f} MiB static binary; iptables-restore/"
               f"-save ({iptables_version()}), or nft for native_nftables; a kubeconfig at "
               f"<cni_agent_run_dir>/istio-cni-kubeconfig; the API server: {gets:.0f} GETs of pods over "
-              f"{istio_runs} istio-cni ADDs (apiserver_request_total; our plugins made none)")
+              f"{istio_runs} istio-cni ADDs (apiserver_request_total over the timed rounds, ours included)")
 
         istio_add, istio_del, istio_cpu = (v - b for v, b in zip(med["istio"], med["base"], strict=True))
         print("\nratios (the plugin's part of the chain, ours / istio-cni (iptables)):")

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE))
 import bench_server as bs  # noqa: E402
 
 from tests.istio import oracle  # noqa: E402
-from tests.istio.istiod import Istiod, added_containers, patch_of  # noqa: E402
+from tests.istio.istiod import Istiod, added_containers, patch_of, post_review  # noqa: E402
 from tests.testbed.controlplane import ControlPlane  # noqa: E402
 
 ENV_COUNT = 2000
@@ -68,16 +67,6 @@ def wrk_script(tmp: Path, name: str, review: dict[str, Any]) -> Path:
         f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
         'wrk.headers["Content-Type"] = "application/json"\n')
     return script
-
-
-def post(url: str, review: dict[str, Any]) -> dict[str, Any]:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    request = urllib.request.Request(f"{url}/inject", data=json.dumps(review).encode(),
-                                     headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, context=ctx, timeout=30) as answer:
-        return json.load(answer)
 
 
 def injection_shape(answer: dict[str, Any]) -> str:
@@ -159,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(default profile, CNI on, tag {oracle.release()['ISTIO_PROXY_TAG']})")
         for pod_name, review in pods.items():
             for server, (url, _) in servers.items():
-                print(f"  {pod_name:14s} {server:6s}: {injection_shape(post(url, review))}")
+                print(f"  {pod_name:14s} {server:6s}: {injection_shape(post_review(url, review))}")
 
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
         for pod_name, script in scripts.items():

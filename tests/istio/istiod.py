@@ -108,17 +108,22 @@ class Istiod:
         return self.review(_probe_review()) is not None
 
     def review(self, review: dict[str, Any]) -> dict[str, Any]:
-        """POST one AdmissionReview to /inject (istiod's own certificate: not verified)."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        request = urllib.request.Request(f"{self.url}/inject", data=json.dumps(review).encode(),
-                                         headers={"content-type": "application/json"})
-        with urllib.request.urlopen(request, context=ctx, timeout=10) as answer:
-            return json.load(answer)
+        return post_review(self.url, review)
 
     def stop(self) -> None:
         self.daemon.stop()
+
+
+def post_review(url: str, review: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    """POST one AdmissionReview to ``url``/inject; the certificate is not verified (istiod's is
+    issued by its own CA, for its in-cluster name)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(f"{url}/inject", data=json.dumps(review).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, context=ctx, timeout=timeout) as answer:
+        return json.load(answer)
 
 
 def patch_of(answer: dict[str, Any]) -> list[dict[str, Any]]:
