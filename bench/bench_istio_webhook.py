@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             istiod.stop()
         plane.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        if oracle.istio_files.cache_info().currsize:  # what manifest generate gave: not kept
+            shutil.rmtree(oracle.istio_files("cni"), ignore_errors=True)
     return 0
 
 
