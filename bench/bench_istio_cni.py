@@ -136,13 +136,17 @@ def check_programmed(runner: Runner, network: str, kind: str) -> str:
         _, _, stderr = runner.call("add", pod, network)
         if kind == "ours":
             rules = nft_ruleset(pod.netns)
-            assert "table inet mesh_cni" in rules and "redirect" in rules, rules
+            assert "table inet mesh_cni" in rules, rules
+            assert all(f"redirect to :{port}" in rules for port in (15001, 15006)), rules
             return f"nft table inet mesh_cni with {rules.count('redirect')} redirect rules"
         backend = "nftables" if kind == "istio-nft" else "iptables"
         logged = f"Start {backend} configuration for {pod.name}"
         assert logged in stderr, f"istio-cni did not log {logged!r}:\n{stderr[-2000:]}"
         rules = nft_ruleset(pod.netns) if kind == "istio-nft" else netns_iptables(pod)
-        assert "ISTIO_REDIRECT" in rules or "istio" in rules.lower(), rules
+        # Outbound to 15001, inbound to 15006, in the pod's netns (not the host's).
+        targets = (("redirect to :15001", "redirect to :15006") if kind == "istio-nft" else
+                   ("-j REDIRECT --to-ports 15001", "-j REDIRECT --to-ports 15006"))
+        assert all(t in rules for t in targets), f"istio-cni's redirect missing:\n{rules}"
         redirects = len(re.findall(r"REDIRECT|redirect to", rules))
         listing = "nft list ruleset" if kind == "istio-nft" else "iptables-save -t nat"
         return f"log {logged!r}; {listing}: {redirects} redirect rules"
