@@ -71,6 +71,10 @@ def tag_object(tag: str, revision: str, revision_config: dict[str, Any]) -> dict
         timeout_seconds=int(first.get("timeoutSeconds") or manifests.TIMEOUT_SECONDS),
         failure_policy=str(first.get("failurePolicy") or "Fail"),
     )
+    # Labelled with the revision's injector name even when it is reached by url (no Service).
+    served_by = ((revision_config.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name")
+    if served_by:
+        obj["metadata"]["labels"]["app.kubernetes.io/name"] = served_by
     # A revision restricted to some namespaces (the chart's injector.namespaceLabels) lends
     # the restriction to its tags.
     restrict = (first.get("namespaceSelector") or {}).get("matchLabels")

@@ -125,6 +125,26 @@ def test_every_rendered_object_validates_strictly(values: str, version: str) -> 
     assert checked >= 8
 
 
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_every_object_is_labelled_with_its_part_and_name(values: str) -> None:
+    """`kubectl get -l app.kubernetes.io/part-of=mesh-injector` finds every object a release made,
+    and `-l app.kubernetes.io/name=<injector or mesh-cni>` each half (webhook configurations too)."""
+    objs = render(*VALUE_SETS[values])
+    injector = next(o["metadata"]["name"] for o in objs if o["kind"] == "Deployment")
+    unlabelled = []
+    for obj in objs:
+        labels = obj["metadata"].get("labels") or {}
+        if labels.get("app.kubernetes.io/part-of") != "mesh-injector" or labels.get(
+            "app.kubernetes.io/name"
+        ) not in (injector, "mesh-cni"):
+            unlabelled.append(f"{obj['kind']}/{obj['metadata']['name']}: {labels}")
+    assert not unlabelled
+    webhooks = [o for o in objs if o["kind"] == "MutatingWebhookConfiguration"]
+    assert webhooks and {o["metadata"]["labels"]["app.kubernetes.io/name"] for o in webhooks} == {injector}
+    base = yaml.safe_load(manifests.CHECKED_IN.read_text())
+    assert base["metadata"]["labels"]["app.kubernetes.io/name"] == "mesh-injector"
+
+
 def test_every_supported_minor_is_validated() -> None:
     oldest, newest = _minor(SUPPORTED_VERSIONS[0]), _minor(SUPPORTED_VERSIONS[-1])
     assert len(EVERY_SUPPORTED_VERSION) == newest[1] - oldest[1] + 1
