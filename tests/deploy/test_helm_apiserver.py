@@ -160,6 +160,28 @@ class PodCreator(threading.Thread):
         self.join(60)
 
 
+def stop_with_the_deployment(
+    bed: Helm, server: RunningServer, name: str = "mesh-injector"
+) -> threading.Thread:
+    """The loopback server stands in for the Deployment's pods: a started thread that stops it 2 s
+    after the Deployment is gone (real pods keep serving through their termination grace period,
+    30 s by default)."""
+
+    def follow() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            args = ["get", "deployment", name, "-n", bed.namespace, "--ignore-not-found", "-o", "name"]
+            if not bed.plane.kubectl(*args, check=False).stdout.strip():
+                time.sleep(2.0)
+                server.stop()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_install_upgrade_uninstall(helm_bed: Helm) -> None:
     bed = helm_bed
     bed.install("mesh")
@@ -190,26 +212,11 @@ def test_install_upgrade_uninstall(helm_bed: Helm) -> None:
     wait_for("pods injected with the upgraded config", upgraded, timeout=30)
 
     # uninstall while pods are being created. Helm deletes MutatingWebhookConfigurations before
-    # Deployments, so no create is sent to a server that is going away. The server stands in for
-    # the Deployment's pods: it stops 2 s after the Deployment is gone (real pods keep serving
-    # through their termination grace period, 30 s by default), and no create may fail.
+    # Deployments, so no create is sent to a server that is going away: no create may fail.
     server = bed.servers["mesh"]
-
-    def stop_with_the_deployment() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            args = ["get", "deployment", "mesh-injector", "-n", bed.namespace, "--ignore-not-found",
-                    "-o", "name"]
-            if not bed.plane.kubectl(*args, check=False).stdout.strip():
-                time.sleep(2.0)
-                server.stop()
-                return
-            time.sleep(0.05)
-
-    stopper = threading.Thread(target=stop_with_the_deployment, daemon=True)
     creator = PodCreator(bed, ns, "during-uninstall")
     creator.start()
-    stopper.start()
+    stopper = stop_with_the_deployment(bed, server)
     time.sleep(0.5)
     bed.run("uninstall", "mesh", "--namespace", bed.namespace, "--wait")
     stopper.join(60)
