@@ -178,3 +178,24 @@ def test_every_bad_annotation_of_a_pod_is_reported_at_once() -> None:
             text = getattr(done, stream).decode()
             for key, value in BAD_ANNOTATIONS.items():
                 assert f"annotation {key}={value!r}" in text, (command, obj["kind"], text)
+
+
+@pytest.mark.parametrize("command", ["serve", "audit"])
+def test_the_server_and_audit_refuse_a_config_dir_without_a_config_too(tmp_path: Path, command: str) -> None:
+    """Not only the offline commands: a server started on an empty mount must not serve defaults."""
+    (tmp_path / "README").write_text("not a config")
+    tls = ["--tls-cert-file", "/nonexistent", "--tls-key-file", "/nonexistent"]
+    extra = tls if command == "serve" else []
+    done = run_cli(command, "--config-dir", str(tmp_path), "--kubeconfig", "/nonexistent", *extra)
+    assert done.returncode != 0
+    assert f"{tmp_path} holds no injector config".encode() in done.stderr + done.stdout
+
+
+def test_a_broken_config_file_is_named_with_its_line(tmp_path: Path) -> None:
+    """The config dir's YAML errors name the file and line, not PyYAML's "<unicode string>"."""
+    (tmp_path / "config.yaml").write_text("policy: enabled\nvalues: [\n")
+    for command in ("kube-inject", "check"):
+        done = run_cli(command, "-f", "-", "--config-dir", str(tmp_path), stdin=POD_YAML)
+        assert done.returncode == 2
+        assert f"{tmp_path / 'config.yaml'}: not valid YAML at line 3".encode() in done.stderr
+        assert b"<unicode string>" not in done.stderr
