@@ -199,3 +199,13 @@ def test_a_broken_config_file_is_named_with_its_line(tmp_path: Path) -> None:
         assert done.returncode == 2
         assert f"{tmp_path / 'config.yaml'}: not valid YAML at line 3".encode() in done.stderr
         assert b"<unicode string>" not in done.stderr
+
+
+def test_a_bad_namespace_label_is_named_as_the_user_wrote_it() -> None:
+    """The message names the label the user gave, not an internal parameter (namespaceLabels)."""
+    for command in ("kube-inject", "check"):
+        done = run_cli(command, "-f", "-", "--namespace-labels", "team=a,bogus", stdin=POD_YAML)
+        assert done.returncode == 2
+        wanted = f"mesh-injector {command}: namespace label 'bogus' is not key=value"
+        assert done.stderr.decode().strip() == wanted
+        assert done.stdout == b""
