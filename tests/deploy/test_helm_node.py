@@ -103,6 +103,8 @@ def shared_mount(directory: Path) -> Iterator[Path]:
 def test_helm_uninstall_restores_the_node_and_never_fails_a_pod_create(
     node: Any, tmp_path: Path
 ) -> None:
+    """What a user removing the mesh relies on: no pod create fails on the way (the webhook
+    configuration goes first), and each node's CNI config ends as it was before the install."""
     require_root()
     plane = node.control_plane
     before = snapshot(node.cni_conf_dir, node.cni_bin_dir)
@@ -153,8 +155,10 @@ def test_helm_uninstall_restores_the_node_and_never_fails_a_pod_create(
         watches = [
             Deletions(plane, "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
                       "fieldSelector=metadata.name%3Dmesh-injector"),
-            Deletions(plane, f"/apis/apps/v1/namespaces/{bed.namespace}/deployments", "limit=500"),
-            Deletions(plane, f"/apis/apps/v1/namespaces/{bed.namespace}/daemonsets", "limit=500"),
+            Deletions(plane, f"/apis/apps/v1/namespaces/{bed.namespace}/deployments",
+                      "fieldSelector=metadata.name%3Dmesh-injector"),
+            Deletions(plane, f"/apis/apps/v1/namespaces/{bed.namespace}/daemonsets",
+                      "fieldSelector=metadata.name%3Dmesh-cni-node"),
             Deletions(plane, pods, f"labelSelector={urllib.parse.quote(CNI_POD)}"),
         ]  # fmt: skip
         for watch in watches:
