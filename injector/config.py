@@ -377,14 +377,22 @@ def load_config_dir(path: str | Path) -> InjectorConfig:
     if not root.is_dir():
         raise ConfigError(f"config directory {root} does not exist")
 
+    def parsed(file: Path, text: str) -> Any:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:  # named by file and line, not PyYAML's "<unicode string>"
+            raise ConfigError(str(yaml_syntax_error(err, str(file)))) from None
+
+    def read_template(file: Path) -> str:
+        text = file.read_text()
+        parsed(file, text)  # a syntax error names the file here; the template itself parses the text
+        return text
+
     def read_yaml(*names: str) -> dict[str, Any] | None:
         for name in names:
             file = root / name
             if file.is_file():
-                try:
-                    data = yaml.safe_load(file.read_text()) or {}
-                except yaml.YAMLError as err:  # named by file and line, not PyYAML's "<unicode string>"
-                    raise ConfigError(str(yaml_syntax_error(err, str(file)))) from None
+                data = parsed(file, file.read_text()) or {}
                 if not isinstance(data, dict):
                     raise ConfigError(f"{file}: expected a mapping")
                 return data
@@ -403,9 +411,9 @@ def load_config_dir(path: str | Path) -> InjectorConfig:
         data["values"] = values
     templates = dict(data.get("templates") or {})
     for file in template_files:
-        templates[file.stem] = file.read_text()
+        templates[file.stem] = read_template(file)
     for file in sorted(root.glob("*.template.yaml")):
-        templates[file.name.removesuffix(".template.yaml")] = file.read_text()
+        templates[file.name.removesuffix(".template.yaml")] = read_template(file)
     if templates:
         data["templates"] = templates
     return compile_config(data)

@@ -191,13 +191,16 @@ def test_the_server_and_audit_refuse_a_config_dir_without_a_config_too(tmp_path:
     assert f"{tmp_path} holds no injector config".encode() in done.stderr + done.stdout
 
 
-def test_a_broken_config_file_is_named_with_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["config.yaml", "values.yaml", "web.template.yaml", "templates/web.yaml"])
+def test_a_broken_config_file_is_named_with_its_line(tmp_path: Path, name: str) -> None:
     """The config dir's YAML errors name the file and line, not PyYAML's "<unicode string>"."""
-    (tmp_path / "config.yaml").write_text("policy: enabled\nvalues: [\n")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "config.yaml").write_text("policy: enabled\n")
+    (tmp_path / name).write_text("spec: {}\nvalues: [\n")
     for command in ("kube-inject", "check"):
         done = run_cli(command, "-f", "-", "--config-dir", str(tmp_path), stdin=POD_YAML)
         assert done.returncode == 2
-        assert f"{tmp_path / 'config.yaml'}: not valid YAML at line 3".encode() in done.stderr
+        assert f"{tmp_path / name}: not valid YAML at line 3".encode() in done.stderr
         assert b"<unicode string>" not in done.stderr
 
 
