@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from injector import manifests
+from injector.commands.certs import _api_failure, _connect, _NoCluster
 
 REVISION_LABEL = "istio.io/rev"
 
@@ -85,12 +86,9 @@ def tag_object(tag: str, revision: str, revision_config: dict[str, Any]) -> dict
 
 
 def _api(kubeconfig: str | None) -> Any:
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        api_client = config.new_client_from_config(config_file=kubeconfig)
-    except Exception as exc:
-        raise SystemExit(f"tag: cannot load a kubeconfig ({exc}); pass --kubeconfig") from exc
+    api_client = _connect(kubeconfig)  # as `certs`: kubeconfig, in-cluster, or ~/.kube/config
     return client.AdmissionregistrationV1Api(api_client), client.CoreV1Api(api_client)
 
 
@@ -185,4 +183,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"set": _set, "list": _list, "remove": _remove, "generate": _generate}[args.action](args)
+    """Exit 1 when the API refused or could not be reached, 2 without a cluster: one line, no traceback."""
+    try:
+        return {"set": _set, "list": _list, "remove": _remove, "generate": _generate}[args.action](args)
+    except _NoCluster as exc:
+        print(f"mesh-injector tag: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        reason = _api_failure(exc)
+        if reason is None:
+            raise
+        print(f"mesh-injector tag: {reason}", file=sys.stderr)
+        return 1

@@ -29,14 +29,19 @@ def test_certs_without_a_kubeconfig_is_one_line_not_a_traceback(tmp_path: Path) 
     assert b"--kubeconfig" in done.stderr and b"Traceback" not in done.stderr
 
 
-def test_certs_with_an_unreachable_api_server_says_so(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
+def unreachable_kubeconfig(path: Path) -> Path:
+    """A kubeconfig for an API server nothing listens on."""
+    path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
         "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
     }))
+    return path
+
+
+def test_certs_with_an_unreachable_api_server_says_so(tmp_path: Path) -> None:
+    kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig")
     done = run_cli("certs", "--kubeconfig", str(kubeconfig))
     assert done.returncode == 1
     assert b"mesh-injector certs: cannot reach the API server" in done.stderr
@@ -212,3 +217,17 @@ def test_a_bad_namespace_label_is_named_as_the_user_wrote_it() -> None:
         wanted = f"mesh-injector {command}: namespace label 'bogus' is not key=value"
         assert done.stderr.decode().strip() == wanted
         assert done.stdout == b""
+
+
+def test_tag_without_a_kubeconfig_or_a_reachable_api_is_one_line(tmp_path: Path) -> None:
+    """`tag` (new with the chart) meets the cluster like `certs`: a reason, never a traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    done = run_cli_env(["tag", "list"], {**env, "HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.startswith(b"mesh-injector tag: cannot use the kubeconfig")
+    assert b"Traceback" not in done.stderr
+    kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig")
+    done = run_cli("tag", "--kubeconfig", str(kubeconfig), "set", "prod", "--revision", "canary")
+    assert done.returncode == 1
+    assert done.stderr.startswith(b"mesh-injector tag: cannot reach the API server")
+    assert b"Traceback" not in done.stderr
