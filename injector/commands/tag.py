@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from injector import manifests
-from injector.commands.certs import _api_failure, _connect, _NoCluster
+from injector.commands.certs import _connect, run_against_cluster
 
 REVISION_LABEL = "istio.io/rev"
 
@@ -184,14 +184,5 @@ def _generate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 1 when the API refused or could not be reached, 2 without a cluster: one line, no traceback."""
-    try:
-        return {"set": _set, "list": _list, "remove": _remove, "generate": _generate}[args.action](args)
-    except _NoCluster as exc:
-        print(f"mesh-injector tag: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        reason = _api_failure(exc)
-        if reason is None:
-            raise
-        print(f"mesh-injector tag: {reason}", file=sys.stderr)
-        return 1
+    action = {"set": _set, "list": _list, "remove": _remove, "generate": _generate}[args.action]
+    return run_against_cluster("tag", lambda: action(args))
