@@ -24,6 +24,7 @@ from pydantic.alias_generators import to_camel
 
 from cni import annotations as ann
 from injector.template import Template, parse_template
+from injector.yamlio import _syntax_error as yaml_syntax_error
 
 #: Namespaces never injected, whatever their labels (Istio skips the first two; the rest hold
 #: cluster plumbing that must start without a mesh).
@@ -361,6 +362,10 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     )
 
 
+#: Files ``load_config_dir`` reads; a directory with none of them (and no template) is refused.
+CONFIG_DIR_FILES = ("config", "config.yaml", "values", "values.yaml")
+
+
 def load_config_dir(path: str | Path) -> InjectorConfig:
     """Load a config directory (a mounted ConfigMap).
 
@@ -372,29 +377,43 @@ def load_config_dir(path: str | Path) -> InjectorConfig:
     if not root.is_dir():
         raise ConfigError(f"config directory {root} does not exist")
 
+    def parsed(file: Path, text: str) -> Any:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:  # named by file and line, not PyYAML's "<unicode string>"
+            raise ConfigError(str(yaml_syntax_error(err, str(file)))) from None
+
+    def read_template(file: Path) -> str:
+        text = file.read_text()
+        parsed(file, text)  # a syntax error names the file here; the template itself parses the text
+        return text
+
     def read_yaml(*names: str) -> dict[str, Any] | None:
         for name in names:
             file = root / name
             if file.is_file():
-                try:
-                    data = yaml.safe_load(file.read_text()) or {}
-                except yaml.YAMLError as err:
-                    raise ConfigError(f"{file}: not valid YAML: {err}") from None
+                data = parsed(file, file.read_text()) or {}
                 if not isinstance(data, dict):
                     raise ConfigError(f"{file}: expected a mapping")
                 return data
         return None
 
+    template_files = sorted((root / "templates").glob("*.yaml")) if (root / "templates").is_dir() else []
+    if not any((root / name).is_file() for name in CONFIG_DIR_FILES) and not template_files and not any(
+        root.glob("*.template.yaml")
+    ):
+        # A mistyped path or an empty mount would otherwise run silently on the built-in defaults.
+        raise ConfigError(f"{root} holds no injector config (expected one of {', '.join(CONFIG_DIR_FILES)}, "
+                          "templates/*.yaml or *.template.yaml)")
     data = read_yaml("config", "config.yaml") or {}
     values = read_yaml("values", "values.yaml")
     if values is not None:
         data["values"] = values
     templates = dict(data.get("templates") or {})
-    template_files = sorted((root / "templates").glob("*.yaml")) if (root / "templates").is_dir() else []
     for file in template_files:
-        templates[file.stem] = file.read_text()
+        templates[file.stem] = read_template(file)
     for file in sorted(root.glob("*.template.yaml")):
-        templates[file.name.removesuffix(".template.yaml")] = file.read_text()
+        templates[file.name.removesuffix(".template.yaml")] = read_template(file)
     if templates:
         data["templates"] = templates
     return compile_config(data)

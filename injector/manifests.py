@@ -118,7 +118,12 @@ def webhook_configuration(
                 "timeoutSeconds": timeout_seconds,
             }
         )
-    labels = {"app.kubernetes.io/part-of": "mesh-injector", "istio.io/rev": revision}
+    # name: the injector the configuration sends pods to (as on its Deployment and Service).
+    labels = {
+        "app.kubernetes.io/name": service,
+        "app.kubernetes.io/part-of": "mesh-injector",
+        "istio.io/rev": revision,
+    }
     if tag:
         labels[TAG_LABEL] = tag
     return {
@@ -202,6 +207,7 @@ kind: MutatingWebhookConfiguration
 metadata:
   name: {{{{ include "mesh.injector" . }}}}
   labels:
+    app.kubernetes.io/name: {{{{ include "mesh.injector" . }}}}
     app.kubernetes.io/part-of: mesh-injector
     istio.io/rev: {{{{ $rev | quote }}}}
   {{{{- if eq .Values.certificates.source "cert-manager" }}}}
@@ -221,6 +227,7 @@ kind: MutatingWebhookConfiguration
 metadata:
   name: {TAG_PREFIX}{{{{ $tag }}}}
   labels:
+    app.kubernetes.io/name: {{{{ include "mesh.injector" $ }}}}
     app.kubernetes.io/part-of: mesh-injector
     istio.io/rev: {{{{ $rev | quote }}}}
     {TAG_LABEL}: {{{{ $tag | quote }}}}

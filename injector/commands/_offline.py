@@ -11,7 +11,6 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 from injector import documents
@@ -20,9 +19,6 @@ from injector.config import ConfigError, InjectorConfig, default_config, load_co
 from injector.documents import CLI_LIMITS, DocumentError, DocumentLimits
 from injector.result import Decision, InjectionResult, Reason
 from injector.yamlio import YamlLimits
-
-#: Files ``load_config_dir`` reads; a --config-dir with none of them is a mistake, not "defaults".
-CONFIG_FILES = ("config", "config.yaml", "values", "values.yaml")
 
 
 class OfflineError(Exception):
@@ -76,14 +72,8 @@ def limits_from(args: argparse.Namespace) -> DocumentLimits:
 def load_config(args: argparse.Namespace) -> InjectorConfig:
     """The config the objects are judged with, or OfflineError naming what is wrong."""
     try:
-        if args.config_dir:
-            root = Path(args.config_dir)
-            if root.is_dir() and not _has_config(root):
-                raise OfflineError(f"configuration: {root} holds no injector config (expected one of "
-                                   f"{', '.join(CONFIG_FILES)}, templates/*.yaml or *.template.yaml)")
-            config = load_config_dir(root)
-        else:
-            config = default_config()
+        # A --config-dir without any config file is refused by the loader (never "the defaults").
+        config = load_config_dir(args.config_dir) if args.config_dir else default_config()
         config, notes = apply_istio_files(config, inject_config=args.inject_config_file,
                                           mesh_config=args.mesh_config_file, values=args.values_file)
         for note in notes:
@@ -93,11 +83,6 @@ def load_config(args: argparse.Namespace) -> InjectorConfig:
         raise OfflineError(str(exc)) from None
     except ConfigError as exc:
         raise OfflineError(f"configuration: {exc}") from None
-
-
-def _has_config(root: Path) -> bool:
-    return (any((root / name).is_file() for name in CONFIG_FILES)
-            or any((root / "templates").glob("*.yaml")) or any(root.glob("*.template.yaml")))
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from injector.certs import CertPolicy, ClusterCerts, Conflict, service_dns_names
@@ -122,19 +123,25 @@ def _api_failure(exc: Exception) -> str | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    """Exit 0: certificate in place; 1: the API failed or kept conflicting; 2: no cluster to talk to."""
+def run_against_cluster(command: str, body: Callable[[], int]) -> int:
+    """``body()``, with no cluster to talk to (exit 2) or an API failure (exit 1) as one line on
+    stderr naming ``command``, never a traceback (anything else is a bug and is raised)."""
     try:
-        return _run(args)
+        return body()
     except _NoCluster as exc:
-        print(f"mesh-injector certs: {exc}", file=sys.stderr)
+        print(f"mesh-injector {command}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         reason = _api_failure(exc)
         if reason is None:
             raise
-        print(f"mesh-injector certs: {reason}", file=sys.stderr)
+        print(f"mesh-injector {command}: {reason}", file=sys.stderr)
         return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0: certificate in place; 1: the API failed or kept conflicting; 2: no cluster to talk to."""
+    return run_against_cluster("certs", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from injector import manifests
+from injector.commands.certs import _connect, run_against_cluster
 
 REVISION_LABEL = "istio.io/rev"
 
@@ -71,6 +72,10 @@ def tag_object(tag: str, revision: str, revision_config: dict[str, Any]) -> dict
         timeout_seconds=int(first.get("timeoutSeconds") or manifests.TIMEOUT_SECONDS),
         failure_policy=str(first.get("failurePolicy") or "Fail"),
     )
+    # Labelled with the revision's injector name even when it is reached by url (no Service).
+    served_by = ((revision_config.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name")
+    if served_by:
+        obj["metadata"]["labels"]["app.kubernetes.io/name"] = served_by
     # A revision restricted to some namespaces (the chart's injector.namespaceLabels) lends
     # the restriction to its tags.
     restrict = (first.get("namespaceSelector") or {}).get("matchLabels")
@@ -81,12 +86,9 @@ def tag_object(tag: str, revision: str, revision_config: dict[str, Any]) -> dict
 
 
 def _api(kubeconfig: str | None) -> Any:
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        api_client = config.new_client_from_config(config_file=kubeconfig)
-    except Exception as exc:
-        raise SystemExit(f"tag: cannot load a kubeconfig ({exc}); pass --kubeconfig") from exc
+    api_client = _connect(kubeconfig)  # as `certs`: kubeconfig, in-cluster, or ~/.kube/config
     return client.AdmissionregistrationV1Api(api_client), client.CoreV1Api(api_client)
 
 
@@ -181,4 +183,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"set": _set, "list": _list, "remove": _remove, "generate": _generate}[args.action](args)
+    """Exit 1 when the API refused or could not be reached, 2 without a cluster: one line, no traceback."""
+    action = {"set": _set, "list": _list, "remove": _remove, "generate": _generate}[args.action]
+    return run_against_cluster("tag", lambda: action(args))

@@ -29,14 +29,19 @@ def test_certs_without_a_kubeconfig_is_one_line_not_a_traceback(tmp_path: Path) 
     assert b"--kubeconfig" in done.stderr and b"Traceback" not in done.stderr
 
 
-def test_certs_with_an_unreachable_api_server_says_so(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
+def unreachable_kubeconfig(path: Path) -> Path:
+    """A kubeconfig for an API server nothing listens on."""
+    path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
         "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
     }))
+    return path
+
+
+def test_certs_with_an_unreachable_api_server_says_so(tmp_path: Path) -> None:
+    kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig")
     done = run_cli("certs", "--kubeconfig", str(kubeconfig))
     assert done.returncode == 1
     assert b"mesh-injector certs: cannot reach the API server" in done.stderr
@@ -178,3 +183,51 @@ def test_every_bad_annotation_of_a_pod_is_reported_at_once() -> None:
             text = getattr(done, stream).decode()
             for key, value in BAD_ANNOTATIONS.items():
                 assert f"annotation {key}={value!r}" in text, (command, obj["kind"], text)
+
+
+@pytest.mark.parametrize("command", ["serve", "audit"])
+def test_the_server_and_audit_refuse_a_config_dir_without_a_config_too(tmp_path: Path, command: str) -> None:
+    """Not only the offline commands: a server started on an empty mount must not serve defaults."""
+    (tmp_path / "README").write_text("not a config")
+    tls = ["--tls-cert-file", "/nonexistent", "--tls-key-file", "/nonexistent"]
+    extra = tls if command == "serve" else []
+    done = run_cli(command, "--config-dir", str(tmp_path), "--kubeconfig", "/nonexistent", *extra)
+    assert done.returncode != 0
+    assert f"{tmp_path} holds no injector config".encode() in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "values.yaml", "web.template.yaml", "templates/web.yaml"])
+def test_a_broken_config_file_is_named_with_its_line(tmp_path: Path, name: str) -> None:
+    """The config dir's YAML errors name the file and line, not PyYAML's "<unicode string>"."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "config.yaml").write_text("policy: enabled\n")
+    (tmp_path / name).write_text("spec: {}\nvalues: [\n")
+    for command in ("kube-inject", "check"):
+        done = run_cli(command, "-f", "-", "--config-dir", str(tmp_path), stdin=POD_YAML)
+        assert done.returncode == 2
+        assert f"{tmp_path / name}: not valid YAML at line 3".encode() in done.stderr
+        assert b"<unicode string>" not in done.stderr
+
+
+def test_a_bad_namespace_label_is_named_as_the_user_wrote_it() -> None:
+    """The message names the label the user gave, not an internal parameter (namespaceLabels)."""
+    for command in ("kube-inject", "check"):
+        done = run_cli(command, "-f", "-", "--namespace-labels", "team=a,bogus", stdin=POD_YAML)
+        assert done.returncode == 2
+        wanted = f"mesh-injector {command}: namespace label 'bogus' is not key=value"
+        assert done.stderr.decode().strip() == wanted
+        assert done.stdout == b""
+
+
+def test_tag_without_a_kubeconfig_or_a_reachable_api_is_one_line(tmp_path: Path) -> None:
+    """`tag` (new with the chart) meets the cluster like `certs`: a reason, never a traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    done = run_cli_env(["tag", "list"], {**env, "HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.startswith(b"mesh-injector tag: cannot use the kubeconfig")
+    assert b"Traceback" not in done.stderr
+    kubeconfig = unreachable_kubeconfig(tmp_path / "kubeconfig")
+    done = run_cli("tag", "--kubeconfig", str(kubeconfig), "set", "prod", "--revision", "canary")
+    assert done.returncode == 1
+    assert done.stderr.startswith(b"mesh-injector tag: cannot reach the API server")
+    assert b"Traceback" not in done.stderr

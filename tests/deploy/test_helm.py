@@ -125,6 +125,26 @@ def test_every_rendered_object_validates_strictly(values: str, version: str) -> 
     assert checked >= 8
 
 
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_every_object_is_labelled_with_its_part_and_name(values: str) -> None:
+    """`kubectl get -l app.kubernetes.io/part-of=mesh-injector` finds every object a release made,
+    and `-l app.kubernetes.io/name=<injector or mesh-cni>` each half (webhook configurations too)."""
+    objs = render(*VALUE_SETS[values])
+    injector = next(o["metadata"]["name"] for o in objs if o["kind"] == "Deployment")
+    unlabelled = []
+    for obj in objs:
+        labels = obj["metadata"].get("labels") or {}
+        if labels.get("app.kubernetes.io/part-of") != "mesh-injector" or labels.get(
+            "app.kubernetes.io/name"
+        ) not in (injector, "mesh-cni"):
+            unlabelled.append(f"{obj['kind']}/{obj['metadata']['name']}: {labels}")
+    assert not unlabelled
+    webhooks = [o for o in objs if o["kind"] == "MutatingWebhookConfiguration"]
+    assert webhooks and {o["metadata"]["labels"]["app.kubernetes.io/name"] for o in webhooks} == {injector}
+    base = yaml.safe_load(manifests.CHECKED_IN.read_text())
+    assert base["metadata"]["labels"]["app.kubernetes.io/name"] == "mesh-injector"
+
+
 def test_every_supported_minor_is_validated() -> None:
     oldest, newest = _minor(SUPPORTED_VERSIONS[0]), _minor(SUPPORTED_VERSIONS[-1])
     assert len(EVERY_SUPPORTED_VERSION) == newest[1] - oldest[1] + 1
@@ -281,6 +301,45 @@ def test_url_and_ca_bundle_for_an_out_of_cluster_server() -> None:
         assert hook["namespaceSelector"]["matchLabels"] == {"team": "a"}
 
 
+def _workers_on_a_big_node(
+    objs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> int:
+    """How many workers the rendered injector starts on a 64-core node: its --workers, else the
+    server's own rule applied to the cgroup quota the kubelet derives from the CPU limit."""
+    from injector.commands.serve import cpu_limit
+
+    container = find(objs, "Deployment", "mesh-injector")["spec"]["template"]["spec"]["containers"][0]
+    flags = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--workers=")]
+    if flags:
+        return int(flags[0])
+    limit = str((container["resources"].get("limits") or {}).get("cpu", "max"))
+    period = 100_000
+    quota = "max" if limit == "max" else str(
+        int(limit[:-1]) * period // 1000 if limit.endswith("m") else int(float(limit) * period)
+    )
+    (tmp_path / "pod").mkdir()
+    (tmp_path / "pod" / "cpu.max").write_text(f"{quota} {period}\n")
+    (tmp_path / "cgroup").write_text("0::/pod\n")
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
+    return cpu_limit(tmp_path, tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize(
+    ("args", "workers"),
+    [
+        ((), 2),  # the default: two workers per replica, whatever the node's size
+        (("--set", "injector.resources.limits.cpu=1500m"), 2),
+        (("--set", "injector.resources.limits.cpu=null", "--set", "injector.workers=4"), 4),  # as istiod
+    ],
+)
+def test_worker_count_follows_the_cpu_limit(
+    args: tuple[str, ...], workers: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server sizes its workers from the container's CPU limit (issue #17): the chart's
+    default must give more than one worker and never one per core of a big node."""
+    assert _workers_on_a_big_node(render(*args), tmp_path, monkeypatch) == workers
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -289,6 +348,7 @@ def test_url_and_ca_bundle_for_an_out_of_cluster_server() -> None:
         (("--set", "cni.repair=sometimes"), "repair"),
         (("--set", "revision=Canary_1"), "revision"),
         (("--set-json", 'injector.resources={"requests":{"cpu":"1"},"limts":{"cpu":"2"}}'), "limts"),
+        (("--set", "injector.resources.limits.cpu=null"), "injector.workers"),
     ],
 )
 def test_bad_values_are_refused_naming_the_value(args: tuple[str, ...], named: str) -> None:

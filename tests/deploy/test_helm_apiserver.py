@@ -28,6 +28,7 @@ import yaml
 
 from injector import manifests
 from tests.conftest import REPO
+from tests.deploy.cluster import write_kubeconfig
 from tests.deploy.test_helm import helm
 from tests.server.helpers import RunningServer, serve_command, start_server
 from tests.testbed.controlplane import ControlPlane
@@ -159,6 +160,28 @@ class PodCreator(threading.Thread):
         self.join(60)
 
 
+def stop_with_the_deployment(
+    bed: Helm, server: RunningServer, name: str = "mesh-injector"
+) -> threading.Thread:
+    """The loopback server stands in for the Deployment's pods: a started thread that stops it 2 s
+    after the Deployment is gone (real pods keep serving through their termination grace period,
+    30 s by default)."""
+
+    def follow() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            args = ["get", "deployment", name, "-n", bed.namespace, "--ignore-not-found", "-o", "name"]
+            if not bed.plane.kubectl(*args, check=False).stdout.strip():
+                time.sleep(2.0)
+                server.stop()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_install_upgrade_uninstall(helm_bed: Helm) -> None:
     bed = helm_bed
     bed.install("mesh")
@@ -189,26 +212,11 @@ def test_install_upgrade_uninstall(helm_bed: Helm) -> None:
     wait_for("pods injected with the upgraded config", upgraded, timeout=30)
 
     # uninstall while pods are being created. Helm deletes MutatingWebhookConfigurations before
-    # Deployments, so no create is sent to a server that is going away. The server stands in for
-    # the Deployment's pods: it stops 2 s after the Deployment is gone (real pods keep serving
-    # through their termination grace period, 30 s by default), and no create may fail.
+    # Deployments, so no create is sent to a server that is going away: no create may fail.
     server = bed.servers["mesh"]
-
-    def stop_with_the_deployment() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            args = ["get", "deployment", "mesh-injector", "-n", bed.namespace, "--ignore-not-found",
-                    "-o", "name"]
-            if not bed.plane.kubectl(*args, check=False).stdout.strip():
-                time.sleep(2.0)
-                server.stop()
-                return
-            time.sleep(0.05)
-
-    stopper = threading.Thread(target=stop_with_the_deployment, daemon=True)
     creator = PodCreator(bed, ns, "during-uninstall")
     creator.start()
-    stopper.start()
+    stopper = stop_with_the_deployment(bed, server)
     time.sleep(0.5)
     bed.run("uninstall", "mesh", "--namespace", bed.namespace, "--wait")
     stopper.join(60)
@@ -291,3 +299,45 @@ def test_canary_revision_relabel_and_tags(helm_bed: Helm, tmp_path: Path) -> Non
     subprocess.run([*tag_cli, "remove", "prod", "--force"], capture_output=True, text=True, check=True)
     rendered = bed.run("get", "manifest", "canary", "--namespace", bed.namespace).stdout
     assert "mesh-injector-canary" in yaml.safe_dump(list(yaml.safe_load_all(rendered)))
+
+
+def _ca_bundles(plane: ControlPlane, name: str) -> set[str]:
+    """The caBundle of each webhook of a configuration ("" where none is set)."""
+    obj = json.loads(plane.kubectl("get", "mutatingwebhookconfiguration", name, "-o", "json").stdout)
+    return {hook["clientConfig"].get("caBundle", "") for hook in obj["webhooks"]}
+
+
+def test_certs_sets_the_ca_bundle_of_the_revision_tags_too(helm_bed: Helm, tmp_path: Path) -> None:
+    """The chart's own certs-init command line, run as the injector's service account with the
+    chart's RBAC, puts the CA into the revision's configuration and into each tag's: without
+    the tags' caBundle the API server could not call the webhook for tagged namespaces."""
+    bed = helm_bed
+    revision, tag = f"c{bed.scope[:6]}", f"t{bed.scope[:6]}"
+    name, tag_config = f"mesh-injector-{revision}", f"{manifests.TAG_PREFIX}{tag}"
+    bed.run("install", "certs", str(manifests.CHART), "--namespace", bed.namespace, "--create-namespace",
+            "--set", f"revision={revision}", "--set-json", f"revisionTags={json.dumps([tag])}",
+            "--set", "injector.replicas=0", "--set", "injector.url=https://127.0.0.1:1/inject",
+            "--set-json", f"injector.namespaceLabels={json.dumps({SCOPE: bed.scope})}",
+            "--set", "cni.enabled=false")
+    try:
+        assert _ca_bundles(bed.plane, name) == {""} and _ca_bundles(bed.plane, tag_config) == {""}
+        manifest = list(yaml.safe_load_all(bed.run("get", "manifest", "certs", "-n", bed.namespace).stdout))
+        deployment = next(o for o in manifest if o and o["kind"] == "Deployment")
+        init = next(c for c in deployment["spec"]["template"]["spec"]["initContainers"]
+                    if c["name"] == "certs-init")
+        args = list(init["args"])
+        args[args.index("--write-dir") + 1] = str(tmp_path / "tls")
+        token = bed.plane.service_account_token(bed.namespace, name)
+        kubeconfig = write_kubeconfig(tmp_path / "injector.kubeconfig", bed.plane, token)
+        done = subprocess.run(
+            [*serve_command(), *args, "--kubeconfig", str(kubeconfig)], capture_output=True, text=True,
+            check=False, cwd=REPO, env={**os.environ, "POD_NAMESPACE": bed.namespace}, timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        secret = json.loads(bed.plane.kubectl("get", "secret", f"{name}-tls", "-n", bed.namespace,
+                                              "-o", "json").stdout)
+        bundle = secret["data"]["ca-bundle.crt"]
+        assert _ca_bundles(bed.plane, name) == {bundle}
+        assert _ca_bundles(bed.plane, tag_config) == {bundle}
+    finally:
+        bed.run("uninstall", "certs", "--namespace", bed.namespace, "--wait", check=False)

@@ -447,20 +447,6 @@ def own_plane(tmp_path: Path) -> Iterator[Any]:
         plane.stop()
 
 
-def _stop_apiserver(plane: Any) -> None:
-    """SIGTERM kube-apiserver (etcd and the controller manager keep running)."""
-    daemon = next(d for d in plane.daemons if d.name == "kube-apiserver")
-    daemon.stop()
-    plane.daemons.remove(daemon)
-
-
-def _start_apiserver(plane: Any) -> None:
-    """The same kube-apiserver again: same port, certificates, tokens and service-account keys.
-    (The test bed has no restart; this uses its own start step.)"""
-    port = int(plane.server.rsplit(":", 1)[1])
-    plane._start_apiserver(port, plane.workdir / "pki" / "tokens.csv", plane.workdir / "logs", 90.0)
-
-
 def _max_attempts(seconds: float, first_s: float) -> int:
     """Most calls one loop may make in ``seconds`` of outage with the agent's backoff (waits
     >= 0.8 * first_s * 2**k): one in flight when the outage starts, then one per wait."""
@@ -503,14 +489,14 @@ def test_loops_recover_by_themselves_after_the_api_server_restarts(
             down_at, cpu_at, seen = time.monotonic(), time.process_time(), len(calls)
             # SIGTERM: it refuses new connections at once, holds open watches until it exits
             # (this build hangs in shutdown until the test bed's SIGKILL, 15 s later).
-            _stop_apiserver(own_plane)
+            own_plane.stop_apiserver()
             gone_at = time.monotonic()
             tokens.write(rotated)  # the kubelet rotates the token while the API server is away
             wait_for(lambda: KubeApi.from_kubeconfig(str(host.kubeconfig)).token == rotated, timeout=10)
             time.sleep(max(0.0, down_s - (time.monotonic() - gone_at)))  # down: the watch is gone too
             outage, cpu = time.monotonic() - down_at, time.process_time() - cpu_at
             during = [name for name, _ in calls[seen:]]
-            _start_apiserver(own_plane)
+            own_plane.restart_apiserver()
 
             # After the restart: the node is tainted again (re-registered) and another pod breaks.
             own_plane.kubectl("taint", "node", own, f"{NOT_READY_TAINT_KEY}:NoSchedule")

@@ -26,9 +26,10 @@ def serve(tmp_path: Path, fake: FakeApiServer | None, kubernetes_version: str = 
           kubeconfig: Path | None = None) -> RunningServer:
     config_dir = tmp_path / "config"
     config_dir.mkdir(exist_ok=True)
-    if kubernetes_version:
-        (config_dir / "config.yaml").write_text(
-            f'values:\n  mesh:\n    kubernetesVersion: "{kubernetes_version}"\n')
+    # An empty config dir is refused (issue 14): "policy: enabled" is the built-in default.
+    (config_dir / "config.yaml").write_text(
+        f'values:\n  mesh:\n    kubernetesVersion: "{kubernetes_version}"\n' if kubernetes_version
+        else "policy: enabled\n")
     args = ["--no-events"]
     if fake is not None:
         kubeconfig = fake.kubeconfig(tmp_path / "kubeconfig")

@@ -23,6 +23,7 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     workdir = Path(tmp_path_factory.mktemp("two-workers"))
     config_dir = workdir / "config"
     config_dir.mkdir()
+    (config_dir / "config.yaml").write_text("policy: enabled\n")  # an empty dir is refused
     server = start_server(workdir, config_dir=config_dir, workers=2)
     yield server
     server.stop()
@@ -82,7 +83,7 @@ def test_config_reload_reaches_every_worker(two: RunningServer) -> None:
     for scrape in text.values():
         assert sample(scrape, "mesh_injector_config_info", f'config_hash="{new_hash}"') == 1
         assert sample(scrape, "mesh_injector_config_info", f'config_hash="{next(iter(first.values()))}"') == 0
-    (two.config_dir / "config.yaml").unlink()
+    (two.config_dir / "config.yaml").write_text("policy: enabled\n")  # back to the start
 
 
 def test_certificate_rotation_reaches_every_worker(two: RunningServer) -> None:

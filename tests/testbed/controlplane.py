@@ -289,6 +289,21 @@ class ControlPlane:
             "kube-apiserver /readyz", lambda: self.get_raw("/readyz") == b"ok", timeout, daemons=self.daemons
         )
 
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only (etcd and the controller manager keep running): an API outage."""
+        for daemon in [d for d in self.daemons if d.name == "kube-apiserver"]:
+            daemon.stop()
+            self.daemons.remove(daemon)
+        self.save()
+
+    def restart_apiserver(self, timeout: float = 90.0) -> None:
+        """Start kube-apiserver again (stopping it first if it runs) with the same port,
+        certificates, tokens and service-account keys, so every client's config stays valid."""
+        self.stop_apiserver()
+        port = int(self.server.rsplit(":", 1)[1])
+        self._start_apiserver(port, self.workdir / "pki" / "tokens.csv", self.workdir / "logs", timeout)
+        self.save()
+
     def _start_controller_manager(self, logs: Path, timeout: float) -> None:
         manager = start_daemon(
             "kube-controller-manager",

@@ -338,6 +338,7 @@ def python_image(
     env: Mapping[str, str] | None = None,
     user: str | None = None,
     executables: Mapping[str, str] | None = None,
+    binaries: Mapping[str, Path] | None = None,
 ) -> Path:
     """This machine's Python with its stdlib, busybox, and what you add.
 
@@ -345,7 +346,8 @@ def python_image(
     `cni/` package to /app/cni); `site_packages`: top-level import names copied from the running
     interpreter's site-packages (e.g. "pyroute2") to /app/site-packages; `executables`: image
     path -> `module:function` console-script launchers (e.g. "/usr/local/bin/mesh-cni":
-    "cni.cli:main"). PYTHONPATH is /app:/app/site-packages.
+    "cni.cli:main"); `binaries`: image path -> host ELF, with the shared libraries it links.
+    PYTHONPATH is /app:/app/site-packages.
     """
     layer = Layer()
     _base_dirs(layer)
@@ -379,6 +381,8 @@ def python_image(
         layer.add_tree(dest, src)
     for dest, content in (files or {}).items():
         layer.add_file(dest, content)
+    for dest, binary in (binaries or {}).items():
+        layer.add_elf(binary, dest)
     for dest, target in (executables or {}).items():
         module, function = target.split(":")
         script = (
@@ -404,6 +408,10 @@ def mesh_cni_image(out_dir: Path = IMAGE_CACHE, ref: str = MESH_CNI_IMAGE, repo:
         trees={"/app/cni": repo / "cni"},
         site_packages=["pyroute2"],
         executables={"/usr/local/bin/mesh-cni": "cni.cli:main"},
+        # What `mesh-cni install` uses to copy the plugin's runtime onto the host, as in
+        # Dockerfile.cni: ldd (a bash script) finds the libraries, patchelf repoints the copy.
+        files={"/usr/bin/ldd": Path("/usr/bin/ldd")},
+        binaries={"/bin/bash": Path("/bin/bash"), "/usr/bin/patchelf": Path("/usr/bin/patchelf")},
         entrypoint=["/usr/local/bin/mesh-cni"],
     )
 

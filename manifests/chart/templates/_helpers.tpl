@@ -14,6 +14,18 @@
 app.kubernetes.io/part-of: mesh-injector
 {{- end -}}
 
+{{/* Labels of the injector's objects (and of those both halves share): part-of + name. */}}
+{{- define "mesh.injectorLabels" -}}
+{{ include "mesh.partOf" . }}
+{{ include "mesh.injectorSelector" . }}
+{{- end -}}
+
+{{/* Labels of the CNI node agent's objects. */}}
+{{- define "mesh.cniLabels" -}}
+{{ include "mesh.partOf" . }}
+app.kubernetes.io/name: mesh-cni
+{{- end -}}
+
 {{/* Selector labels of the injector's pods (distinct per revision). */}}
 {{- define "mesh.injectorSelector" -}}
 app.kubernetes.io/name: {{ include "mesh.injector" . }}
