@@ -18,10 +18,10 @@ loop) direct and through each listener, and RssAnon and Pss of the proxy contain
 (agent + Envoy) idle and under load.
 
 ``--variant`` (repeatable) compares bootstraps side by side in the same run: ``shipped`` is the
-template as injected (2 workers, access logs on); ``--list-variants`` shows the others.
+template as injected (its worker count, access logs on); ``--list-variants`` shows the others.
 
     sudo .venv/bin/python bench/bench_dataplane.py [--rounds 3] [--seconds 2] [--rate 1000]
-    sudo .venv/bin/python bench/bench_dataplane.py --variant shipped --variant before
+    sudo .venv/bin/python bench/bench_dataplane.py --variant shipped --variant c2 --variant tcp
 
 Targets (2-core machine): added p50 <= 0.3 ms and p99 <= 1 ms per hop at 1,000 rps keep-alive;
 <= 30 MiB anonymous memory idle.
@@ -48,7 +48,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from injector.envoy_bootstrap import build_bootstrap  # noqa: E402
+from injector.core import inject  # noqa: E402
 from tests.cni.cnitest import INJECTED, CniBed, Pod  # noqa: E402
 from tests.envoy.meshbed import Meshed, _preexec, spawn, stop  # noqa: E402
 
@@ -124,27 +124,39 @@ def _all(*patches: Callable[[Boot], None]) -> Callable[[Boot], None]:
     return patch
 
 
+def _as_injected() -> tuple[Boot, int]:
+    """The bootstrap and worker count the envoy template gives a pod, read from the injection."""
+    meta = {"name": "bench", "namespace": "default", "annotations": {"inject.istio.io/templates": "envoy"}}
+    spec = {"containers": [{"name": "app", "image": "app"}]}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+    proxy = next(c for c in inject(pod).mutated["spec"]["containers"] if c["name"] == "istio-proxy")
+    args = proxy["args"]
+    return json.loads(args[args.index("--config-yaml") + 1]), int(args[args.index("--concurrency") + 1])
+
+
+SHIPPED_BOOTSTRAP, SHIPPED_CONCURRENCY = _as_injected()
+
+
 @dataclass(frozen=True)
 class Variant:
     """One proxy configuration under test: a bootstrap edit, Envoy's workers, access logs."""
 
     doc: str
-    concurrency: int = 2
+    concurrency: int = SHIPPED_CONCURRENCY
     patch: Callable[[Boot], None] | None = None
     access_log: bool = True
 
     def bootstrap(self) -> str:
-        boot = copy.deepcopy(build_bootstrap())
+        boot = copy.deepcopy(SHIPPED_BOOTSTRAP)
         if self.patch is not None:
             self.patch(boot)
         return json.dumps(boot, separators=(",", ":"))
 
 
 VARIANTS: dict[str, Variant] = {
-    "shipped": Variant("the template as injected: 2 workers, access logs on"),
-    "c1": Variant("1 worker thread", concurrency=1),
+    "shipped": Variant(f"the template as injected: {SHIPPED_CONCURRENCY} worker(s), access logs on"),
+    "c2": Variant("2 worker threads (the template's default before)", concurrency=2),
     "nolog": Variant("access logs off", access_log=False),
-    "c1-nolog": Variant("1 worker, access logs off (what this bench ran until now)", 1, access_log=False),
     "tcp": Variant("no HTTP sniffing: every connection TCP proxy", patch=_no_http_inspector),
     "noreqid": Variant("generate_request_id false", patch=_hcm_set(generate_request_id=False)),
     "nodynstats": Variant("router dynamic_stats false", patch=_router_set(dynamic_stats=False)),
