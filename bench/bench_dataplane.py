@@ -339,6 +339,11 @@ def main() -> int:
 
         load = os.getloadavg()
         print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
+        if load[0] > (os.cpu_count() or 1):
+            print(
+                "  busy machine: latency percentiles below measure CPU starvation, not the proxy;"
+                " compare variants by Envoy's CPU per request"
+            )
         for name in names:
             print(f"variant {name}: {VARIANTS[name].doc}")
         if args.interleave == "request":
