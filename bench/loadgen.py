@@ -4,7 +4,12 @@
 ``open HOST PORT RATE SECONDS MODE``: open loop at a fixed RATE; request i is due at
 ``start + i/RATE`` and its latency counts from that due time, so a slow proxy cannot hide behind
 back-pressure (no coordinated omission). MODE ``keepalive`` (a pool of persistent connections)
-or ``newconn`` (one connection per request). Prints JSON: latencies in microseconds, errors.
+or ``newconn`` (one connection per request). Prints JSON: latencies in microseconds, how late
+each request was written after its due time (the generator's own jitter), errors.
+``mix RATE SECONDS MODE`` with a JSON list of targets ``{"netns", "host", "port"}`` on stdin:
+the same open loop, request i going to target i mod N (in an order shuffled per cycle), so a
+stall of this shared machine hits every target alike; sockets for a target are made inside its
+netns (null: ours). Prints JSON: per target, latencies, lateness and errors.
 ``closed HOST PORT CONCURRENCY SECONDS``: as fast as possible over keep-alive connections;
 prints requests/s.
 """
@@ -12,9 +17,14 @@ prints requests/s.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
+import random
+import socket
 import sys
 import time
+from collections.abc import Callable
 
 REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
 REQUEST_CLOSE = b"GET /bench HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
@@ -51,43 +61,103 @@ async def _read_response(reader: asyncio.StreamReader) -> None:
     await reader.readexactly(length)
 
 
-async def open_loop(host: str, port: int, rate: float, seconds: float, mode: str) -> dict:
-    total = int(rate * seconds)
-    latencies: list[int] = []
-    errors = 0
-    idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-    if mode == "keepalive":
-        for _ in range(POOL):
-            idle.put_nowait(await asyncio.open_connection(host, port))
+Connect = Callable[[], "asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]"]
 
-    async def one(due: float) -> None:
-        nonlocal errors
+
+def _connector(host: str, port: int, netns: str | None) -> Connect:
+    """Opens connections to host:port from inside ``netns`` (a socket stays in its netns)."""
+    if netns is None:
+        return lambda: asyncio.ensure_future(asyncio.open_connection(host, port))
+    from cni.netns import setns
+
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(netns, os.O_RDONLY)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        setns(there)
         try:
-            if mode == "keepalive":
-                reader, writer = await idle.get()
-                writer.write(REQUEST)
-                await _read_response(reader)
-                idle.put_nowait((reader, writer))
-            else:
-                reader, writer = await asyncio.open_connection(host, port)
-                writer.write(REQUEST_CLOSE)
-                await _read_response(reader)
-                writer.close()
-            latencies.append(int((time.perf_counter() - due) * 1e6))
-        except (OSError, asyncio.IncompleteReadError):
-            errors += 1
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        finally:
+            setns(home)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
+    return lambda: asyncio.ensure_future(connect())
+
+
+class _Target:
+    """One destination of the open loop and what it measured."""
+
+    def __init__(self, connect: Connect) -> None:
+        self.connect = connect
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        self.latencies: list[int] = []
+        self.late: list[int] = []  # how long after its due time each request was written (our jitter)
+        self.errors = 0
+
+    def result(self) -> dict:
+        return {"latencies_us": self.latencies, "late_us": self.late, "errors": self.errors}
+
+
+async def _one(target: _Target, due: float, mode: str) -> None:
+    try:
+        if mode == "keepalive":
+            reader, writer = await target.idle.get()
+            target.late.append(int((time.perf_counter() - due) * 1e6))
+            writer.write(REQUEST)
+            await _read_response(reader)
+            target.idle.put_nowait((reader, writer))
+        else:
+            target.late.append(int((time.perf_counter() - due) * 1e6))
+            reader, writer = await target.connect()
+            writer.write(REQUEST_CLOSE)
+            await _read_response(reader)
+            writer.close()
+        target.latencies.append(int((time.perf_counter() - due) * 1e6))
+    except (OSError, asyncio.IncompleteReadError):
+        target.errors += 1
+
+
+async def _run(targets: list[_Target], rate: float, seconds: float, mode: str) -> None:
+    """Request i is due at start + i/rate and goes to the i-th target of the current cycle."""
+    if mode == "keepalive":
+        for target in targets:
+            for _ in range(POOL):
+                target.idle.put_nowait(await target.connect())
+    total = int(rate * seconds)
+    rng = random.Random(13)
+    order: list[_Target] = []
     loop = asyncio.get_running_loop()
     start = time.perf_counter() + 0.05
     tasks = []
     for i in range(total):
+        if not order:
+            order = targets[:]
+            rng.shuffle(order)
         due = start + i / rate
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(loop.create_task(one(due)))
+        tasks.append(loop.create_task(_one(order.pop(), due, mode)))
     await asyncio.gather(*tasks)
-    return {"latencies_us": latencies, "errors": errors}
+
+
+async def open_loop(host: str, port: int, rate: float, seconds: float, mode: str) -> dict:
+    target = _Target(_connector(host, port, None))
+    await _run([target], rate, seconds, mode)
+    return target.result()
+
+
+async def mix(spec: list[dict], rate: float, seconds: float, mode: str) -> list[dict]:
+    targets = [_Target(_connector(t["host"], int(t["port"]), t.get("netns"))) for t in spec]
+    await _run(targets, rate, seconds, mode)
+    return [t.result() for t in targets]
 
 
 async def closed_loop(host: str, port: int, concurrency: int, seconds: float) -> dict:
@@ -115,12 +185,20 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    # No cyclic GC pauses in the client or the server (they would show up as our own tail
+    # latency); nothing here makes reference cycles worth collecting.
+    gc.freeze()
+    gc.disable()
     command, *args = sys.argv[1:]
     if command == "serve":
         asyncio.run(serve(int(args[0])))
     elif command == "open":
         host, port, rate, seconds, mode = args
         print(json.dumps(asyncio.run(open_loop(host, int(port), float(rate), float(seconds), mode))))
+    elif command == "mix":
+        rate, seconds, mode = args
+        spec = json.load(sys.stdin)
+        print(json.dumps(asyncio.run(mix(spec, float(rate), float(seconds), mode))))
     else:
         host, port, concurrency, seconds = args
         print(json.dumps(asyncio.run(closed_loop(host, int(port), int(concurrency), float(seconds)))))

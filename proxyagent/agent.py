@@ -278,9 +278,8 @@ class Agent:
     # --- Envoy ---------------------------------------------------------------------------
 
     def start_envoy(self, envoy: str, bootstrap: dict[str, Any], args: Sequence[str]) -> None:
-        argv = [envoy, "--config-yaml", json.dumps(bootstrap, separators=(",", ":")), *args]
-        if self.pod.concurrency is not None:
-            argv += ["--concurrency", str(self.pod.concurrency)]
+        argv = [envoy, "--config-yaml", json.dumps(bootstrap, separators=(",", ":"))]
+        argv += with_concurrency(args, self.pod.concurrency)
         self.envoy = subprocess.Popen(argv, preexec_fn=_die_with_parent)
 
     def drain(self) -> None:
@@ -299,6 +298,25 @@ class Agent:
         except subprocess.TimeoutExpired:
             self.envoy.kill()
             self.envoy.wait()
+
+
+def with_concurrency(args: Sequence[str], workers: int | None) -> list[str]:
+    """Envoy's arguments with the pod's worker count in place of the template's.
+
+    Envoy refuses a repeated ``--concurrency`` ("Argument already set"), so the pod's value
+    replaces the template's instead of being appended.
+    """
+    out = list(args)
+    if workers is None:
+        return out
+    for i, arg in enumerate(out):
+        if arg == "--concurrency" and i + 1 < len(out):
+            out[i + 1] = str(workers)
+            return out
+        if arg.startswith("--concurrency="):
+            out[i] = f"--concurrency={workers}"
+            return out
+    return [*out, "--concurrency", str(workers)]
 
 
 def _die_with_parent() -> None:

@@ -112,8 +112,14 @@ class Meshed:
         self.app = None
 
     def start_agent(
-        self, *, settings: BootstrapSettings | None = None, wait: bool = True, concurrency: int = 1
+        self,
+        *,
+        settings: BootstrapSettings | None = None,
+        wait: bool = True,
+        concurrency: int = 1,
+        bootstrap: str | None = None,
     ) -> None:
+        """Run the agent (and so Envoy) as the proxy uid; ``bootstrap`` replaces the rendered one."""
         env = {"PATH": "/usr/bin:/bin", "INSTANCE_IP": self.pod.ipv4, **self.env}
         argv = [
             UNPRIVILEGED_PYTHON,
@@ -122,13 +128,13 @@ class Meshed:
             "--envoy",
             str(envoy_binary()),
             "--config-yaml",
-            bootstrap_json(settings),
+            bootstrap if bootstrap is not None else bootstrap_json(settings),
             "--",
             "--log-level",
             "warning",
             "--disable-hot-restart",
             "--concurrency",
-            "1",
+            str(concurrency),
         ]
         out = self.log.open("a")
         os.chown(self.log, PROXY_UID, PROXY_UID)  # Envoy reopens /dev/stdout as the proxy uid

@@ -141,3 +141,14 @@ def test_the_agent_exits_when_envoy_dies(bed: CniBed, tmp_path: Path) -> None:
         os.kill(envoy, signal.SIGKILL)
         assert mesh.agent.wait(timeout=10) == 128 + signal.SIGKILL
         assert get(mesh.pod, "127.0.0.1", 15020, "/healthz/ready") == {"error": "refused"}
+
+
+@pytest.mark.parametrize("workers", [None, 3])
+def test_the_pods_concurrency_sets_envoys_worker_threads(
+    bed: CniBed, tmp_path: Path, workers: int | None
+) -> None:
+    """The template starts one worker; ``concurrency`` in the pod's proxy config replaces it
+    (Envoy refuses a second ``--concurrency`` flag, so appending one would stop the proxy)."""
+    env = {"PROXY_CONFIG": json.dumps({"concurrency": workers})} if workers else {}
+    with meshed_pod(bed, tmp_path, env=env) as mesh:  # started with --concurrency 1, as injected
+        assert mesh.stats()["server.concurrency"] == (workers or 1)
