@@ -6,7 +6,7 @@ imported into the node's containerd (`Node.import_image`, i.e. `ctr -n k8s.io im
 - `busybox_image()`: Debian's busybox-static with every applet linked;
 - `python_image()`: this machine's Python 3.11 interpreter, its standard library and the shared
   libraries they load (found with ldd), busybox for a shell, plus files and packages you choose
-  (e.g. our `cni` package for the validation image, or a small test proxy).
+  (e.g. our `cni` package for the validation image, or our proxy agent beside Envoy).
 Archives are deterministic (fixed mtimes and owners), so the same inputs give the same digest.
 Pods must use `imagePullPolicy: Never` (or an `IfNotPresent` tag that is not `latest`).
 """
@@ -408,53 +408,6 @@ def mesh_cni_image(out_dir: Path = IMAGE_CACHE, ref: str = MESH_CNI_IMAGE, repo:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox, mesh-cni and proxy archives."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    out_dir = Path(args[0]) if args else IMAGE_CACHE
-    for archive in (
-        pause_image(out_dir),
-        busybox_image(out_dir),
-        mesh_cni_image(out_dir),
-        proxy_image(out_dir),
-    ):
-        print(archive)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:testbed"
-
-
-#: The test proxy turning ready only 3 s after it starts (TESTPROXY_READY_AFTER in the image).
-SLOW_TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:slow-start"
-
-
-def proxy_image(out_dir: Path = IMAGE_CACHE, ref: str = TEST_PROXY_IMAGE, *, ready_after: float = 0) -> Path:
-    """The test proxy (tests/testbed/testproxy.py) as the sidecar image, standing in for Envoy.
-
-    Entrypoint runs the proxy and ignores the template's args; `pilot-agent` (for `pilot-agent
-    wait`) and `envoy` (the envoy template's command) are on PATH too. ``ready_after``: seconds
-    before its readiness endpoint says ready (a slow proxy start).
-    """
-    source = Path(__file__).resolve().parent / "testproxy.py"
-    name = "testproxy.tar" if not ready_after else f"testproxy-ready-after-{ready_after:g}.tar"
-    return python_image(
-        ref,
-        out_dir / name,
-        env={"TESTPROXY_READY_AFTER": f"{ready_after:g}"} if ready_after else None,
-        files={"/app/testproxy.py": source},
-        executables={
-            "/usr/local/bin/pilot-agent": "testproxy:pilot_agent_main",
-            "/usr/local/bin/envoy": "testproxy:main",
-        },
-        entrypoint=["/usr/bin/python3", "/app/testproxy.py"],
-    )
-
-
 ENVOY_PROXY_IMAGE = "docker.io/mesh-injector/proxy:testbed"
 
 
@@ -484,3 +437,21 @@ def envoy_proxy_image(
         env={"ENVOY_BIN": "/usr/local/bin/envoy", "PYTHONUNBUFFERED": "1"},
         user="1337:1337",
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox, mesh-cni and proxy archives."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out_dir = Path(args[0]) if args else IMAGE_CACHE
+    for archive in (
+        pause_image(out_dir),
+        busybox_image(out_dir),
+        mesh_cni_image(out_dir),
+        envoy_proxy_image(out_dir),
+    ):
+        print(archive)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
