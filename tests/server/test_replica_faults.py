@@ -28,7 +28,7 @@ import pytest
 from injector.manifests import webhook_configuration
 from tests.server.helpers import RunningServer, free_port, make_pki, start_server
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.testproxy import _pipe as pipe  # byte pump with half-close
+from tests.testbed.proc import pipe  # byte pump with half-close
 
 pytestmark = pytest.mark.apiserver
 

@@ -6,7 +6,7 @@ imported into the node's containerd (`Node.import_image`, i.e. `ctr -n k8s.io im
 - `busybox_image()`: Debian's busybox-static with every applet linked;
 - `python_image()`: this machine's Python 3.11 interpreter, its standard library and the shared
   libraries they load (found with ldd), busybox for a shell, plus files and packages you choose
-  (e.g. our `cni` package for the validation image, or a small test proxy).
+  (e.g. our `cni` package for the validation image, or our proxy agent beside Envoy).
 Archives are deterministic (fixed mtimes and owners), so the same inputs give the same digest.
 Pods must use `imagePullPolicy: Never` (or an `IfNotPresent` tag that is not `latest`).
 """
@@ -326,6 +326,44 @@ def busybox_image(out_dir: Path = IMAGE_CACHE, ref: str = BUSYBOX_IMAGE) -> Path
     return write_oci_archive(out_dir / "busybox.tar", ref, layer, cmd=["sh"])
 
 
+def _pyc(image_path: str, source: bytes) -> bytes | None:
+    """An unchecked-hash .pyc for ``source`` (as imported from ``image_path``), cached on disk.
+
+    The image's files carry mtime 0 and its root is read-only, so without these every container
+    start would compile each module it imports from source (a cold agent start took over a
+    second on the node). Unchecked hash pycs are valid whatever the mtimes and deterministic.
+    """
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_hash_pyc  # type: ignore[attr-defined]
+
+    key = hashlib.sha256(f"{sys.version}\0{image_path}\0".encode() + source).hexdigest()
+    cached = IMAGE_CACHE / "pyc" / f"{key}.pyc"
+    if cached.exists():
+        return cached.read_bytes()
+    try:
+        code = compile(source, image_path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None  # e.g. a module only for another Python version: imported from source, if ever
+    data = bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), checked=False))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
+    partial.write_bytes(data)
+    partial.replace(cached)
+    return data
+
+
+def _add_pycs(layer: Layer) -> None:
+    """A __pycache__ entry beside every Python module of the layer (see `_pyc`)."""
+    tag = sys.implementation.cache_tag
+    for path in [p for p, info in layer.entries.items() if p.endswith(".py") and info.isreg()]:
+        content = layer.data[path]
+        source = content.read_bytes() if isinstance(content, Path) else content
+        pyc = _pyc(path, source)
+        if pyc is not None:
+            pure = PurePosixPath(path)
+            layer.add_file(str(pure.parent / "__pycache__" / f"{pure.stem}.{tag}.pyc"), pyc)
+
+
 def python_image(
     ref: str,
     out: Path,
@@ -389,6 +427,7 @@ def python_image(
             f"#!/usr/bin/{version}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n"
         ).encode()
         layer.add_file(dest, script, 0o755)
+    _add_pycs(layer)
     environment = {"PYTHONPATH": "/app:/app/site-packages", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     return write_oci_archive(out, ref, layer, entrypoint=entrypoint, cmd=cmd, env=environment, user=user)
 
@@ -413,53 +452,6 @@ def mesh_cni_image(out_dir: Path = IMAGE_CACHE, ref: str = MESH_CNI_IMAGE, repo:
         files={"/usr/bin/ldd": Path("/usr/bin/ldd")},
         binaries={"/bin/bash": Path("/bin/bash"), "/usr/bin/patchelf": Path("/usr/bin/patchelf")},
         entrypoint=["/usr/local/bin/mesh-cni"],
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox, mesh-cni and proxy archives."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    out_dir = Path(args[0]) if args else IMAGE_CACHE
-    for archive in (
-        pause_image(out_dir),
-        busybox_image(out_dir),
-        mesh_cni_image(out_dir),
-        proxy_image(out_dir),
-    ):
-        print(archive)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:testbed"
-
-
-#: The test proxy turning ready only 3 s after it starts (TESTPROXY_READY_AFTER in the image).
-SLOW_TEST_PROXY_IMAGE = "docker.io/mesh-injector/testproxy:slow-start"
-
-
-def proxy_image(out_dir: Path = IMAGE_CACHE, ref: str = TEST_PROXY_IMAGE, *, ready_after: float = 0) -> Path:
-    """The test proxy (tests/testbed/testproxy.py) as the sidecar image, standing in for Envoy.
-
-    Entrypoint runs the proxy and ignores the template's args; `pilot-agent` (for `pilot-agent
-    wait`) and `envoy` (the envoy template's command) are on PATH too. ``ready_after``: seconds
-    before its readiness endpoint says ready (a slow proxy start).
-    """
-    source = Path(__file__).resolve().parent / "testproxy.py"
-    name = "testproxy.tar" if not ready_after else f"testproxy-ready-after-{ready_after:g}.tar"
-    return python_image(
-        ref,
-        out_dir / name,
-        env={"TESTPROXY_READY_AFTER": f"{ready_after:g}"} if ready_after else None,
-        files={"/app/testproxy.py": source},
-        executables={
-            "/usr/local/bin/pilot-agent": "testproxy:pilot_agent_main",
-            "/usr/local/bin/envoy": "testproxy:main",
-        },
-        entrypoint=["/usr/bin/python3", "/app/testproxy.py"],
     )
 
 
@@ -492,3 +484,21 @@ def envoy_proxy_image(
         env={"ENVOY_BIN": "/usr/local/bin/envoy", "PYTHONUNBUFFERED": "1"},
         user="1337:1337",
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tests.testbed.images [OUT_DIR]`: write the pause, busybox, mesh-cni and proxy archives."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out_dir = Path(args[0]) if args else IMAGE_CACHE
+    for archive in (
+        pause_image(out_dir),
+        busybox_image(out_dir),
+        mesh_cni_image(out_dir),
+        envoy_proxy_image(out_dir),
+    ):
+        print(archive)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

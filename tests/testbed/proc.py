@@ -223,3 +223,15 @@ def save_state(path: Path, state: Mapping[str, object]) -> None:
 
 def load_state(path: Path) -> dict[str, object]:
     return json.loads(path.read_text())
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes from ``src`` to ``dst`` until EOF, then half-close ``dst`` (a TCP relay's one direction)."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
