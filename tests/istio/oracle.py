@@ -8,7 +8,9 @@ setting; each is one Istio installation and one equivalent config of ours.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -100,6 +102,8 @@ def istio_files(capture: str) -> Path:
     proc = run(cmd)
     assert proc.returncode == 0, f"istioctl manifest generate failed: {proc.stderr[-2000:]}"
     out = Path(tempfile.mkdtemp(prefix=f"istio-{capture}-"))
+    # Kept for the whole process (the result is cached), removed when it exits.
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     found = set()
     for doc in yaml.load_all(proc.stdout, Loader=yaml.CSafeLoader):
         if not isinstance(doc, dict) or doc.get("kind") != "ConfigMap":
