@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from cni import annotations as ann
+from injector import yamlio
 from injector.template import Template, parse_template
 
 #: Namespaces never injected, whatever their labels (Istio skips the first two; the rest hold
@@ -329,7 +330,7 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
         raise ConfigError(f"values.proxy traffic defaults: {err}") from None
 
     # Hash what the templates say, not how they are written: comments and layout do not count.
-    parsed = {name: yaml.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
+    parsed = {name: yamlio.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
     canonical = json.dumps(
         {"model": model.model_dump(mode="json", by_alias=True, exclude={"limits"}), "templates": parsed},
         sort_keys=True,
@@ -377,7 +378,7 @@ def load_config_dir(path: str | Path) -> InjectorConfig:
             file = root / name
             if file.is_file():
                 try:
-                    data = yaml.safe_load(file.read_text()) or {}
+                    data = yamlio.safe_load(file.read_text()) or {}
                 except yaml.YAMLError as err:
                     raise ConfigError(f"{file}: not valid YAML: {err}") from None
                 if not isinstance(data, dict):

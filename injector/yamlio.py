@@ -364,6 +364,12 @@ def load_all(text_or_stream: str | bytes | IO[Any], *, source: str, limits: Yaml
     return _documents(text_or_stream, source, limits, pure)
 
 
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with the C parser when there is one: the same objects and the same
+    YAMLError on bad input, for trusted text (configuration, templates) that needs no limits."""
+    return yaml.load(text, Loader=_FastLoader if _CLoader is not None else yaml.SafeLoader)
+
+
 def load_one(text: str | bytes, *, source: str, limits: YamlLimits = DEFAULT, pure: bool = False) -> Any:
     """The single document of ``text`` (None when empty); a second document is an error."""
     docs = _documents(text, source, limits, pure)
@@ -436,12 +442,14 @@ class _BlockWriter:
     def __init__(self) -> None:
         self._emitter = _ScalarEmitter()
         self._lock = threading.Lock()  # the emitter holds state while it renders
-        self._keys: dict[str, str] = {}  # str key -> rendering
+        self._keys: dict[str, str] = {}  # str key -> its rendering and ":"
         self._values: dict[str, str] = {}  # str value -> rendering, where it cannot fold
+        self._ints: dict[int, str] = {}  # int value -> rendering
         self._other: dict[tuple[Any, ...], str] = {}
         self._chars = 0
 
     def scalar(self, obj: Any, key: bool, column: int, indent: int) -> str:
+        """``obj`` written as a simple key or as a value starting at ``column`` (see render)."""
         kind = type(obj)
         if kind is str:
             tag, text = _STR, obj
@@ -455,33 +463,34 @@ class _BlockWriter:
             tag, text = _FLOAT, self._emitter.represent_float(obj).value
         else:
             raise _Fallback
-        fixed = key or _FOLDS.search(text) is None  # keys never fold
-        found = self._other.get((tag, text, key))
-        if found is None or found is _DEPENDS:
-            if found is _DEPENDS:
-                fixed = False
-                found = self._other.get((tag, text, key, column, indent))
-            if found is None:
-                with self._lock:
-                    found = self._emitter.render(tag, text, key, column, indent)
-                self._remember(tag, text, key, column, indent, found, fixed and '"' not in found)
-        return found
-
-    def _remember(self, tag: str, text: str, key: bool, column: int, indent: int, rendered: str,
-                  fixed: bool) -> None:
-        self._chars += len(text) + len(rendered)
+        other = self._other
+        found = other.get((tag, text, key))
+        if found is not None and found is not _DEPENDS:
+            return found
+        if found is _DEPENDS:
+            found = other.get((tag, text, key, column, indent))
+            if found is not None:
+                return found
+        with self._lock:
+            found = self._emitter.render(tag, text, key, column, indent)
+        self._chars += len(text) + len(found)
         if self._chars > MEMO_CHARS:  # bounded whatever the input: start afresh
-            self._keys.clear()
-            self._values.clear()
-            self._other.clear()
-            self._chars = len(text) + len(rendered)
-        if fixed:
-            self._other[(tag, text, key)] = rendered
-            if tag is _STR:
-                (self._keys if key else self._values)[text] = rendered
+            for memo in (self._keys, self._values, self._ints, other):
+                memo.clear()
+            self._chars = len(text) + len(found)
+        # Keys never fold; a value cannot without a space or a line break, nor double-quoted.
+        if key or (_FOLDS.search(text) is None and '"' not in found):
+            other[(tag, text, key)] = found
+            if kind is str and key:
+                self._keys[text] = found + ":"
+            elif kind is str:
+                self._values[text] = found
+            elif kind is int and not key:
+                self._ints[obj] = found
         else:
-            self._other[(tag, text, key)] = _DEPENDS
-            self._other[(tag, text, key, column, indent)] = rendered
+            other[(tag, text, key)] = _DEPENDS
+            other[(tag, text, key, column, indent)] = found
+        return found
 
     def dump(self, obj: Any) -> str | None:
         """The document's text, or None when PyYAML has to write it (see _Fallback)."""
@@ -490,60 +499,70 @@ class _BlockWriter:
             return None
         out: list[str] = []
         append = out.append
-        seen: set[int] = set()
-        keys, values, scalar = self._keys, self._values, self.scalar
-
-        def collection(value: Any, kind: type, indent: int, lead: str) -> None:
-            """A dict or list value: ``lead`` goes before its first line (a line break and indent
-            after a key, a space after ``-``); a list in a mapping keeps the mapping's indent."""
-            if id(value) in seen:
-                raise _Fallback  # PyYAML writes an anchor and an alias
-            seen.add(id(value))
-            if not value:
-                append(" {}" if kind is dict else " []")
-            elif kind is dict:
-                mapping(value, indent, lead)
-            else:
-                sequence(value, indent, lead)
+        seen: set[int] = set()  # every dict and list: one reached twice gets an anchor from PyYAML
+        keys, values, ints, scalar = self._keys, self._values, self._ints, self.scalar
 
         def mapping(obj: dict[Any, Any], indent: int, lead: str) -> None:
+            """Keys at ``indent``; ``lead`` goes before the first (a line break and the indent
+            after a parent key, a space after ``-``); a list value keeps this indent."""
             nl = "\n" + " " * indent
             child = indent + 2
-            child_lead = "\n" + " " * child
             for k, v in obj.items():
                 append(lead)
                 lead = nl
                 text = keys.get(k) if type(k) is str else None
                 if text is None:
-                    text = scalar(k, True, indent, indent)
+                    text = scalar(k, True, indent, indent) + ":"
                 append(text)
-                append(":")
                 kind = type(v)
                 if kind is str:
                     found = values.get(v)
-                    append(found if found is not None else scalar(v, False, indent + len(text) + 1, indent))
-                elif kind is dict:
-                    collection(v, kind, child, child_lead)
-                elif kind is list:
-                    collection(v, kind, indent, nl)
+                    append(found if found is not None else scalar(v, False, indent + len(text), indent))
+                elif kind is dict or kind is list:
+                    if id(v) in seen:
+                        raise _Fallback
+                    seen.add(id(v))
+                    if not v:
+                        append(" {}" if kind is dict else " []")
+                    elif kind is dict:
+                        mapping(v, child, "\n" + " " * child)
+                    else:
+                        sequence(v, indent, nl)
+                elif kind is int:
+                    found = ints.get(v)
+                    append(found if found is not None else scalar(v, False, indent + len(text), indent))
+                elif kind is bool:
+                    append(" true" if v else " false")
+                elif v is None:
+                    append(" null")
                 else:
-                    append(scalar(v, False, indent + len(text) + 1, indent))
+                    append(scalar(v, False, indent + len(text), indent))
 
         def sequence(obj: list[Any], indent: int, lead: str) -> None:
+            """Items at ``indent``, each ``-`` then its value (a collection one space after it)."""
             nl = "\n" + " " * indent
             child = indent + 2
             for v in obj:
                 append(lead)
                 lead = nl
-                append("-")
                 kind = type(v)
                 if kind is str:
                     found = values.get(v)
-                    append(found if found is not None else scalar(v, False, indent + 1, indent))
+                    append("-" + (found if found is not None else scalar(v, False, indent + 1, indent)))
                 elif kind is dict or kind is list:
-                    collection(v, kind, child, " ")
+                    if id(v) in seen:
+                        raise _Fallback
+                    seen.add(id(v))
+                    if not v:
+                        append("- {}" if kind is dict else "- []")
+                    elif kind is dict:
+                        append("-")
+                        mapping(v, child, " ")
+                    else:
+                        append("-")
+                        sequence(v, child, " ")
                 else:
-                    append(scalar(v, False, indent + 1, indent))
+                    append("-" + scalar(v, False, indent + 1, indent))
 
         try:
             if not obj:
