@@ -502,6 +502,13 @@ class _BlockWriter:
         seen: set[int] = set()  # every dict and list: one reached twice gets an anchor from PyYAML
         keys, values, ints, scalar = self._keys, self._values, self._ints, self.scalar
 
+        def enter(value: Any) -> bool:
+            """Note a dict or list as written; False when empty (then written inline)."""
+            if id(value) in seen:
+                raise _Fallback  # PyYAML writes an anchor and an alias
+            seen.add(id(value))
+            return bool(value)
+
         def mapping(obj: dict[Any, Any], indent: int, lead: str) -> None:
             """Keys at ``indent``; ``lead`` goes before the first (a line break and the indent
             after a parent key, a space after ``-``); a list value keeps this indent."""
@@ -519,10 +526,7 @@ class _BlockWriter:
                     found = values.get(v)
                     append(found if found is not None else scalar(v, False, indent + len(text), indent))
                 elif kind is dict or kind is list:
-                    if id(v) in seen:
-                        raise _Fallback
-                    seen.add(id(v))
-                    if not v:
+                    if not enter(v):
                         append(" {}" if kind is dict else " []")
                     elif kind is dict:
                         mapping(v, child, "\n" + " " * child)
@@ -550,17 +554,11 @@ class _BlockWriter:
                     found = values.get(v)
                     append("-" + (found if found is not None else scalar(v, False, indent + 1, indent)))
                 elif kind is dict or kind is list:
-                    if id(v) in seen:
-                        raise _Fallback
-                    seen.add(id(v))
-                    if not v:
-                        append("- {}" if kind is dict else "- []")
-                    elif kind is dict:
+                    if enter(v):
                         append("-")
-                        mapping(v, child, " ")
+                        (mapping if kind is dict else sequence)(v, child, " ")
                     else:
-                        append("-")
-                        sequence(v, child, " ")
+                        append("- {}" if kind is dict else "- []")
                 else:
                     append("-" + scalar(v, False, indent + 1, indent))
 
