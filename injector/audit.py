@@ -1,9 +1,10 @@
 """The injection audit: for every pod, should it carry the sidecar, does it, which revision, is it stale.
 
-Memory stays at one page of pods plus the summary, whatever the cluster size: every LIST is
+Memory stays at two pages of pods plus the summary, whatever the cluster size: every LIST is
 paged (``limit`` + ``continue``), each page is audited as it arrives and its rows are written
-out before the next page is read. Owners (ReplicaSet, Job) and namespace labels are read by
-name for the pods of the page, with small bounded caches, never by listing everything.
+out while the next page is read (one page ahead, no more). Owners (ReplicaSet, Job) and
+namespace labels are read by name for the pods of the page, with small bounded caches, never
+by listing everything.
 
 Layers (pure first):
 - ``audit_pod`` / ``Summary``: one pod's row, the running totals (pure);
