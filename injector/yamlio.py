@@ -35,8 +35,10 @@ except AttributeError:  # PyYAML built without libyaml
 
 _STR, _INT, _BOOL, _NULL, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "bool", "null", "float"))
 _SEQ, _MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
-#: Characters of scalar text the loader's and the writer's memos keep before they start afresh.
-MEMO_CHARS = 4_000_000
+#: What the loader's and the writer's memos keep before they start afresh: a long file of unique
+#: names must not grow them (peak RSS stays flat), the common scalars come back at once.
+MEMO_CHARS = 1_000_000
+MEMO_ENTRIES = 2048
 
 #: The formatting every YAML writer of ours uses (kube-inject, /dry-run, the manifests).
 DUMP_OPTIONS: dict[str, Any] = {"sort_keys": False, "default_flow_style": False, "allow_unicode": True}
@@ -161,7 +163,7 @@ if _CLoader is not None:
                 tag = super().resolve(kind, value, implicit)
                 cls = _FastLoader
                 cls._chars += len(value)
-                if cls._chars > MEMO_CHARS:
+                if cls._chars > MEMO_CHARS or len(cls._resolved) >= MEMO_ENTRIES:
                     cls._resolved.clear()
                     cls._chars = len(value)
                 cls._resolved[value] = tag
@@ -474,7 +476,7 @@ class _BlockWriter:
         with self._lock:
             found = self._emitter.render(tag, text, key, column, indent)
         self._chars += len(text) + len(found)
-        if self._chars > MEMO_CHARS:  # bounded whatever the input: start afresh
+        if self._chars > MEMO_CHARS or len(other) >= MEMO_ENTRIES:  # bounded whatever the input
             for memo in (self._keys, self._values, self._ints, other):
                 memo.clear()
             self._chars = len(text) + len(found)

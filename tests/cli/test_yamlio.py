@@ -190,3 +190,16 @@ def test_yaml_beyond_json_reads_as_pyyaml_reads_it(text: str) -> None:
 def test_unknown_tags_and_unhashable_keys_are_refused_by_both_paths(text: str, pure: bool) -> None:
     with pytest.raises(YamlSyntaxError, match=r"^f: not valid YAML at line 1"):
         yamlio.load_one(text, source="f", pure=pure)
+
+
+def test_the_writer_and_loader_memos_stay_bounded_over_a_long_stream() -> None:
+    """A long file of unique names must not grow kube-inject's memory (peak RSS stays flat);
+    documents written after the memos started afresh are still PyYAML's bytes."""
+    docs = [{"metadata": {"name": f"web-{i}", "labels": {"app": f"web-{i} with a long tail " * (i % 3)}},
+             "spec": {"replicas": i}} for i in range(3 * yamlio.MEMO_ENTRIES)]
+    text = "".join(yamlio.dump_stream(docs))
+    assert text == yaml.safe_dump_all(docs, **TODAY)
+    assert list(yamlio.load_all(text, source="long.yaml", limits=YamlLimits(max_documents=len(docs)))) == docs
+    assert len(yamlio._WRITER._other) <= yamlio.MEMO_ENTRIES
+    if yamlio.c_available():
+        assert len(yamlio._FastLoader._resolved) <= yamlio.MEMO_ENTRIES
