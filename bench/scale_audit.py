@@ -163,8 +163,8 @@ class Cluster:
                 self.api.request("DELETE", path)
 
 
-def cli_run(plane: ControlPlane, page_size: int) -> tuple[float, int, str]:
-    """(seconds, peak RSS KiB, last line) of `mesh-injector audit` over all namespaces."""
+def cli_run(plane: ControlPlane, page_size: int) -> tuple[float, int, str, float]:
+    """(seconds, peak RSS KiB, last line, CPU seconds) of `mesh-injector audit` over all namespaces."""
     env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
     with tempfile.TemporaryFile("w+") as out:
         start = time.perf_counter()
@@ -177,7 +177,7 @@ def cli_run(plane: ControlPlane, page_size: int) -> tuple[float, int, str]:
             raise RuntimeError(f"audit failed: {proc.stderr.read().decode() if proc.stderr else ''}")
         out.seek(0)
         last = out.read().rstrip().splitlines()[-1]
-    return elapsed, usage.ru_maxrss, last
+    return elapsed, usage.ru_maxrss, last, usage.ru_utime + usage.ru_stime
 
 
 def rss_kib(pid: int, field: str) -> int:
@@ -187,13 +187,35 @@ def rss_kib(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} for {pid}")
 
 
-def server_run(server: Any, token: str, page_size: int) -> tuple[float, int, int]:
-    """(seconds, peak RSS KiB during the request, pods) of GET /audit on the running server."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: ``serve`` forks its uvicorn workers, which answer /audit."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            todo += [int(child) for child in task.read_text().split()]
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU so far of a process and its descendants (threads included)."""
+    total = 0
+    for member in process_tree(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_run(server: Any, token: str, page_size: int) -> tuple[float, int, int, float]:
+    """(seconds, peak RSS KiB during the request, pods, server CPU seconds) of GET /audit."""
     import json
 
     pid = server.process.pid
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM: the peak of this request only
+    for member in process_tree(pid):
+        Path(f"/proc/{member}/clear_refs").write_text("5")  # reset VmHWM: the peak of this request only
     size = 0
+    cpu_before = cpu_seconds(pid)
     start = time.perf_counter()
     with server.client() as client, client.stream(
             "GET", "/audit", params={"pageSize": str(page_size), "format": "jsonl"},
@@ -206,7 +228,8 @@ def server_run(server: Any, token: str, page_size: int) -> tuple[float, int, int
             last = (last + chunk)[-4096:]
     elapsed = time.perf_counter() - start
     summary = json.loads(last.rstrip().rsplit(b"\n", 1)[-1])["summary"]
-    return elapsed, rss_kib(pid, "VmHWM"), int(summary["pods"])
+    peak = max(rss_kib(member, "VmHWM") for member in process_tree(pid))  # the worker that answered
+    return elapsed, peak, int(summary["pods"]), cpu_seconds(pid) - cpu_before
 
 
 def slope_ms(points: list[tuple[int, float]]) -> float:
@@ -222,7 +245,7 @@ def run(sizes: tuple[int, ...] = SIZES, page_size: int = 500) -> None:
     cluster = Cluster(api, run_id)
     workdir = Path(tempfile.mkdtemp(prefix="scale-audit-"))
     server = start_server(workdir, extra_args=["--kubeconfig", str(plane.kubeconfig)])
-    rows: list[tuple[int, float, int, float, int]] = []
+    rows: list[tuple[int, float, int, float, int, float, float]] = []
     try:
         refuse_controller_pods(api, run_id)
         for size in sizes:
@@ -230,9 +253,9 @@ def run(sizes: tuple[int, ...] = SIZES, page_size: int = 500) -> None:
             cluster.grow_to(size)
             created = time.perf_counter() - start
             cluster.settle()
-            cli_s, cli_kib, last = cli_run(plane, page_size)
-            srv_s, srv_kib, pods = server_run(server, plane.token, page_size)
-            rows.append((pods, cli_s, cli_kib, srv_s, srv_kib))
+            cli_s, cli_kib, last, cli_cpu = cli_run(plane, page_size)
+            srv_s, srv_kib, pods, srv_cpu = server_run(server, plane.token, page_size)
+            rows.append((pods, cli_s, cli_kib, srv_s, srv_kib, cli_cpu, srv_cpu))
             print(f"# {size} bench pods ({pods} in the cluster) created in {created:.1f} s; CLI: {last}",
                   flush=True)
     finally:
@@ -242,16 +265,25 @@ def run(sizes: tuple[int, ...] = SIZES, page_size: int = 500) -> None:
         if not attach:
             plane.stop()
     print(f"\naudit, page size {page_size} (all namespaces; wall time and peak RSS)")
-    print(f"{'pods':>7} | {'CLI s':>7} | {'CLI MiB':>8} | {'server s':>8} | {'server MiB':>10}")
-    for pods, cli_s, cli_kib, srv_s, srv_kib in rows:
-        print(f"{pods:>7} | {cli_s:>7.2f} | {cli_kib / 1024:>8.1f} | {srv_s:>8.2f} | {srv_kib / 1024:>10.1f}")
+    print(f"{'pods':>7} | {'CLI s':>7} | {'CLI CPU s':>9} | {'CLI MiB':>8} | {'server s':>8} | "
+          f"{'server CPU s':>12} | {'server MiB':>10}")
+    for pods, cli_s, cli_kib, srv_s, srv_kib, cli_cpu, srv_cpu in rows:
+        print(f"{pods:>7} | {cli_s:>7.2f} | {cli_cpu:>9.2f} | {cli_kib / 1024:>8.1f} | {srv_s:>8.2f} | "
+              f"{srv_cpu:>12.2f} | {srv_kib / 1024:>10.1f}")
     above = [r for r in rows if r[0] >= 1000]
     if len(above) >= 2:
         first, last_row = above[0], above[-1]
         cli_slope = slope_ms([(first[0], first[1]), (last_row[0], last_row[1])])
         server_slope = slope_ms([(first[0], first[3]), (last_row[0], last_row[3])])
-        print(f"slope {first[0]}->{last_row[0]} pods: CLI {cli_slope:.3f} ms/pod, server "
-              f"{server_slope:.3f} ms/pod (target <= 0.3)")
+        cli_cpu_slope = slope_ms([(first[0], first[5]), (last_row[0], last_row[5])])
+        server_cpu_slope = slope_ms([(first[0], first[6]), (last_row[0], last_row[6])])
+        print(f"slope {first[0]}->{last_row[0]} pods, wall: CLI {cli_slope:.3f} ms/pod (ratio to the target "
+              f"{cli_slope / 0.3:.2f}), server {server_slope:.3f} ms/pod (ratio {server_slope / 0.3:.2f}); "
+              f"target <= 0.3")
+        print(f"  CPU of our process alone: CLI {cli_cpu_slope:.3f} ms/pod, server "
+              f"{server_cpu_slope:.3f} ms/pod (the rest of the wall time is the API server's and "
+              "etcd's, on the same cores)")
+        print(f"  load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"peak RSS {first[0]}->{last_row[0]} pods: CLI x{last_row[2] / first[2]:.2f}, "
               f"server x{last_row[4] / first[4]:.2f} (target <= x1.20)")
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from cni import annotations as ann
+from injector import yamlio
 from injector.template import Template, parse_template
 from injector.yamlio import _syntax_error as yaml_syntax_error
 
@@ -330,7 +331,7 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
         raise ConfigError(f"values.proxy traffic defaults: {err}") from None
 
     # Hash what the templates say, not how they are written: comments and layout do not count.
-    parsed = {name: yaml.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
+    parsed = {name: yamlio.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
     canonical = json.dumps(
         {"model": model.model_dump(mode="json", by_alias=True, exclude={"limits"}), "templates": parsed},
         sort_keys=True,
@@ -379,7 +380,7 @@ def load_config_dir(path: str | Path) -> InjectorConfig:
 
     def parsed(file: Path, text: str) -> Any:
         try:
-            return yaml.safe_load(text)
+            return yamlio.safe_load(text)
         except yaml.YAMLError as err:  # named by file and line, not PyYAML's "<unicode string>"
             raise ConfigError(str(yaml_syntax_error(err, str(file)))) from None
 

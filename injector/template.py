@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from injector import yamlio
 from injector.context import VARIABLES  # the one declaration of template values
 
 _OMIT = object()
@@ -223,7 +224,7 @@ def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
     """Parse and compile a template; raise TemplateError (a ValueError) saying what is wrong."""
     if isinstance(source, str):
         try:
-            doc = yaml.safe_load(source)
+            doc = yamlio.safe_load(source)
         except yaml.YAMLError as err:
             raise TemplateError(f"not valid YAML: {err}") from None
     else:

@@ -8,16 +8,18 @@ size counts against the node limit). A violation raises ``YamlLimitError`` namin
 its value, before any Python object for that document is built (and, for a text long enough to
 exceed the node limit, before it is even composed: counting parser events stops at the limit).
 
-The C (libyaml) loader and dumper are used when PyYAML has them; they give the same objects and
-the same bytes as the pure-Python ones (tests/cli/test_yamlio.py checks both paths), about ten
-times faster.
+The C (libyaml) loader is used when PyYAML has it: the same objects as the pure-Python one,
+about ten times faster. Writing is PyYAML's own output (tests/cli/test_yamlio.py compares them
+over every golden and random documents) from a block writer that renders each distinct scalar
+once with PyYAML's emitter: libyaml's emitter writes some characters differently and, driven
+node by node from Python, costs more than the document's JSON encoding ten times over.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -28,9 +30,15 @@ MiB = 1024 * 1024
 
 try:
     _CLoader: type | None = yaml.CSafeLoader
-    _CDumper: type | None = yaml.CSafeDumper
 except AttributeError:  # PyYAML built without libyaml
-    _CLoader = _CDumper = None
+    _CLoader = None
+
+_STR, _INT, _BOOL, _NULL, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "bool", "null", "float"))
+_SEQ, _MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+#: What the loader's and the writer's memos keep before they start afresh: a long file of unique
+#: names must not grow them (peak RSS stays flat), the common scalars come back at once.
+MEMO_CHARS = 1_000_000
+MEMO_ENTRIES = 2048
 
 #: The formatting every YAML writer of ours uses (kube-inject, /dry-run, the manifests).
 DUMP_OPTIONS: dict[str, Any] = {"sort_keys": False, "default_flow_style": False, "allow_unicode": True}
@@ -129,9 +137,45 @@ def _input(text_or_stream: str | bytes | IO[Any], limits: YamlLimits, source: st
     return _CountingReader(text_or_stream, limits.max_bytes, source)
 
 
+if _CLoader is not None:
+
+    class _FastLoader(_CLoader):  # type: ignore[misc, valid-type]
+        """libyaml's parser with a memo for the implicit-tag resolution it asks Python for per
+        scalar (most of its time otherwise): a plain scalar's tag depends on its text alone,
+        a quoted one is always a string, as no path resolvers are registered."""
+
+        _resolved: dict[str, str] = {}
+        _chars = 0
+
+        def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+            """No path resolvers: nothing to track per node."""
+
+        def ascend_resolver(self) -> None:
+            """See descend_resolver."""
+
+        def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+            if kind is not yaml.ScalarNode:
+                return _SEQ if kind is yaml.SequenceNode else _MAP
+            if not implicit[0]:
+                return _STR
+            tag = self._resolved.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                cls = _FastLoader
+                cls._chars += len(value)
+                if cls._chars > MEMO_CHARS or len(cls._resolved) >= MEMO_ENTRIES:
+                    cls._resolved.clear()
+                    cls._chars = len(value)
+                cls._resolved[value] = tag
+            return tag
+
+    if _CLoader.yaml_path_resolvers:  # someone registered path resolvers: resolve every node
+        _FastLoader = _CLoader  # type: ignore[misc]
+
+
 def _loader(data: Any, limits: YamlLimits, source: str, pure: bool) -> Any:
     if _CLoader is not None and not pure:
-        return _CLoader(data)  # libyaml refuses nesting past 1000 itself; _check does the rest
+        return _FastLoader(data)  # libyaml refuses nesting past 1000 itself; _check does the rest
     loader = _PyLoader(data)
     loader._max_depth = limits.max_depth
     loader._source = source
@@ -233,6 +277,54 @@ def _syntax_error(exc: BaseException, source: str) -> YamlSyntaxError:
     return YamlSyntaxError(f"{source}: not valid YAML{where}: {detail}")
 
 
+class _Unusual(Exception):
+    """A node _construct leaves to PyYAML's constructor: a merge key, a tagged collection, ..."""
+
+
+_PLAIN_KEYS = frozenset((_STR, _INT, _BOOL, _NULL, _FLOAT))
+
+
+def _construct(loader: Any, root: Any) -> Any:
+    """``loader.construct_document(root)`` for documents of plain mappings, lists and scalars,
+    without the constructor's per-node dispatch (a Kubernetes object is nothing else); other
+    scalars go through the constructor, and anything more (merge keys, ``!!set``, ``!!omap``,
+    complex keys) hands the whole document to it. Aliases stay shared objects, as PyYAML's."""
+    made: dict[int, Any] = {}
+    scalar_node, mapping_node, sequence_node = yaml.ScalarNode, yaml.MappingNode, yaml.SequenceNode
+    construct = loader.construct_object
+
+    def build(node: Any) -> Any:
+        kind = type(node)
+        if kind is scalar_node:
+            return node.value if node.tag == _STR else construct(node)
+        found = made.get(id(node))
+        if found is not None:
+            return found
+        if kind is mapping_node and node.tag == _MAP:
+            mapping: dict[Any, Any] = {}
+            made[id(node)] = mapping
+            for key, value in node.value:
+                if type(key) is not scalar_node or key.tag not in _PLAIN_KEYS:
+                    raise _Unusual
+                mapping[key.value if key.tag == _STR else construct(key)] = build(value)
+            return mapping
+        if kind is sequence_node and node.tag == _SEQ:
+            items: list[Any] = []
+            made[id(node)] = items
+            for value in node.value:
+                items.append(build(value))
+            return items
+        raise _Unusual
+
+    try:
+        return build(root)
+    except _Unusual:
+        loader.constructed_objects = {}
+        return loader.construct_document(root)
+    finally:
+        loader.constructed_objects = {}
+
+
 def _documents(text_or_stream: str | bytes | IO[Any], source: str, limits: YamlLimits,
                pure: bool) -> Iterator[Any]:
     data = _input(text_or_stream, limits, source)
@@ -255,7 +347,7 @@ def _documents(text_or_stream: str | bytes | IO[Any], source: str, limits: YamlL
                 raise _documents_error(source, limits.max_documents)
             _check(node, limits, source)
             try:
-                yield loader.construct_document(node)
+                yield loader.construct_document(node) if pure else _construct(loader, node)
             except YamlLimitError:
                 raise
             except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
@@ -274,6 +366,12 @@ def load_all(text_or_stream: str | bytes | IO[Any], *, source: str, limits: Yaml
     return _documents(text_or_stream, source, limits, pure)
 
 
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with the C parser when there is one: the same objects and the same
+    YAMLError on bad input, for trusted text (configuration, templates) that needs no limits."""
+    return yaml.load(text, Loader=_FastLoader if _CLoader is not None else yaml.SafeLoader)
+
+
 def load_one(text: str | bytes, *, source: str, limits: YamlLimits = DEFAULT, pure: bool = False) -> Any:
     """The single document of ``text`` (None when empty); a second document is an error."""
     docs = _documents(text, source, limits, pure)
@@ -289,103 +387,206 @@ def load_one(text: str | bytes, *, source: str, limits: YamlLimits = DEFAULT, pu
 # --- writing ------------------------------------------------------------------------------------
 
 
-#: Characters libyaml's emitter writes differently from PyYAML's (found by comparing the two over
-#: every code point): CR and NEL (escaped vs quoted with a line break), and everything outside the
-#: Basic Multilingual Plane (escaped vs written as is, with ``allow_unicode``).
-_C_DIFFERS = re.compile("[\r\x85\ud800-\udfff\U00010000-\U0010ffff]")
-_STR, _INT, _BOOL, _NULL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "bool", "null"))
-_SEQ, _MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
-_OTHER_SCALARS = (float, dt.date)  # written by SafeRepresenter's own functions
+#: Where PyYAML's emitter may fold a line or break one: a scalar without them cannot depend on its column.
+_FOLDS = re.compile("[ \n\x85\u2028\u2029]")
+_DEPENDS = ""  # memo mark: this scalar's rendering depends on its column (looked up with it)
 
 
 class _Fallback(Exception):
-    """The object holds something libyaml would write differently: use the pure-Python dumper."""
+    """Something the block writer leaves to PyYAML: anchors (an object reached twice), complex
+    keys (empty, multi-line or long), dates and types beyond JSON's."""
 
 
-def _scalar_text(value: str) -> str:
-    if (not value.isascii() or "\r" in value) and _C_DIFFERS.search(value):
-        raise _Fallback
-    return value
+class _ScalarEmitter(yaml.SafeDumper):
+    """PyYAML's own emitter, resolver and representer, driven one scalar at a time in the state
+    the whole-document emitter is in at that point, so each scalar comes out byte for byte."""
 
+    def __init__(self) -> None:
+        self._buffer = io.StringIO()
+        super().__init__(self._buffer, **DUMP_OPTIONS)
+        self.tag_prefixes = dict(self.DEFAULT_TAG_PREFIXES)
 
-def _nodes(obj: Any, seen: set[int], other: Any) -> Any:
-    """The representation graph SafeRepresenter builds for ``obj`` (``default_flow_style=False``,
-    keys unsorted), without its per-node dispatch; raises _Fallback where libyaml would differ:
-    CR, NEL and astral characters, an empty-string key (PyYAML writes ``? ''``), an object
-    reached twice (anchors), or a type beyond JSON's and dates."""
-    kind = type(obj)
-    if kind is str:
-        return yaml.ScalarNode(_STR, _scalar_text(obj))
-    if kind is dict or kind is list:
-        if id(obj) in seen:
+    def render(self, tag: str, text: str, key: bool, column: int, indent: int) -> str:
+        """``text`` as the emitter writes it for a simple key (``key``) or a value after ``:``/``-``,
+        starting at ``column`` inside a collection indented by ``indent``."""
+        buffer = self._buffer
+        buffer.seek(0)
+        buffer.truncate()
+        implicit = (self.resolve(yaml.ScalarNode, text, (True, False)) == tag,
+                    self.resolve(yaml.ScalarNode, text, (False, True)) == tag)
+        self.event = yaml.ScalarEvent(None, tag, implicit, text)
+        self.events = []
+        self.analysis = self.style = self.prepared_tag = self.prepared_anchor = None
+        self.column, self.indent, self.indents, self.flow_level = column, indent, [], 0
+        self.whitespace = self.indention = key  # a key follows an indent; a value follows ':' or '-'
+        self.root_context = self.sequence_context = False
+        self.mapping_context = self.simple_key_context = key
+        if key and not self.check_simple_key():
             raise _Fallback
-        seen.add(id(obj))
-        if kind is list:
-            return yaml.SequenceNode(_SEQ, [_nodes(item, seen, other) for item in obj], flow_style=False)
-        pairs = []
-        for key, value in obj.items():
-            if key == "":
-                raise _Fallback
-            pairs.append((_nodes(key, seen, other), _nodes(value, seen, other)))
-        return yaml.MappingNode(_MAP, pairs, flow_style=False)
-    if kind is bool:
-        return yaml.ScalarNode(_BOOL, "true" if obj else "false")
-    if kind is int:
-        return yaml.ScalarNode(_INT, str(obj))
-    if obj is None:
-        return yaml.ScalarNode(_NULL, "null")
-    if kind in _OTHER_SCALARS or kind is dt.datetime:
-        return other.represent_data(obj)
-    raise _Fallback
+        self.process_anchor("&")
+        self.process_tag()
+        self.increase_indent(flow=True)
+        self.process_scalar()
+        self.event = None
+        return buffer.getvalue()
 
 
-if _CDumper is not None:
+class _BlockWriter:
+    """PyYAML's bytes for a document of mappings, lists and scalars (our ``DUMP_OPTIONS``),
+    written without its representer/serializer/emitter pipeline per node.
 
-    class _FastDumper(_CDumper):  # type: ignore[misc, valid-type]
-        """libyaml's emitter with a memo for the implicit-tag resolution it asks for per scalar."""
+    The layout of block mappings and sequences is fixed (two-space indent, sequences in a
+    mapping not indented, empty collections as ``{}``/``[]``); each scalar is rendered once by
+    PyYAML's emitter and remembered, keyed by its text (and by its column and indent where
+    line folding could make them matter), so a document costs about one lookup per node.
+    """
 
-        _resolved: dict[tuple[str, bool, bool], str] = {}
+    def __init__(self) -> None:
+        self._emitter = _ScalarEmitter()
+        self._lock = threading.Lock()  # the emitter holds state while it renders
+        self._keys: dict[str, str] = {}  # str key -> its rendering and ":"
+        self._values: dict[str, str] = {}  # str value -> rendering, where it cannot fold
+        self._ints: dict[int, str] = {}  # int value -> rendering
+        self._other: dict[tuple[Any, ...], str] = {}
+        self._chars = 0
 
-        def descend_resolver(self, current_node: Any, current_index: Any) -> None:
-            """No path resolvers are registered: nothing to track per node."""
+    def scalar(self, obj: Any, key: bool, column: int, indent: int) -> str:
+        """``obj`` written as a simple key or as a value starting at ``column`` (see render)."""
+        kind = type(obj)
+        if kind is str:
+            tag, text = _STR, obj
+        elif kind is bool:
+            tag, text = _BOOL, "true" if obj else "false"
+        elif kind is int:
+            tag, text = _INT, str(obj)
+        elif obj is None:
+            tag, text = _NULL, "null"
+        elif kind is float:
+            tag, text = _FLOAT, self._emitter.represent_float(obj).value
+        else:
+            raise _Fallback
+        other = self._other
+        found = other.get((tag, text, key))
+        if found is not None and found is not _DEPENDS:
+            return found
+        if found is _DEPENDS:
+            found = other.get((tag, text, key, column, indent))
+            if found is not None:
+                return found
+        with self._lock:
+            found = self._emitter.render(tag, text, key, column, indent)
+        self._chars += len(text) + len(found)
+        if self._chars > MEMO_CHARS or len(other) >= MEMO_ENTRIES:  # bounded whatever the input
+            for memo in (self._keys, self._values, self._ints, other):
+                memo.clear()
+            self._chars = len(text) + len(found)
+        # Keys never fold; a value cannot without a space or a line break, nor double-quoted.
+        if key or (_FOLDS.search(text) is None and '"' not in found):
+            other[(tag, text, key)] = found
+            if kind is str and key:
+                self._keys[text] = found + ":"
+            elif kind is str:
+                self._values[text] = found
+            elif kind is int and not key:
+                self._ints[obj] = found
+        else:
+            other[(tag, text, key)] = _DEPENDS
+            other[(tag, text, key, column, indent)] = found
+        return found
 
-        def ascend_resolver(self) -> None:
-            """See descend_resolver."""
+    def dump(self, obj: Any) -> str | None:
+        """The document's text, or None when PyYAML has to write it (see _Fallback)."""
+        kind = type(obj)
+        if kind is not dict and kind is not list:
+            return None
+        out: list[str] = []
+        append = out.append
+        seen: set[int] = set()  # every dict and list: one reached twice gets an anchor from PyYAML
+        keys, values, ints, scalar = self._keys, self._values, self._ints, self.scalar
 
-        def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
-            if kind is not yaml.ScalarNode:
-                return _SEQ if kind is yaml.SequenceNode else _MAP
-            key = (value, implicit[0], implicit[1])
-            tag = self._resolved.get(key)
-            if tag is None:
-                tag = super().resolve(kind, value, implicit)
-                if len(self._resolved) > 10_000:
-                    self._resolved.clear()
-                self._resolved[key] = tag
-            return tag
+        def enter(value: Any) -> bool:
+            """Note a dict or list as written; False when empty (then written inline)."""
+            if id(value) in seen:
+                raise _Fallback  # PyYAML writes an anchor and an alias
+            seen.add(id(value))
+            return bool(value)
+
+        def mapping(obj: dict[Any, Any], indent: int, lead: str) -> None:
+            """Keys at ``indent``; ``lead`` goes before the first (a line break and the indent
+            after a parent key, a space after ``-``); a list value keeps this indent."""
+            nl = "\n" + " " * indent
+            child = indent + 2
+            for k, v in obj.items():
+                append(lead)
+                lead = nl
+                text = keys.get(k) if type(k) is str else None
+                if text is None:
+                    text = scalar(k, True, indent, indent) + ":"
+                append(text)
+                kind = type(v)
+                if kind is str:
+                    found = values.get(v)
+                    append(found if found is not None else scalar(v, False, indent + len(text), indent))
+                elif kind is dict or kind is list:
+                    if not enter(v):
+                        append(" {}" if kind is dict else " []")
+                    elif kind is dict:
+                        mapping(v, child, "\n" + " " * child)
+                    else:
+                        sequence(v, indent, nl)
+                elif kind is int:
+                    found = ints.get(v)
+                    append(found if found is not None else scalar(v, False, indent + len(text), indent))
+                elif kind is bool:
+                    append(" true" if v else " false")
+                elif v is None:
+                    append(" null")
+                else:
+                    append(scalar(v, False, indent + len(text), indent))
+
+        def sequence(obj: list[Any], indent: int, lead: str) -> None:
+            """Items at ``indent``, each ``-`` then its value (a collection one space after it)."""
+            nl = "\n" + " " * indent
+            child = indent + 2
+            for v in obj:
+                append(lead)
+                lead = nl
+                kind = type(v)
+                if kind is str:
+                    found = values.get(v)
+                    append("-" + (found if found is not None else scalar(v, False, indent + 1, indent)))
+                elif kind is dict or kind is list:
+                    if enter(v):
+                        append("-")
+                        (mapping if kind is dict else sequence)(v, child, " ")
+                    else:
+                        append("- {}" if kind is dict else "- []")
+                else:
+                    append("-" + scalar(v, False, indent + 1, indent))
+
+        try:
+            if not obj:
+                return "{}\n" if kind is dict else "[]\n"
+            seen.add(id(obj))
+            if kind is dict:
+                mapping(obj, 0, "")
+            else:
+                sequence(obj, 0, "")
+        except _Fallback:
+            return None
+        append("\n")
+        return "".join(out)
 
 
-def _fast_dump(obj: Any) -> str | None:
-    """``obj`` written by libyaml, or None when that would not be PyYAML's bytes."""
-    if _CDumper is None or (type(obj) is not dict and type(obj) is not list):
-        return None
-    stream = io.StringIO()
-    dumper = _FastDumper(stream, **DUMP_OPTIONS)
-    try:
-        node = _nodes(obj, set(), dumper)
-        dumper.open()
-        dumper.serialize(node)
-        dumper.close()
-    except _Fallback:
-        return None
-    finally:
-        dumper.dispose()
-    return stream.getvalue()
+_WRITER = _BlockWriter()
 
 
 def dump(obj: Any, *, pure: bool = False) -> str:
-    """One document in our house style (block style, keys in their order, UTF-8 kept)."""
-    text = None if pure else _fast_dump(obj)
+    """One document in our house style (block style, keys in their order, UTF-8 kept).
+
+    ``pure`` runs PyYAML's whole dumper (tests compare the two); both give the same text.
+    """
+    text = None if pure else _WRITER.dump(obj)
     return text if text is not None else yaml.dump(obj, Dumper=yaml.SafeDumper, **DUMP_OPTIONS)
 
 

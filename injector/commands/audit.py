@@ -1,7 +1,7 @@
 """Per pod of the kubeconfig's cluster: should it have the sidecar, has it, which revision, is it stale.
 
 The report streams: rows are printed page by page as the API server returns them (memory stays
-at one page whatever the cluster size), the summary comes last. ``--restart`` then rolls the
+at two pages whatever the cluster size), the summary comes last. ``--restart`` then rolls the
 Deployments, StatefulSets and DaemonSets whose pods need it, as ``kubectl rollout restart``.
 """
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import time
+from types import SimpleNamespace
 from typing import Any
 
-from injector.audit import Pages, Report, render_chunks
+import pytest
+
+from injector.audit import Pages, Report, kube_get, render_chunks
 from injector.configwatch import builtin_config
 
 
@@ -74,3 +79,72 @@ def test_a_failure_mid_way_ends_the_report_incomplete_with_the_error() -> None:
     assert len(document["pods"]) == 2
     summary = document["summary"]
     assert summary["complete"] is False and "500 Internal Server Error" in summary["error"]
+
+
+class CountingReader(PagedReader):
+    """PagedReader that counts the pages the API was asked for."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__(sizes)
+        self.fetched = 0
+
+    def pages(self) -> Pages:
+        inner = super().pages()
+        fetch = inner.fetch
+
+        def counted(limit: int, token: str | None) -> dict[str, Any]:
+            self.fetched += 1
+            return fetch(limit, token)
+
+        inner.fetch = counted
+        return inner
+
+
+def test_a_reader_that_stops_early_leaves_at_most_one_page_read_ahead() -> None:
+    """Reading ahead overlaps the API server's time with ours but holds two pages at most."""
+    reader = CountingReader([2] * 10)
+    pages = report(reader).pages()
+    assert len(next(pages)) == 2
+    pages.close()
+    assert reader.fetched <= 2
+
+
+def test_no_page_is_read_past_the_deadline() -> None:
+    reader = CountingReader([2] * 3)
+    audit = Report(reader, builtin_config(), deadline=time.monotonic() - 1)  # type: ignore[arg-type]
+    assert list(audit.pages()) == []
+    assert reader.fetched == 0
+    assert audit.summary.timed_out and not audit.summary.complete
+
+
+class Response:
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        self.body, self.status, self.reason = body, status, "OK"
+
+    def read(self) -> bytes:
+        return self.body
+
+
+class FakeApi:
+    """The slice of kubernetes.client.ApiClient that kube_get uses."""
+
+    def __init__(self, body: bytes) -> None:
+        self.configuration = SimpleNamespace(host="https://api", auth_settings=dict)
+        self.rest_client = SimpleNamespace(request=lambda *a, **k: Response(body))
+
+
+def test_decoding_a_page_leaves_garbage_collection_as_it_was() -> None:
+    """Collection is paused while a page is decoded; a long-running server must get it back,
+    also when the body is not JSON."""
+    assert gc.isenabled()
+    assert kube_get(FakeApi(b'{"items": [{"a": [1, 2]}]}'), "/api/v1/pods") == {"items": [{"a": [1, 2]}]}
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        kube_get(FakeApi(b"<html>proxy error</html>"), "/api/v1/pods")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        kube_get(FakeApi(b"{}"), "/api/v1/pods")
+        assert not gc.isenabled()  # not switched on behind the back of whoever switched it off
+    finally:
+        gc.enable()

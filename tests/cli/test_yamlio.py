@@ -1,4 +1,4 @@
-"""injector.yamlio: every limit refuses with its name and value; C and pure-Python paths agree."""
+"""injector.yamlio: each limit refused with its name and value; fast paths give PyYAML's objects and bytes."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_the_c_loader_and_dumper_are_installed() -> None:
-    """PyYAML's wheels carry libyaml; without it kube-inject is ten times slower."""
+def test_the_c_loader_is_installed() -> None:
+    """PyYAML's wheels carry libyaml; without it reading YAML is several times slower."""
     if not yamlio.c_available() and not os.environ.get("CI"):
         pytest.skip("PyYAML without libyaml on this machine")
     assert yamlio.c_available()
@@ -148,3 +148,58 @@ def test_written_bytes_equal_pyyaml_for_any_value(docs: list[Any]) -> None:
 def test_values_libyaml_writes_differently_still_come_out_as_pyyaml_writes_them(text: str) -> None:
     doc = yaml.safe_load(text)
     assert yamlio.dump(doc) == yaml.safe_dump(doc, **TODAY)
+
+
+_WORDS = st.sampled_from(["a", "word", " ", "  ", "'", '"', "\n", "\t", "é", "\U0001f600", "\r", ": ", "- ",
+                          "#", "null", "12", "x" * 30])
+_LONG = st.lists(_WORDS, max_size=40).map("".join)
+_NESTED = st.recursive(_LONG | st.integers() | st.booleans(),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_LONG, inner, max_size=3),
+                       max_leaves=12)
+
+
+@settings(max_examples=300, suppress_health_check=list(HealthCheck), deadline=None)
+@given(st.dictionaries(_LONG, _NESTED, min_size=1, max_size=4))
+def test_long_values_fold_where_pyyaml_folds_them_at_any_depth(doc: dict[str, Any]) -> None:
+    """Values past column 80 are folded at a space and quoted ones broken at line breaks: the
+    writer must do both at the columns and indents PyYAML does (annotations, args, env)."""
+    assert yamlio.dump(doc) == yaml.dump(doc, Dumper=yaml.SafeDumper, **TODAY)
+
+
+@pytest.mark.parametrize("text", [
+    "a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n", "s: !!set {a, b}\n", "o: !!omap [a: 1, b: 2]\n", "? a\n: 1\n",
+    "=: 1\n", "2001-01-01: x\nt: 2001-12-14t21:59:43.10-05:00\n", "b: !!binary aGVsbG8=\n",
+    "a: &l [1, 2]\nb: *l\nc: *l\n", "~: 1\n1.5: a\ntrue: b\n0x1f: c\n", "a: !!str 123\nb: !!int '7'\n",
+    "a: !!map {b: 1}\n", "a: .nan\nb: -.inf\nc: 1e3\n",
+], ids=["merge", "set", "omap", "complex-key", "value-key", "timestamps", "binary", "shared-alias",
+        "typed-keys", "explicit-tags", "tagged-map", "floats"])
+def test_yaml_beyond_json_reads_as_pyyaml_reads_it(text: str) -> None:
+    """Merge keys, tags, typed keys and aliases come out as PyYAML builds them, shared objects
+    still shared (written back with the same anchors)."""
+    limits = YamlLimits(aliases=True)
+    fast = yamlio.load_one(text, source="f", limits=limits)
+    assert repr(fast) == repr(yamlio.load_one(text, source="f", limits=limits, pure=True))
+    assert repr(fast) == repr(yaml.safe_load(text))
+    if isinstance(fast, dict):
+        assert yamlio.dump(fast) == yaml.safe_dump(yaml.safe_load(text), **TODAY)
+
+
+@pytest.mark.parametrize("pure", PATHS)
+@pytest.mark.parametrize("text", ["x: !foo bar\n", "k: !!python/object:os.system x\n", "a: =\n",
+                                  "? [a, b]\n: 1\n"])
+def test_unknown_tags_and_unhashable_keys_are_refused_by_both_paths(text: str, pure: bool) -> None:
+    with pytest.raises(YamlSyntaxError, match=r"^f: not valid YAML at line 1"):
+        yamlio.load_one(text, source="f", pure=pure)
+
+
+def test_the_writer_and_loader_memos_stay_bounded_over_a_long_stream() -> None:
+    """A long file of unique names must not grow kube-inject's memory (peak RSS stays flat);
+    documents written after the memos started afresh are still PyYAML's bytes."""
+    docs = [{"metadata": {"name": f"web-{i}", "labels": {"app": f"web-{i} with a long tail " * (i % 3)}},
+             "spec": {"replicas": i}} for i in range(3 * yamlio.MEMO_ENTRIES)]
+    text = "".join(yamlio.dump_stream(docs))
+    assert text == yaml.safe_dump_all(docs, **TODAY)
+    assert list(yamlio.load_all(text, source="long.yaml", limits=YamlLimits(max_documents=len(docs)))) == docs
+    assert len(yamlio._WRITER._other) <= yamlio.MEMO_ENTRIES
+    if yamlio.c_available():
+        assert len(yamlio._FastLoader._resolved) <= yamlio.MEMO_ENTRIES
