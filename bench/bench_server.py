@@ -154,13 +154,14 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the server's processes (load-robust: others do not inflate it)."""
-    total = 0.0
-    for one in server_pids(pid):
-        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(_cpu(one) for one in server_pids(pid))
 
 
 def answered(url: str, ctx: ssl.SSLContext) -> int:
@@ -223,15 +224,34 @@ def write_fixtures(tmp: Path) -> tuple[Path, Path]:
     return body, script
 
 
-def start(tmp: Path, port: int, workers: int, log: Any) -> subprocess.Popen[bytes]:
-    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``."""
+def start(tmp: Path, port: int, workers: int, log: Any,
+          source: Path | None = None) -> subprocess.Popen[bytes]:
+    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``; from
+    the tree ``source`` (``export_revision``) instead of this checkout when given."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    command = serve_command()
+    if source is not None:
+        env["PYTHONPATH"] = str(source)  # ahead of the editable install's finder
+        command = [sys.executable, "-c", "import sys; from injector.cli import main; sys.exit(main())"]
     return subprocess.Popen(
-        [*serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
+        [*command, "serve", "--address", "127.0.0.1", "--port", str(port),
          "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
          "--workers", str(workers)],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source,
     )
+
+
+def export_revision(revision: str, dest: Path) -> Path:
+    """The repository's tree at ``revision`` (a commit to compare against), unpacked in ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def worker_cpu_seconds(pid: int) -> list[float]:
+    """CPU seconds of each worker process (the supervisor left out), to see how they share the load."""
+    return [_cpu(one) for one in server_pids(pid)[1:]]
 
 
 def stop(server: subprocess.Popen[bytes]) -> None:
