@@ -1,10 +1,13 @@
 """The webhook's HTTP shell: a FastAPI app around the injection core.
 
 ``create_app(state)`` builds the app; the process wiring (flags, uvicorn, TLS socket) lives in
-``injector.commands.serve``. ``POST /inject`` is the hot path and is a plain ASGI endpoint,
-dispatched ahead of FastAPI's middleware and routing: it reads the body with a size cap, hands
-the bytes to ``injector.admission.review`` and writes the answer (FastAPI's stack would cost
-about as much as the injection itself). Every other endpoint is ordinary FastAPI.
+``injector.commands.serve``. ``POST /inject`` is the hot path: the HTTP protocol answers a
+review with a Content-Length up to ``INLINE_BODY_BYTES`` itself through
+``InjectEndpoint.answer_inline`` (no ASGI task, one write: ``injector.http``); the rest reach
+``InjectEndpoint`` as a plain ASGI endpoint dispatched ahead of FastAPI's middleware and routing
+(FastAPI's stack would cost about as much as the injection itself). Both read the body with a
+size cap, hand the bytes to ``injector.admission.review`` and answer alike. Every other
+endpoint is ordinary FastAPI.
 """
 
 from __future__ import annotations
