@@ -65,7 +65,7 @@ def _measure(wrk: str, url: str, ctx: ssl.SSLContext, script: Path, server: Any,
 def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Rounds of one point: mean throughput, median latencies, CPU per review over all of them."""
     mid = len(runs) // 2
-    out: dict[str, Any] = {key: sorted(r[key] for r in runs)[mid] for key in ("p50", "p99")}
+    out: dict[str, Any] = {key: sorted(r[key] for r in runs)[mid] for key in ("p50", "p99", "p999")}
     out["rps"] = sum(r["rps"] for r in runs) / len(runs)
     out["errors"] = sum(r["non2xx"] + r["sockerr"] for r in runs)
     out["server_ms"] = sum(r["cpu"] for r in runs) * 1000 / sum(r["answered"] for r in runs)
@@ -127,14 +127,15 @@ def print_webhook(results: dict[Point, dict[str, Any]], duration: int, rounds: i
     print(f"\nWebhook curve ({os.cpu_count()} CPUs, load average {load:.2f}, wrk -t<=2 {duration} s per "
           f"point x {rounds} round(s), HTTPS keep-alive, typical pod"
           + (f"; base = {baseline}, new = this tree, alternating" if baseline else "") + "):")
-    print("| code | workers | connections | reviews/s | p50 ms | p99 ms | errors | server CPU ms/review "
-          "| cores per worker | wrk CPU (cores) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    print("| code | workers | connections | reviews/s | p50 ms | p99 ms | p99.9 ms | errors "
+          "| server CPU ms/review | cores per worker | wrk CPU (cores) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for (code, workers, conns), m in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2],
                                                                              codes.index(kv[0][0]))):
         split = "+".join(f"{c:.2f}" for c in m["worker_cores"])
         print(f"| {code} | {workers} | {conns} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | "
-              f"{m['errors']:.0f} | {m['server_ms']:.3f} | {split} | {m['wrk_cores']:.2f} |")
+              f"{m['p999']:.2f} | {m['errors']:.0f} | {m['server_ms']:.3f} | {split} | "
+              f"{m['wrk_cores']:.2f} |")
     for code in codes:
         print(f"{code}:")
         for workers in WORKERS:

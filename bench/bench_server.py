@@ -195,6 +195,9 @@ def run_wrk(
     for pct in ("50", "75", "90", "99"):
         found = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         result[f"p{pct}"] = parse_ms(found.group(1)) if found else float("nan")
+    tail = re.search(r"^p99.9 (\d+)us max (\d+)us$", out, re.M)
+    result["p999"], result["max"] = (int(tail.group(1)) / 1000, int(tail.group(2)) / 1000) if tail else (
+        float("nan"), float("nan"))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     result["non2xx"] = float(errors.group(1)) if errors else 0.0
@@ -220,6 +223,10 @@ def write_fixtures(tmp: Path) -> tuple[Path, Path]:
         'wrk.method = "POST"\n'
         f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
+        # The tail beyond p99 (a stall every so often shows here first).
+        'done = function(summary, latency, requests)\n'
+        '  io.write(string.format("p99.9 %.0fus max %.0fus\\n", latency:percentile(99.9), latency.max))\n'
+        'end\n'
     )
     return body, script
 
