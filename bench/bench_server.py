@@ -154,13 +154,14 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the server's processes (load-robust: others do not inflate it)."""
-    total = 0.0
-    for one in server_pids(pid):
-        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(_cpu(one) for one in server_pids(pid))
 
 
 def answered(url: str, ctx: ssl.SSLContext) -> int:
@@ -194,6 +195,9 @@ def run_wrk(
     for pct in ("50", "75", "90", "99"):
         found = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         result[f"p{pct}"] = parse_ms(found.group(1)) if found else float("nan")
+    tail = re.search(r"^p99.9 (\d+)us max (\d+)us$", out, re.M)
+    result["p999"], result["max"] = (int(tail.group(1)) / 1000, int(tail.group(2)) / 1000) if tail else (
+        float("nan"), float("nan"))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     result["non2xx"] = float(errors.group(1)) if errors else 0.0
@@ -219,19 +223,42 @@ def write_fixtures(tmp: Path) -> tuple[Path, Path]:
         'wrk.method = "POST"\n'
         f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
+        # The tail beyond p99 (a stall every so often shows here first).
+        'done = function(summary, latency, requests)\n'
+        '  io.write(string.format("p99.9 %.0fus max %.0fus\\n", latency:percentile(99.9), latency.max))\n'
+        'end\n'
     )
     return body, script
 
 
-def start(tmp: Path, port: int, workers: int, log: Any) -> subprocess.Popen[bytes]:
-    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``."""
+def start(tmp: Path, port: int, workers: int, log: Any,
+          source: Path | None = None) -> subprocess.Popen[bytes]:
+    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``; from
+    the tree ``source`` (``export_revision``) instead of this checkout when given."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    command = serve_command()
+    if source is not None:
+        env["PYTHONPATH"] = str(source)  # ahead of the editable install's finder
+        command = [sys.executable, "-c", "import sys; from injector.cli import main; sys.exit(main())"]
     return subprocess.Popen(
-        [*serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
+        [*command, "serve", "--address", "127.0.0.1", "--port", str(port),
          "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
          "--workers", str(workers)],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source,
     )
+
+
+def export_revision(revision: str, dest: Path) -> Path:
+    """The repository's tree at ``revision`` (a commit to compare against), unpacked in ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def worker_cpu_seconds(pid: int) -> list[float]:
+    """CPU seconds of each worker process (the supervisor left out), to see how they share the load."""
+    return [_cpu(one) for one in server_pids(pid)[1:]]
 
 
 def stop(server: subprocess.Popen[bytes]) -> None:

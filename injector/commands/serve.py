@@ -300,7 +300,7 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
     from injector.events import EventRecorder, api_client
     from injector.http import ConnectionShares, LimitedServer, ServerState, protocol_class
     from injector.metrics import InjectorMetrics
-    from injector.server import create_app
+    from injector.server import INLINE_BODY_BYTES, create_app
 
     metrics = InjectorMetrics()
     config.metrics = metrics
@@ -334,7 +334,9 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
         app,
         # httptools (C parser) plus our limits and the connection balance between workers
         http=protocol_class(http_limits, metrics,
-                            ConnectionShares(shares, index, workers) if shares is not None else None),
+                            ConnectionShares(shares, index, workers) if shares is not None else None,
+                            inline=app.inject_endpoint,
+                            inline_max_bytes=min(INLINE_BODY_BYTES, args.max_body_bytes)),
         ws="none",
         loop=args.event_loop,
         lifespan="on",
