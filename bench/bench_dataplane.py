@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -423,6 +424,7 @@ def main() -> int:
         for server in servers:
             stop(server)
         bed.cleanup("meshnet")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
