@@ -137,6 +137,9 @@ class ControlPlane:
     daemons: list[Daemon] = field(default_factory=list)
     #: False when attached to a control plane someone else started: stop() then leaves it running.
     owned: bool = True
+    #: start() made the work dir itself (a temp dir): stop() removes it, logs and all, unless
+    #: MESH_KEEP_TESTBED is set (each run used to leave hundreds of MiB in /tmp).
+    temporary_workdir: bool = False
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class ControlPlane:
         missing = missing_binaries()
         if missing:
             raise TestbedError("missing binaries (run scripts/setup --test): " + ", ".join(missing))
+        temporary = workdir is None
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="mesh-cp-"))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +193,7 @@ class ControlPlane:
         server = f"https://127.0.0.1:{api_port}"
         plane = cls(
             workdir=workdir,
+            temporary_workdir=temporary,
             server=server,
             token=admin_token,
             ca_file=ca_file,
@@ -345,6 +350,8 @@ class ControlPlane:
             if data_dir.name.startswith("mesh-etcd-"):
                 shutil.rmtree(data_dir, ignore_errors=True)
             marker.unlink()
+        if self.temporary_workdir and not os.environ.get("MESH_KEEP_TESTBED"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- state for the command line -------------------------------------------------------------
 

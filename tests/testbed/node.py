@@ -321,6 +321,9 @@ class Node:
     log_dir_entries: dict[str, list[str]] = field(default_factory=dict)
     shim_sockets_before: list[str] = field(default_factory=list)
     owned: bool = True
+    #: start() made the work dir itself (a temp dir): stop() removes it, logs and all, unless
+    #: MESH_KEEP_TESTBED is set (each run used to leave hundreds of MiB in /tmp).
+    temporary_workdir: bool = False
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -337,6 +340,7 @@ class Node:
                 raise TestbedError(f"{hierarchy / 'kubepods'} exists: another kubelet runs here, refusing")
         if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True, check=False).returncode == 0:
             raise TestbedError(f"interface {BRIDGE} exists: another test node runs here, refusing")
+        temporary = workdir is None
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="mesh-node-"))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -350,6 +354,7 @@ class Node:
             cni_conf_dir=workdir / "cni" / "net.d",
             primary_conflist=workdir / "cni" / "net.d" / PRIMARY_CONFLIST,
             kubelet_port=free_port(),
+            temporary_workdir=temporary,
         )
         node._record_host_state()
         node.save()
@@ -517,6 +522,8 @@ class Node:
         with contextlib.suppress(OSError):
             if ACTIVE_POINTER.read_text() == str(self.workdir):
                 ACTIVE_POINTER.unlink()
+        if self.temporary_workdir and not os.environ.get("MESH_KEEP_TESTBED"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def leftovers(self) -> list[str]:
         """What stop() should have undone but did not (empty after a clean teardown)."""
