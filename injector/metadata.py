@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from injector.overrides import Overrides
 
 _STATUS_FIELDS = ann.InjectionStatus.__slots__
+#: kubectl logs' default container (kubectl.kubernetes.io/default-container is exec's and logs'
+#: fallback); Istio sets both to the first app container, so `kubectl logs` shows the app.
+DEFAULT_LOGS_CONTAINER = "kubectl.kubernetes.io/default-logs-container"
+
+
 def _status_json(fields: tuple[Any, ...]) -> str:
     return ann.InjectionStatus(**dict(zip(_STATUS_FIELDS, fields, strict=True))).to_json()
 
@@ -97,8 +102,9 @@ def injected_metadata(
     annotations.update(config.model.injected_annotations)
     if overrides.choice.options.capture:  # what the plugin/istio-init program; nothing without capture
         annotations.update(overrides.traffic.annotations)
-    if default_container is not None and ann.DEFAULT_CONTAINER not in annotations:
-        annotations[ann.DEFAULT_CONTAINER] = default_container
+    if default_container is not None:
+        annotations.setdefault(DEFAULT_LOGS_CONTAINER, default_container)
+        annotations.setdefault(ann.DEFAULT_CONTAINER, default_container)
     annotations[ann.STATUS] = config.memo.get("status", status, lambda: _status_json(status))
     new_meta = dict(meta)
     new_meta["labels"] = labels

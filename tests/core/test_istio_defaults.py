@@ -1,0 +1,45 @@
+"""What an Istio user sees in an injected pod that the differential (tests/istio) found missing
+or different: each test is one default or annotation of Istio's at the pinned release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cni import annotations as ann
+from injector.config import compile_config
+from injector.core import inject
+from injector.result import Decision
+
+
+def _pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"containers": [{"name": "app", "image": "x"}, {"name": "log", "image": "y"}]}
+    body.update(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "annotations": dict(annotations or {})},
+        "spec": body,
+    }
+
+
+def _inject(obj: dict[str, Any], **values: Any) -> dict[str, Any]:
+    config = compile_config({"values": {"proxy": values}}) if values else None
+    result = inject(obj, config=config, namespace_labels={"istio-injection": "enabled"})
+    assert result.decision is Decision.INJECT, result.reasons
+    return result.mutated
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return obj["metadata"]["annotations"]
+
+
+def test_kubectl_logs_and_exec_default_to_the_first_app_container() -> None:
+    got = _annotations(_inject(_pod()))
+    assert got["kubectl.kubernetes.io/default-logs-container"] == "app"
+    assert got[ann.DEFAULT_CONTAINER] == "app"
+
+
+def test_a_default_logs_container_the_user_chose_is_kept() -> None:
+    got = _annotations(_inject(_pod({"kubectl.kubernetes.io/default-logs-container": "log"})))
+    assert got["kubectl.kubernetes.io/default-logs-container"] == "log"
+    assert got[ann.DEFAULT_CONTAINER] == "app"
