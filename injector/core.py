@@ -255,6 +255,7 @@ def _inject_steps(
     choice = overrides.choice
 
     overlays, app_containers, user_inits = _split(spec, overrides, previous)
+    user_overlays = _user_overlays(spec, overrides)
     _check_proxy_uid(app_containers, spec, overrides, config)
 
     # Probes of app containers and of native sidecars -> the agent's status port.
@@ -356,6 +357,7 @@ def _inject_steps(
         overrides=overrides,
         default_container=app_containers[0].get("name", "") if app_containers else None,
         status=status,
+        user_overlays=_placed(user_overlays, init_list),
     )
     return new_meta, new_spec
 
@@ -383,6 +385,26 @@ def _split(
 
 
 _OUR_INIT_NAMES = (ann.PROXY_CONTAINER, ann.VALIDATION_CONTAINER, ann.INIT_CONTAINER)
+
+
+def _user_overlays(spec: Mapping[str, Any], overrides: Overrides) -> list[dict[str, Any]]:
+    """The pod's own containers named like ones a template adds, as the user wrote them (an
+    earlier injection's are gone: uninject took them out), for ``proxy.istio.io/overrides``."""
+    names = overrides.choice.container_names | overrides.choice.init_container_names
+    found = [c for c in named(spec.get("containers")) if c.get("name") in names]
+    found += [c for c in named(spec.get("initContainers")) if c.get("name") in names]
+    return [{k: v for k, v in c.items() if not (k == "image" and v == "auto")} for c in found]
+
+
+def _placed(
+    user_overlays: list[dict[str, Any]], init_list: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The overlays by the list their container ended up in (a native proxy is an init container)."""
+    inits = {c.get("name") for c in init_list}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in user_overlays:
+        out.setdefault("initContainers" if c.get("name") in inits else "containers", []).append(c)
+    return out
 
 
 def _check_proxy_uid(

@@ -3,7 +3,10 @@ or different: each test is one default or annotation of Istio's at the pinned re
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
 
 from cni import annotations as ann
 from injector.config import compile_config
@@ -43,3 +46,24 @@ def test_a_default_logs_container_the_user_chose_is_kept() -> None:
     got = _annotations(_inject(_pod({"kubectl.kubernetes.io/default-logs-container": "log"})))
     assert got["kubectl.kubernetes.io/default-logs-container"] == "log"
     assert got[ann.DEFAULT_CONTAINER] == "app"
+
+
+def _overrides(obj: dict[str, Any]) -> Any:
+    return json.loads(_annotations(obj)["proxy.istio.io/overrides"])
+
+
+@pytest.mark.parametrize(("native", "where"), [("false", "containers"), ("true", "initContainers")])
+def test_the_pods_own_istio_proxy_is_recorded_as_the_users_overrides(native: str, where: str) -> None:
+    """The user's istio-proxy (``image: auto`` left out) is recorded where the proxy ended up,
+    so what the user customised can be told from what the injector rendered."""
+    own = {"name": "istio-proxy", "image": "auto", "env": [{"name": "EXTRA", "value": "1"}]}
+    obj = _pod(containers=[{"name": "app", "image": "x"}, own])
+    injected = _inject(obj, nativeSidecars=native)
+    recorded = {"name": "istio-proxy", "env": [{"name": "EXTRA", "value": "1"}]}
+    assert _overrides(injected) == {where: [recorded]}
+    again = inject(injected, config=compile_config({"values": {"proxy": {"nativeSidecars": native}}}))
+    assert _overrides(again.mutated) == _overrides(injected)  # re-injection keeps the record
+
+
+def test_no_overrides_annotation_without_an_own_istio_proxy() -> None:
+    assert "proxy.istio.io/overrides" not in _annotations(_inject(_pod()))
