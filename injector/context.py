@@ -120,7 +120,7 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "prometheusPort": ann.PROMETHEUS_PORT,
         "adminPort": envoy_bootstrap.ADMIN_PORT,
         "resources": resources(settings, config),
-        "lifecycle": {"postStart": {"exec": {"command": list(hold)}}} if hold is not None else None,
+        "lifecycle": _lifecycle(hold, settings.drain_command),
         "logLevel": settings.log_level,
         "componentLogLevel": settings.component_log_level,
         "config": settings.config_json,
@@ -139,6 +139,16 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "plaintextDiscoveryAddress": plaintext_discovery(mesh.discovery_address),
     }
     return FixedContext({"proxy": proxy, "mesh": mesh_group})
+
+
+def _lifecycle(hold: tuple[str, ...] | None, drain: tuple[str, ...] | None) -> dict[str, Any] | None:
+    """The proxy's lifecycle: the postStart wait that holds the app back, else (a native
+    sidecar, never held that way) the preStop drain; None: neither."""
+    if hold is not None:
+        return {"postStart": {"exec": {"command": list(hold)}}}
+    if drain is not None:
+        return {"preStop": {"exec": {"command": list(drain)}}}
+    return None
 
 
 #: istiod's plaintext xDS port (proxyless gRPC without an agent cannot do istiod's TLS).

@@ -10,6 +10,7 @@ whose settings are equal.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -65,6 +66,8 @@ class ProxySettings(NamedTuple):
     mode: str
     #: The proxy's postStart wait (hold, not native, the template has a command); None: no wait.
     hold_command: tuple[str, ...] | None
+    #: The native proxy's preStop drain (status port filled in); None: not native, or no command.
+    drain_command: tuple[str, ...] | None = None
 
 
 class Overrides(NamedTuple):
@@ -126,6 +129,7 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         status_port=plan.status_port,
         mode=plan.mode,
         hold_command=choice.options.hold_command if hold_effective else None,
+        drain_command=_drain(choice.options.drain_command, plan.status_port) if native else None,
     )
     return Overrides(
         choice=choice,
@@ -135,6 +139,16 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         prometheus_merge=prom_merge and choice.options.prometheus_merge and has_status_port,
         proxy=settings,
     )
+
+
+_STATUS_PORT_PLACEHOLDER = re.compile(r"\{\{\s*proxy\.statusPort\s*\}\}")
+
+
+def _drain(command: tuple[str, ...], status_port: int) -> tuple[str, ...] | None:
+    """The template's drain command for this pod's status port; None when it has none."""
+    if not command:
+        return None
+    return tuple(_STATUS_PORT_PLACEHOLDER.sub(str(status_port), part) for part in command)
 
 
 def _flag(annotations: Mapping[str, str], key: str, default: bool) -> bool:

@@ -67,3 +67,24 @@ def test_the_pods_own_istio_proxy_is_recorded_as_the_users_overrides(native: str
 
 def test_no_overrides_annotation_without_an_own_istio_proxy() -> None:
     assert "proxy.istio.io/overrides" not in _annotations(_inject(_pod()))
+
+
+def _proxy(obj: dict[str, Any]) -> dict[str, Any]:
+    spec = obj["spec"]
+    return next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "istio-proxy")
+
+
+@pytest.mark.parametrize("hold", ["true", "false"])
+def test_a_native_proxy_drains_when_the_pod_shuts_down(hold: str) -> None:
+    """A native sidecar is stopped after the app containers: its preStop starts Envoy's drain
+    on the pod's status port (holding the app back is the kubelet's job then, not postStart)."""
+    obj = _pod({"status.sidecar.istio.io/port": "16000",
+                "proxy.istio.io/config": f"holdApplicationUntilProxyStarts: {hold}"})
+    lifecycle = _proxy(_inject(obj, nativeSidecars="true"))["lifecycle"]
+    assert lifecycle == {"preStop": {"exec": {"command": [
+        "pilot-agent", "request", "--debug-port=16000", "POST", "drain"]}}}
+
+
+def test_a_classic_proxy_has_no_drain_hook() -> None:
+    assert "lifecycle" not in _proxy(_inject(_pod(), nativeSidecars="false"))
+
