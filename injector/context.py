@@ -112,7 +112,7 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "name": ann.PROXY_CONTAINER,
         "image": settings.image,
         "envoyImage": settings.envoy_image,
-        "imagePullPolicy": config.proxy.image_pull_policy,
+        "imagePullPolicy": config.proxy.image_pull_policy or None,  # None: the key is left out
         "uid": settings.uid,
         "gid": settings.gid,
         "statusPort": settings.status_port,

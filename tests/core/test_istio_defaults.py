@@ -88,3 +88,18 @@ def test_a_native_proxy_drains_when_the_pod_shuts_down(hold: str) -> None:
 def test_a_classic_proxy_has_no_drain_hook() -> None:
     assert "lifecycle" not in _proxy(_inject(_pod(), nativeSidecars="false"))
 
+
+def test_the_pull_policy_is_left_to_the_api_server_unless_configured() -> None:
+    """As Istio's default: no imagePullPolicy, so a ``:latest`` proxy image is pulled Always."""
+    for c in _added(_inject(_pod())):
+        assert "imagePullPolicy" not in c, c["name"]
+    for c in _added(_inject(_pod(), imagePullPolicy="Always")):
+        assert c["imagePullPolicy"] == "Always", c["name"]
+
+
+def _added(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers the injection added (proxy and capture init container)."""
+    spec = obj["spec"]
+    added = [c for c in spec.get("initContainers", []) + spec["containers"] if c["name"].startswith("istio-")]
+    assert {c["name"] for c in added} == {"istio-proxy", "istio-validation"}
+    return added
