@@ -103,3 +103,22 @@ def _added(obj: dict[str, Any]) -> list[dict[str, Any]]:
     added = [c for c in spec.get("initContainers", []) + spec["containers"] if c["name"].startswith("istio-")]
     assert {c["name"] for c in added} == {"istio-proxy", "istio-validation"}
     return added
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env") or ()}
+
+
+def test_a_bare_generate_name_pod_is_named_after_its_prefix() -> None:
+    """(An intended difference: Istio names no workload here.)"""
+    obj = _pod()
+    obj["metadata"] = {"generateName": "batch-", "namespace": "ns"}
+    injected = _inject(obj)
+    assert _env(_proxy(injected))["ISTIO_META_WORKLOAD_NAME"] == "batch"
+    assert injected["metadata"]["labels"]["service.istio.io/canonical-name"] == "batch"
+
+
+def test_prometheus_scrapes_the_pods_own_status_port() -> None:
+    """(An intended difference: Istio points the scrape at 15020, where nothing listens then.)"""
+    got = _annotations(_inject(_pod({"status.sidecar.istio.io/port": "16000", "prometheus.io/port": "9090"})))
+    assert got["prometheus.io/port"] == "16000"
