@@ -122,3 +122,10 @@ def test_prometheus_scrapes_the_pods_own_status_port() -> None:
     """(An intended difference: Istio points the scrape at 15020, where nothing listens then.)"""
     got = _annotations(_inject(_pod({"status.sidecar.istio.io/port": "16000", "prometheus.io/port": "9090"})))
     assert got["prometheus.io/port"] == "16000"
+
+
+def test_status_port_zero_gives_a_proxy_without_health_probes() -> None:
+    proxy = _proxy(_inject(_pod({"status.sidecar.istio.io/port": "0"})))
+    assert "startupProbe" not in proxy
+    assert "readinessProbe" not in proxy
+    assert "startupProbe" in _proxy(_inject(_pod()))
