@@ -263,7 +263,12 @@ def _inject_steps(
     if overrides.rewrite_probes:
         sidecars = [i for i, c in enumerate(user_inits) if c.get("restartPolicy") == "Always"]  # native
         probed = app_containers + [user_inits[i] for i in sidecars]
-        rewritten, probers, unresolved = rewrite_app_probes(probed, overrides.proxy.status_port)
+        # A native proxy runs before the user's init containers, except those asked to go first.
+        after_proxy: frozenset[str] = frozenset()
+        if sidecars and overrides.native:
+            before = reorder.before_proxy_names(annotations)
+            after_proxy = frozenset(user_inits[i].get("name", "") for i in sidecars) - set(before)
+        rewritten, probers, unresolved = rewrite_app_probes(probed, overrides.proxy.status_port, after_proxy)
         app_containers = rewritten[: len(app_containers)]
         user_inits = list(user_inits)
         for i, container in zip(sidecars, rewritten[len(app_containers) :], strict=True):

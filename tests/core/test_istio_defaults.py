@@ -129,3 +129,32 @@ def test_status_port_zero_gives_a_proxy_without_health_probes() -> None:
     assert "startupProbe" not in proxy
     assert "readinessProbe" not in proxy
     assert "startupProbe" in _proxy(_inject(_pod()))
+
+
+SIDECAR = {
+    "name": "shipper", "image": "z", "restartPolicy": "Always",
+    "readinessProbe": {"httpGet": {"path": "/ready", "port": 2020}},
+    "livenessProbe": {"tcpSocket": {"port": 2020}},
+    "startupProbe": {"tcpSocket": {"port": 2020}},
+}
+
+
+def _probe_ports(obj: dict[str, Any]) -> dict[str, Any]:
+    shipper = next(c for c in obj["spec"]["initContainers"] if c["name"] == "shipper")
+    probes = {k: v for k, v in shipper.items() if k.endswith("Probe")}
+    return {k: (v.get("httpGet") or v.get("tcpSocket"))["port"] for k, v in probes.items()}
+
+
+def test_a_users_native_sidecar_after_a_native_proxy_is_probed_through_the_agent() -> None:
+    ports = _probe_ports(_inject(_pod(initContainers=[SIDECAR]), nativeSidecars="true"))
+    assert ports == {"readinessProbe": 15020, "livenessProbe": 15020, "startupProbe": 15020}
+
+
+@pytest.mark.parametrize(("native", "annotations"), [
+    ("false", {}), ("true", {"sidecar.istio.io/init-containers-before-proxy": "shipper"})])
+def test_a_users_native_sidecar_before_the_proxy_keeps_its_startup_probe(
+        native: str, annotations: dict[str, str]) -> None:
+    """Nothing after it starts until its startup probe passes, the proxy included: pointed at
+    the agent, it would never pass. (An intended difference: Istio rewrites it.)"""
+    ports = _probe_ports(_inject(_pod(annotations, initContainers=[SIDECAR]), nativeSidecars=native))
+    assert ports == {"readinessProbe": 15020, "livenessProbe": 15020, "startupProbe": 2020}
