@@ -43,6 +43,10 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "config",
         "interceptionMode",
         "envoyBootstrap",
+        "agentLogLevel",
+        "readinessInitialDelay",
+        "readinessPeriod",
+        "readinessFailureThreshold",
     ),
     "pod": (
         "name",
@@ -128,6 +132,10 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "envoyBootstrap": envoy_bootstrap.bootstrap_json(
             envoy_bootstrap.BootstrapSettings(access_log=config.proxy.envoy_access_log)
         ),
+        "agentLogLevel": settings.agent_log_level,
+        "readinessInitialDelay": settings.readiness[0] or None,  # None: the key is left out
+        "readinessPeriod": settings.readiness[1],
+        "readinessFailureThreshold": settings.readiness[2],
     }
     mesh_group = {
         "revision": mesh.revision,

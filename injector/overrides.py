@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     from injector.config import InjectorConfig
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+#: pilot-agent's own log scopes and levels (its --log_output_level), Istio's default.
+AGENT_LOG_LEVEL = "sidecar.istio.io/agentLogLevel"
+AGENT_LOG_LEVEL_DEFAULT = "default:info"
+#: The proxy readiness probe's timing (Istio's annotations): name -> (annotation, default).
+READINESS_ANNOTATIONS: tuple[tuple[str, str, int], ...] = (
+    ("initialDelaySeconds", "readiness.status.sidecar.istio.io/initialDelaySeconds", 0),
+    ("periodSeconds", "readiness.status.sidecar.istio.io/periodSeconds", 15),
+    ("failureThreshold", "readiness.status.sidecar.istio.io/failureThreshold", 4),
+)
+#: Bounds that keep a probe meaningful (the API server takes any int32; a day is plenty).
+READINESS_MAX_SECONDS = 86400
 #: The four resource annotations, in the order ``ProxySettings.resources`` holds their values.
 RESOURCE_ANNOTATIONS: tuple[tuple[str, str, str], ...] = (
     (ann.PROXY_CPU, "requests", "cpu"),
@@ -68,6 +79,9 @@ class ProxySettings(NamedTuple):
     hold_command: tuple[str, ...] | None
     #: The native proxy's preStop drain (status port filled in); None: not native, or no command.
     drain_command: tuple[str, ...] | None = None
+    agent_log_level: str = AGENT_LOG_LEVEL_DEFAULT
+    #: initialDelaySeconds, periodSeconds, failureThreshold of the proxy's readiness probe.
+    readiness: tuple[int, int, int] = tuple(d for _, _, d in READINESS_ANNOTATIONS)  # type: ignore[assignment]
 
 
 class Overrides(NamedTuple):
@@ -130,6 +144,8 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         mode=plan.mode,
         hold_command=choice.options.hold_command if hold_effective else None,
         drain_command=_drain(choice.options.drain_command, plan.status_port) if native else None,
+        agent_log_level=_agent_log_level(annotations),
+        readiness=_readiness(annotations),
     )
     return Overrides(
         choice=choice,
@@ -139,6 +155,38 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         prometheus_merge=prom_merge and choice.options.prometheus_merge and has_status_port,
         proxy=settings,
     )
+
+
+def _agent_log_level(annotations: Mapping[str, str]) -> str:
+    """``sidecar.istio.io/agentLogLevel`` (scope:level,...), one argument of pilot-agent's."""
+    value = str(annotations.get(AGENT_LOG_LEVEL, AGENT_LOG_LEVEL_DEFAULT)).strip()
+    if not value or len(value) > 1024 or any(c.isspace() for c in value):
+        raise Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {AGENT_LOG_LEVEL}={value[:100]!r}: expected scope:level pairs such as "
+            "default:info (no spaces, at most 1024 characters)",
+        )
+    return value
+
+
+def _readiness(annotations: Mapping[str, str]) -> tuple[int, int, int]:
+    """The readiness probe's timing from ``readiness.status.sidecar.istio.io/*``, bounded."""
+    values = []
+    for field, key, default in READINESS_ANNOTATIONS:
+        raw = annotations.get(key)
+        if raw is None:
+            values.append(default)
+            continue
+        text = str(raw).strip()
+        low = 0 if field == "initialDelaySeconds" else 1
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= READINESS_MAX_SECONDS:
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION,
+                f"annotation {key}={text[:100]!r}: expected a whole number from {low} "
+                f"to {READINESS_MAX_SECONDS}",
+            )
+        values.append(int(text))
+    return values[0], values[1], values[2]
 
 
 _STATUS_PORT_PLACEHOLDER = re.compile(r"\{\{\s*proxy\.statusPort\s*\}\}")

@@ -158,3 +158,35 @@ def test_a_users_native_sidecar_before_the_proxy_keeps_its_startup_probe(
     the agent, it would never pass. (An intended difference: Istio rewrites it.)"""
     ports = _probe_ports(_inject(_pod(annotations, initContainers=[SIDECAR]), nativeSidecars=native))
     assert ports == {"readinessProbe": 15020, "livenessProbe": 15020, "startupProbe": 2020}
+
+
+def test_readiness_annotations_time_the_proxys_readiness_probe() -> None:
+    obj = _pod({"readiness.status.sidecar.istio.io/initialDelaySeconds": "5",
+                "readiness.status.sidecar.istio.io/periodSeconds": "30",
+                "readiness.status.sidecar.istio.io/failureThreshold": "10"})
+    probe = _proxy(_inject(obj))["readinessProbe"]
+    assert (probe["initialDelaySeconds"], probe["periodSeconds"], probe["failureThreshold"]) == (5, 30, 10)
+    default = _proxy(_inject(_pod()))["readinessProbe"]
+    assert "initialDelaySeconds" not in default
+    assert (default["periodSeconds"], default["failureThreshold"]) == (15, 4)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "ten", "86401", "٣"])
+def test_a_readiness_annotation_that_is_not_a_usable_number_is_refused(value: str) -> None:
+    result = inject(_pod({"readiness.status.sidecar.istio.io/periodSeconds": value}),
+                    namespace_labels={"istio-injection": "enabled"})
+    assert result.decision is Decision.REJECT
+    assert "readiness.status.sidecar.istio.io/periodSeconds" in result.reason.message
+
+
+def test_agent_log_level_sets_pilot_agents_log_output() -> None:
+    args = _proxy(_inject(_pod({"sidecar.istio.io/agentLogLevel": "default:debug,xds:warn"})))["args"]
+    assert "--log_output_level=default:debug,xds:warn" in args
+    assert "--log_output_level=default:info" in _proxy(_inject(_pod()))["args"]
+
+
+def test_an_agent_log_level_with_spaces_is_refused() -> None:
+    result = inject(_pod({"sidecar.istio.io/agentLogLevel": "default:debug --other"}),
+                    namespace_labels={"istio-injection": "enabled"})
+    assert result.decision is Decision.REJECT
+    assert "sidecar.istio.io/agentLogLevel" in result.reason.message
