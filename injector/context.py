@@ -47,6 +47,9 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "readinessInitialDelay",
         "readinessPeriod",
         "readinessFailureThreshold",
+        "runAsUser",
+        "runAsNonRoot",
+        "addCapabilities",
     ),
     "pod": (
         "name",
@@ -136,6 +139,10 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "readinessInitialDelay": settings.readiness[0] or None,  # None: the key is left out
         "readinessPeriod": settings.readiness[1],
         "readinessFailureThreshold": settings.readiness[2],
+        # sidecar.istio.io/capNetBindService: binding ports below 1024 takes root and the capability.
+        "runAsUser": 0 if settings.bind_low_ports else settings.uid,
+        "runAsNonRoot": not settings.bind_low_ports,
+        "addCapabilities": ["NET_BIND_SERVICE"] if settings.bind_low_ports else None,
     }
     mesh_group = {
         "revision": mesh.revision,

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
 #: pilot-agent's own log scopes and levels (its --log_output_level), Istio's default.
+#: Istio's annotation: the proxy may bind ports below 1024 (it then runs as root, group 1337).
+CAP_NET_BIND_SERVICE = "sidecar.istio.io/capNetBindService"
 AGENT_LOG_LEVEL = "sidecar.istio.io/agentLogLevel"
 AGENT_LOG_LEVEL_DEFAULT = "default:info"
 #: The proxy readiness probe's timing (Istio's annotations): name -> (annotation, default).
@@ -80,6 +82,8 @@ class ProxySettings(NamedTuple):
     #: The native proxy's preStop drain (status port filled in); None: not native, or no command.
     drain_command: tuple[str, ...] | None = None
     agent_log_level: str = AGENT_LOG_LEVEL_DEFAULT
+    #: NET_BIND_SERVICE added, run as root (the redirect still exempts it by its group).
+    bind_low_ports: bool = False
     #: initialDelaySeconds, periodSeconds, failureThreshold of the proxy's readiness probe.
     readiness: tuple[int, int, int] = tuple(d for _, _, d in READINESS_ANNOTATIONS)  # type: ignore[assignment]
 
@@ -145,6 +149,7 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         hold_command=choice.options.hold_command if hold_effective else None,
         drain_command=_drain(choice.options.drain_command, plan.status_port) if native else None,
         agent_log_level=_agent_log_level(annotations),
+        bind_low_ports=_flag(annotations, CAP_NET_BIND_SERVICE, False),
         readiness=_readiness(annotations),
     )
     return Overrides(

@@ -190,3 +190,16 @@ def test_an_agent_log_level_with_spaces_is_refused() -> None:
                     namespace_labels={"istio-injection": "enabled"})
     assert result.decision is Decision.REJECT
     assert "sidecar.istio.io/agentLogLevel" in result.reason.message
+
+
+def test_cap_net_bind_service_lets_the_proxy_bind_low_ports() -> None:
+    """The proxy runs as root with NET_BIND_SERVICE, still in the proxy's group, which is what
+    keeps its own traffic out of the redirect (the plugin exempts the group as well as the user)."""
+    injected = _inject(_pod({"sidecar.istio.io/capNetBindService": "true"}))
+    security = _proxy(injected)["securityContext"]
+    assert security["capabilities"] == {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}
+    assert (security["runAsUser"], security["runAsGroup"], security["runAsNonRoot"]) == (0, 1337, False)
+    assert _annotations(injected)["traffic.mesh-injector.io/proxyGID"] == "1337"
+    default = _proxy(_inject(_pod()))["securityContext"]
+    assert default["capabilities"] == {"drop": ["ALL"]}
+    assert (default["runAsUser"], default["runAsNonRoot"]) == (1337, True)
