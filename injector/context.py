@@ -63,6 +63,7 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "owner",
         "canonicalName",
         "canonicalRevision",
+        "bootstrapOverride",
     ),
     "mesh": (
         "revision",
@@ -191,6 +192,7 @@ def pod_group(
     workload_name: str,
     canonical_name: str | None,
     canonical_revision: str,
+    bootstrap_override: str | None = None,
 ) -> dict[str, Any]:
     """The ``pod`` group: the values computed from this pod (never memoised)."""
     owner_kind = _PLURALS.get(workload_kind, workload_kind.lower() + "s")
@@ -210,6 +212,7 @@ def pod_group(
         else None,
         "canonicalName": canonical_name,
         "canonicalRevision": canonical_revision,
+        "bootstrapOverride": bootstrap_override,
     }
 
 

@@ -299,6 +299,7 @@ def _inject_steps(
         workload_name=workload.name,
         canonical_name=canonical_name,
         canonical_revision=canonical_revision,
+        bootstrap_override=overrides.bootstrap_override,
     )
     rendered = render.render_templates(choice, fixed, ctx.template_context(fixed, pod), overrides, config)
     r_meta = rendered.get("metadata") or {}

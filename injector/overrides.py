@@ -31,6 +31,9 @@ LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
 #: Istio's annotation: the proxy may bind ports below 1024 (it then runs as root, group 1337).
 CAP_NET_BIND_SERVICE = "sidecar.istio.io/capNetBindService"
 AGENT_LOG_LEVEL = "sidecar.istio.io/agentLogLevel"
+#: Istio's annotation: a ConfigMap whose custom_bootstrap.json pilot-agent merges into Envoy's.
+BOOTSTRAP_OVERRIDE = "sidecar.istio.io/bootstrapOverride"
+_CONFIGMAP_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 AGENT_LOG_LEVEL_DEFAULT = "default:info"
 #: The proxy readiness probe's timing (Istio's annotations): name -> (annotation, default).
 READINESS_ANNOTATIONS: tuple[tuple[str, str, int], ...] = (
@@ -98,6 +101,8 @@ class Overrides(NamedTuple):
     rewrite_probes: bool
     prometheus_merge: bool
     proxy: ProxySettings
+    #: The ConfigMap named by sidecar.istio.io/bootstrapOverride; None: not set.
+    bootstrap_override: str | None = None
 
     @property
     def plan(self) -> ann.RedirectPlan:
@@ -159,7 +164,23 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         rewrite_probes=rewrite and choice.options.rewrite_probes and has_status_port,
         prometheus_merge=prom_merge and choice.options.prometheus_merge and has_status_port,
         proxy=settings,
+        bootstrap_override=_bootstrap_override(annotations),
     )
+
+
+def _bootstrap_override(annotations: Mapping[str, str]) -> str | None:
+    """The ConfigMap name in ``sidecar.istio.io/bootstrapOverride`` (a valid name, or refused)."""
+    raw = annotations.get(BOOTSTRAP_OVERRIDE)
+    if raw is None:
+        return None
+    name = str(raw).strip()
+    if len(name) > 253 or not _CONFIGMAP_NAME.match(name):
+        raise Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {BOOTSTRAP_OVERRIDE}={name[:100]!r}: expected a ConfigMap name "
+            "(lower-case letters, digits, '-' and '.', at most 253 characters)",
+        )
+    return name
 
 
 def _agent_log_level(annotations: Mapping[str, str]) -> str:

@@ -203,3 +203,23 @@ def test_cap_net_bind_service_lets_the_proxy_bind_low_ports() -> None:
     default = _proxy(_inject(_pod()))["securityContext"]
     assert default["capabilities"] == {"drop": ["ALL"]}
     assert (default["runAsUser"], default["runAsNonRoot"]) == (1337, True)
+
+
+def test_bootstrap_override_mounts_the_configmap_and_points_the_agent_at_it() -> None:
+    injected = _inject(_pod({"sidecar.istio.io/bootstrapOverride": "my-bootstrap"}))
+    proxy = _proxy(injected)
+    assert _env(proxy)["ISTIO_BOOTSTRAP_OVERRIDE"] == "/etc/istio/custom-bootstrap/custom_bootstrap.json"
+    mount = {"mountPath": "/etc/istio/custom-bootstrap", "name": "custom-bootstrap-volume"}
+    assert mount in proxy["volumeMounts"]
+    volume = {"name": "custom-bootstrap-volume", "configMap": {"name": "my-bootstrap"}}
+    assert volume in injected["spec"]["volumes"]
+    plain = _inject(_pod())
+    assert "ISTIO_BOOTSTRAP_OVERRIDE" not in _env(_proxy(plain))
+    assert "custom-bootstrap-volume" not in {v["name"] for v in plain["spec"]["volumes"]}
+
+
+def test_a_bootstrap_override_that_is_not_a_configmap_name_is_refused() -> None:
+    result = inject(_pod({"sidecar.istio.io/bootstrapOverride": "../Etc"}),
+                    namespace_labels={"istio-injection": "enabled"})
+    assert result.decision is Decision.REJECT
+    assert "sidecar.istio.io/bootstrapOverride" in result.reason.message
