@@ -311,6 +311,8 @@ def _inject_steps(
     # The API server's ServiceAccount plugin mounts the token into every container that lacks
     # it; it re-runs after a webhook changes the pod, and would then change ours, which calls us
     # again (reinvocationPolicy IfNeeded). Mount it as it would, so nothing changes after us.
+    if overrides.user_volumes or overrides.user_mounts:
+        r_spec = _with_user_volumes(r_spec, overrides)
     finish = render.Finisher(overlays, previous, render.token_mount(app_containers, user_inits))
     r_containers = [finish(c) for c in named(r_spec.get("containers"))]
     r_inits = [finish(c) for c in named(r_spec.get("initContainers"))]
@@ -391,6 +393,30 @@ def _split(
 
 
 _OUR_INIT_NAMES = (ann.PROXY_CONTAINER, ann.VALIDATION_CONTAINER, ann.INIT_CONTAINER)
+
+
+def _with_user_volumes(r_spec: Mapping[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """The rendered spec (read-only) with sidecar.istio.io/userVolume's volumes added to the
+    pod's and userVolumeMount's mounts to the proxy's, after the template's, as Istio adds them."""
+    out = dict(r_spec)
+    if overrides.user_volumes:
+        ours = named(r_spec.get("volumes"))
+        taken = {v.get("name") for v in ours}.intersection(v["name"] for v in overrides.user_volumes)
+        if taken:
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION,
+                f"annotation sidecar.istio.io/userVolume: {', '.join(sorted(taken))} is a volume the "
+                "injection adds itself; choose another name",
+            )
+        out["volumes"] = [*ours, *overrides.user_volumes]
+    if overrides.user_mounts:
+        containers = []
+        for c in named(r_spec.get("containers")):
+            if c.get("name") == ann.PROXY_CONTAINER:
+                c = {**c, "volumeMounts": [*(c.get("volumeMounts") or ()), *overrides.user_mounts]}
+            containers.append(c)
+        out["containers"] = containers
+    return out
 
 
 def _user_overlays(spec: Mapping[str, Any], overrides: Overrides) -> list[dict[str, Any]]:

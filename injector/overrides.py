@@ -10,6 +10,7 @@ whose settings are equal.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
 #: Istio's annotation: the proxy may bind ports below 1024 (it then runs as root, group 1337).
 CAP_NET_BIND_SERVICE = "sidecar.istio.io/capNetBindService"
 AGENT_LOG_LEVEL = "sidecar.istio.io/agentLogLevel"
+#: Istio's annotations: JSON maps of volumes added to the pod / mounts added to the proxy, by name.
+USER_VOLUME = "sidecar.istio.io/userVolume"
+USER_VOLUME_MOUNT = "sidecar.istio.io/userVolumeMount"
+_VOLUME_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 #: Istio's annotation: a ConfigMap whose custom_bootstrap.json pilot-agent merges into Envoy's.
 BOOTSTRAP_OVERRIDE = "sidecar.istio.io/bootstrapOverride"
 _CONFIGMAP_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -103,6 +108,9 @@ class Overrides(NamedTuple):
     proxy: ProxySettings
     #: The ConfigMap named by sidecar.istio.io/bootstrapOverride; None: not set.
     bootstrap_override: str | None = None
+    #: sidecar.istio.io/userVolume / userVolumeMount, by name (sorted), name included.
+    user_volumes: tuple[dict[str, Any], ...] = ()
+    user_mounts: tuple[dict[str, Any], ...] = ()
 
     @property
     def plan(self) -> ann.RedirectPlan:
@@ -165,7 +173,42 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         prometheus_merge=prom_merge and choice.options.prometheus_merge and has_status_port,
         proxy=settings,
         bootstrap_override=_bootstrap_override(annotations),
+        user_volumes=_named_map(annotations, USER_VOLUME, config),
+        user_mounts=_named_map(annotations, USER_VOLUME_MOUNT, config, required="mountPath"),
     )
+
+
+def _named_map(
+    annotations: Mapping[str, str], key: str, config: InjectorConfig, required: str | None = None
+) -> tuple[dict[str, Any], ...]:
+    """A JSON map of name -> object (``userVolume``, ``userVolumeMount``) as named objects,
+    sorted by name as Istio adds them; bounded like proxy.istio.io/config, refused naming it."""
+    raw = annotations.get(key)
+    if raw is None:
+        return ()
+    text = str(raw)
+    limit = config.model.limits.proxy_config_max_bytes
+
+    def refuse(problem: str) -> Rejected:
+        return Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {key}: {problem}")
+
+    if len(text.encode()) > limit:
+        raise refuse(f"over {limit} bytes (limits.proxyConfigMaxBytes)")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise refuse("not valid JSON") from None
+    if not isinstance(body, dict):
+        raise refuse("expected a JSON object of name: object")
+    out = []
+    for name in sorted(body):
+        value = body[name]
+        if not _VOLUME_NAME.match(name):
+            raise refuse(f"{name[:100]!r} is not a volume name (a DNS label, at most 63 characters)")
+        if not isinstance(value, dict) or (required and not isinstance(value.get(required), str)):
+            raise refuse(f"{name!r} must be an object" + (f" with a string {required}" if required else ""))
+        out.append({"name": name, **{k: v for k, v in value.items() if k != "name"}})
+    return tuple(out)
 
 
 def _bootstrap_override(annotations: Mapping[str, str]) -> str | None:

@@ -223,3 +223,32 @@ def test_a_bootstrap_override_that_is_not_a_configmap_name_is_refused() -> None:
                     namespace_labels={"istio-injection": "enabled"})
     assert result.decision is Decision.REJECT
     assert "sidecar.istio.io/bootstrapOverride" in result.reason.message
+
+
+def test_user_volumes_are_added_to_the_pod_and_mounted_into_the_proxy() -> None:
+    injected = _inject(_pod({
+        "sidecar.istio.io/userVolume": '{"certs": {"secret": {"secretName": "tls"}}, "b": {"emptyDir": {}}}',
+        "sidecar.istio.io/userVolumeMount": '{"certs": {"mountPath": "/etc/certs", "readOnly": true}}',
+    }))
+    volumes = injected["spec"]["volumes"]
+    assert volumes[-2:] == [{"name": "b", "emptyDir": {}},
+                            {"name": "certs", "secret": {"secretName": "tls"}}]
+    mount = {"name": "certs", "mountPath": "/etc/certs", "readOnly": True}
+    assert _proxy(injected)["volumeMounts"][-1] == mount
+    status = json.loads(_annotations(injected)[ann.STATUS])
+    assert {"b", "certs"} <= set(status["volumes"])  # taken out again on re-injection
+    again = inject(injected, namespace_labels={"istio-injection": "enabled"})
+    assert again.mutated == injected and not again.patch
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("sidecar.istio.io/userVolume", "not json"),
+    ("sidecar.istio.io/userVolume", '{"Bad_Name": {"emptyDir": {}}}'),
+    ("sidecar.istio.io/userVolume", '{"istio-envoy": {"emptyDir": {}}}'),
+    ("sidecar.istio.io/userVolumeMount", '{"x": {"readOnly": true}}'),
+    ("sidecar.istio.io/userVolume", '{"x": {"emptyDir": {}}, "pad": "' + "a" * 70000 + '"}'),
+])
+def test_unusable_user_volume_annotations_are_refused_naming_them(key: str, value: str) -> None:
+    result = inject(_pod({key: value}), namespace_labels={"istio-injection": "enabled"})
+    assert result.decision is Decision.REJECT
+    assert key in result.reason.message
