@@ -252,3 +252,11 @@ def test_unusable_user_volume_annotations_are_refused_naming_them(key: str, valu
     result = inject(_pod({key: value}), namespace_labels={"istio-injection": "enabled"})
     assert result.decision is Decision.REJECT
     assert key in result.reason.message
+
+
+def test_the_scraped_annotations_come_before_the_probers_in_the_proxys_env() -> None:
+    """Istio's order, so a $(VAR) reference or a diff against Istio's pod reads the same."""
+    app = {"name": "app", "image": "x", "readinessProbe": {"httpGet": {"path": "/", "port": 80}}}
+    obj = _pod({"prometheus.io/port": "9090"}, containers=[app])
+    names = [e["name"] for e in _proxy(_inject(obj))["env"]]
+    assert names[-2:] == ["ISTIO_PROMETHEUS_ANNOTATIONS", "ISTIO_KUBE_APP_PROBERS"]
