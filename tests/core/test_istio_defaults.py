@@ -171,25 +171,10 @@ def test_readiness_annotations_time_the_proxys_readiness_probe() -> None:
     assert (default["periodSeconds"], default["failureThreshold"]) == (15, 4)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "ten", "86401", "٣"])
-def test_a_readiness_annotation_that_is_not_a_usable_number_is_refused(value: str) -> None:
-    result = inject(_pod({"readiness.status.sidecar.istio.io/periodSeconds": value}),
-                    namespace_labels={"istio-injection": "enabled"})
-    assert result.decision is Decision.REJECT
-    assert "readiness.status.sidecar.istio.io/periodSeconds" in result.reason.message
-
-
 def test_agent_log_level_sets_pilot_agents_log_output() -> None:
     args = _proxy(_inject(_pod({"sidecar.istio.io/agentLogLevel": "default:debug,xds:warn"})))["args"]
     assert "--log_output_level=default:debug,xds:warn" in args
     assert "--log_output_level=default:info" in _proxy(_inject(_pod()))["args"]
-
-
-def test_an_agent_log_level_with_spaces_is_refused() -> None:
-    result = inject(_pod({"sidecar.istio.io/agentLogLevel": "default:debug --other"}),
-                    namespace_labels={"istio-injection": "enabled"})
-    assert result.decision is Decision.REJECT
-    assert "sidecar.istio.io/agentLogLevel" in result.reason.message
 
 
 def test_cap_net_bind_service_lets_the_proxy_bind_low_ports() -> None:
@@ -218,13 +203,6 @@ def test_bootstrap_override_mounts_the_configmap_and_points_the_agent_at_it() ->
     assert "custom-bootstrap-volume" not in {v["name"] for v in plain["spec"]["volumes"]}
 
 
-def test_a_bootstrap_override_that_is_not_a_configmap_name_is_refused() -> None:
-    result = inject(_pod({"sidecar.istio.io/bootstrapOverride": "../Etc"}),
-                    namespace_labels={"istio-injection": "enabled"})
-    assert result.decision is Decision.REJECT
-    assert "sidecar.istio.io/bootstrapOverride" in result.reason.message
-
-
 def test_user_volumes_are_added_to_the_pod_and_mounted_into_the_proxy() -> None:
     injected = _inject(_pod({
         "sidecar.istio.io/userVolume": '{"certs": {"secret": {"secretName": "tls"}}, "b": {"emptyDir": {}}}',
@@ -242,13 +220,16 @@ def test_user_volumes_are_added_to_the_pod_and_mounted_into_the_proxy() -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [
+    *(("readiness.status.sidecar.istio.io/periodSeconds", v) for v in ("0", "-1", "ten", "86401", "٣")),
+    ("sidecar.istio.io/agentLogLevel", "default:debug --other"),
+    ("sidecar.istio.io/bootstrapOverride", "../Etc"),
     ("sidecar.istio.io/userVolume", "not json"),
     ("sidecar.istio.io/userVolume", '{"Bad_Name": {"emptyDir": {}}}'),
     ("sidecar.istio.io/userVolume", '{"istio-envoy": {"emptyDir": {}}}'),
     ("sidecar.istio.io/userVolumeMount", '{"x": {"readOnly": true}}'),
     ("sidecar.istio.io/userVolume", '{"x": {"emptyDir": {}}, "pad": "' + "a" * 70000 + '"}'),
 ])
-def test_unusable_user_volume_annotations_are_refused_naming_them(key: str, value: str) -> None:
+def test_unusable_annotation_values_are_refused_naming_the_annotation(key: str, value: str) -> None:
     result = inject(_pod({key: value}), namespace_labels={"istio-injection": "enabled"})
     assert result.decision is Decision.REJECT
     assert key in result.reason.message
