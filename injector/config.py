@@ -70,7 +70,9 @@ class ProxyValues(_Model):
     #: The envoy template's JSON access logs on stdout (per pod: MESH_ACCESS_LOG, docs/envoy.md).
     envoy_access_log: bool = True
     cni_image: str = "ghcr.io/mesh-injector/mesh-cni:0.1.0"
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    #: "" (Istio's default): unset, so the API server picks Always for ``:latest`` images and
+    #: IfNotPresent for the rest.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never", ""] = ""
     resources: Resources = Resources(
         requests={"cpu": "100m", "memory": "128Mi"}, limits={"cpu": "2000m", "memory": "1024Mi"}
     )
@@ -93,6 +95,11 @@ class ProxyValues(_Model):
     exclude_outbound_ports: str = ""
     exclude_interfaces: str = ""
     capture_dns: bool = Field(default=False, alias="captureDNS")
+
+    @field_validator("image_pull_policy", mode="before")
+    @classmethod
+    def _unset_policy(cls, value: Any) -> Any:
+        return "" if value is None else value
 
     @field_validator("native_sidecars", mode="before")
     @classmethod

@@ -43,6 +43,13 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "config",
         "interceptionMode",
         "envoyBootstrap",
+        "agentLogLevel",
+        "readinessInitialDelay",
+        "readinessPeriod",
+        "readinessFailureThreshold",
+        "runAsUser",
+        "runAsNonRoot",
+        "addCapabilities",
     ),
     "pod": (
         "name",
@@ -56,6 +63,7 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "owner",
         "canonicalName",
         "canonicalRevision",
+        "bootstrapOverride",
     ),
     "mesh": (
         "revision",
@@ -112,7 +120,7 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "name": ann.PROXY_CONTAINER,
         "image": settings.image,
         "envoyImage": settings.envoy_image,
-        "imagePullPolicy": config.proxy.image_pull_policy,
+        "imagePullPolicy": config.proxy.image_pull_policy or None,  # None: the key is left out
         "uid": settings.uid,
         "gid": settings.gid,
         "statusPort": settings.status_port,
@@ -120,7 +128,7 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "prometheusPort": ann.PROMETHEUS_PORT,
         "adminPort": envoy_bootstrap.ADMIN_PORT,
         "resources": resources(settings, config),
-        "lifecycle": {"postStart": {"exec": {"command": list(hold)}}} if hold is not None else None,
+        "lifecycle": _lifecycle(hold, settings.drain_command),
         "logLevel": settings.log_level,
         "componentLogLevel": settings.component_log_level,
         "config": settings.config_json,
@@ -128,6 +136,14 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "envoyBootstrap": envoy_bootstrap.bootstrap_json(
             envoy_bootstrap.BootstrapSettings(access_log=config.proxy.envoy_access_log)
         ),
+        "agentLogLevel": settings.agent_log_level,
+        "readinessInitialDelay": settings.readiness[0] or None,  # None: the key is left out
+        "readinessPeriod": settings.readiness[1],
+        "readinessFailureThreshold": settings.readiness[2],
+        # sidecar.istio.io/capNetBindService: binding ports below 1024 takes root and the capability.
+        "runAsUser": 0 if settings.bind_low_ports else settings.uid,
+        "runAsNonRoot": not settings.bind_low_ports,
+        "addCapabilities": ["NET_BIND_SERVICE"] if settings.bind_low_ports else None,
     }
     mesh_group = {
         "revision": mesh.revision,
@@ -139,6 +155,16 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "plaintextDiscoveryAddress": plaintext_discovery(mesh.discovery_address),
     }
     return FixedContext({"proxy": proxy, "mesh": mesh_group})
+
+
+def _lifecycle(hold: tuple[str, ...] | None, drain: tuple[str, ...] | None) -> dict[str, Any] | None:
+    """The proxy's lifecycle: the postStart wait that holds the app back, else (a native
+    sidecar, never held that way) the preStop drain; None: neither."""
+    if hold is not None:
+        return {"postStart": {"exec": {"command": list(hold)}}}
+    if drain is not None:
+        return {"preStop": {"exec": {"command": list(drain)}}}
+    return None
 
 
 #: istiod's plaintext xDS port (proxyless gRPC without an agent cannot do istiod's TLS).
@@ -166,6 +192,7 @@ def pod_group(
     workload_name: str,
     canonical_name: str | None,
     canonical_revision: str,
+    bootstrap_override: str | None = None,
 ) -> dict[str, Any]:
     """The ``pod`` group: the values computed from this pod (never memoised)."""
     owner_kind = _PLURALS.get(workload_kind, workload_kind.lower() + "s")
@@ -185,6 +212,7 @@ def pod_group(
         else None,
         "canonicalName": canonical_name,
         "canonicalRevision": canonical_revision,
+        "bootstrapOverride": bootstrap_override,
     }
 
 

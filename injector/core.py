@@ -255,6 +255,7 @@ def _inject_steps(
     choice = overrides.choice
 
     overlays, app_containers, user_inits = _split(spec, overrides, previous)
+    user_overlays = _user_overlays(spec, overrides)
     _check_proxy_uid(app_containers, spec, overrides, config)
 
     # Probes of app containers and of native sidecars -> the agent's status port.
@@ -262,7 +263,12 @@ def _inject_steps(
     if overrides.rewrite_probes:
         sidecars = [i for i, c in enumerate(user_inits) if c.get("restartPolicy") == "Always"]  # native
         probed = app_containers + [user_inits[i] for i in sidecars]
-        rewritten, probers, unresolved = rewrite_app_probes(probed, overrides.proxy.status_port)
+        # A native proxy runs before the user's init containers, except those asked to go first.
+        after_proxy: frozenset[str] = frozenset()
+        if sidecars and overrides.native:
+            before = reorder.before_proxy_names(annotations)
+            after_proxy = frozenset(user_inits[i].get("name", "") for i in sidecars) - set(before)
+        rewritten, probers, unresolved = rewrite_app_probes(probed, overrides.proxy.status_port, after_proxy)
         app_containers = rewritten[: len(app_containers)]
         user_inits = list(user_inits)
         for i, container in zip(sidecars, rewritten[len(app_containers) :], strict=True):
@@ -293,6 +299,7 @@ def _inject_steps(
         workload_name=workload.name,
         canonical_name=canonical_name,
         canonical_revision=canonical_revision,
+        bootstrap_override=overrides.bootstrap_override,
     )
     rendered = render.render_templates(choice, fixed, ctx.template_context(fixed, pod), overrides, config)
     r_meta = rendered.get("metadata") or {}
@@ -304,6 +311,8 @@ def _inject_steps(
     # The API server's ServiceAccount plugin mounts the token into every container that lacks
     # it; it re-runs after a webhook changes the pod, and would then change ours, which calls us
     # again (reinvocationPolicy IfNeeded). Mount it as it would, so nothing changes after us.
+    if overrides.user_volumes or overrides.user_mounts:
+        r_spec = _with_user_volumes(r_spec, overrides)
     finish = render.Finisher(overlays, previous, render.token_mount(app_containers, user_inits))
     r_containers = [finish(c) for c in named(r_spec.get("containers"))]
     r_inits = [finish(c) for c in named(r_spec.get("initContainers"))]
@@ -356,6 +365,7 @@ def _inject_steps(
         overrides=overrides,
         default_container=app_containers[0].get("name", "") if app_containers else None,
         status=status,
+        user_overlays=_placed(user_overlays, init_list),
     )
     return new_meta, new_spec
 
@@ -383,6 +393,50 @@ def _split(
 
 
 _OUR_INIT_NAMES = (ann.PROXY_CONTAINER, ann.VALIDATION_CONTAINER, ann.INIT_CONTAINER)
+
+
+def _with_user_volumes(r_spec: Mapping[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """The rendered spec (read-only) with sidecar.istio.io/userVolume's volumes added to the
+    pod's and userVolumeMount's mounts to the proxy's, after the template's, as Istio adds them."""
+    out = dict(r_spec)
+    if overrides.user_volumes:
+        ours = named(r_spec.get("volumes"))
+        taken = {v.get("name") for v in ours}.intersection(v["name"] for v in overrides.user_volumes)
+        if taken:
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION,
+                f"annotation sidecar.istio.io/userVolume: {', '.join(sorted(taken))} is a volume the "
+                "injection adds itself; choose another name",
+            )
+        out["volumes"] = [*ours, *overrides.user_volumes]
+    if overrides.user_mounts:
+        containers = []
+        for c in named(r_spec.get("containers")):
+            if c.get("name") == ann.PROXY_CONTAINER:
+                c = {**c, "volumeMounts": [*(c.get("volumeMounts") or ()), *overrides.user_mounts]}
+            containers.append(c)
+        out["containers"] = containers
+    return out
+
+
+def _user_overlays(spec: Mapping[str, Any], overrides: Overrides) -> list[dict[str, Any]]:
+    """The pod's own containers named like ones a template adds, as the user wrote them (an
+    earlier injection's are gone: uninject took them out), for ``proxy.istio.io/overrides``."""
+    names = overrides.choice.container_names | overrides.choice.init_container_names
+    found = [c for c in named(spec.get("containers")) if c.get("name") in names]
+    found += [c for c in named(spec.get("initContainers")) if c.get("name") in names]
+    return [{k: v for k, v in c.items() if not (k == "image" and v == "auto")} for c in found]
+
+
+def _placed(
+    user_overlays: list[dict[str, Any]], init_list: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The overlays by the list their container ended up in (a native proxy is an init container)."""
+    inits = {c.get("name") for c in init_list}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in user_overlays:
+        out.setdefault("initContainers" if c.get("name") in inits else "containers", []).append(c)
+    return out
 
 
 def _check_proxy_uid(

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cni import annotations as ann
+from injector.context import compact_json
 from injector.uninject import PROM_STATS_PATH
 
 if TYPE_CHECKING:
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
     from injector.overrides import Overrides
 
 _STATUS_FIELDS = ann.InjectionStatus.__slots__
+#: kubectl logs' default container (kubectl.kubernetes.io/default-container is exec's and logs'
+#: fallback); Istio sets both to the first app container, so `kubectl logs` shows the app.
+DEFAULT_LOGS_CONTAINER = "kubectl.kubernetes.io/default-logs-container"
+#: Istio's record of the pod's own containers laid over the ones injected (JSON, by pod list),
+#: so the user's customisation can be told from what the injector rendered.
+OVERRIDES = "proxy.istio.io/overrides"
+
+
 def _status_json(fields: tuple[Any, ...]) -> str:
     return ann.InjectionStatus(**dict(zip(_STATUS_FIELDS, fields, strict=True))).to_json()
 
@@ -84,6 +93,7 @@ def injected_metadata(
     overrides: Overrides,
     default_container: str | None,
     status: tuple[Any, ...],
+    user_overlays: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The pod's metadata after injection (``labels``/``annotations`` are ours to edit).
 
@@ -97,8 +107,11 @@ def injected_metadata(
     annotations.update(config.model.injected_annotations)
     if overrides.choice.options.capture:  # what the plugin/istio-init program; nothing without capture
         annotations.update(overrides.traffic.annotations)
-    if default_container is not None and ann.DEFAULT_CONTAINER not in annotations:
-        annotations[ann.DEFAULT_CONTAINER] = default_container
+    if default_container is not None:
+        annotations.setdefault(DEFAULT_LOGS_CONTAINER, default_container)
+        annotations.setdefault(ann.DEFAULT_CONTAINER, default_container)
+    if user_overlays:
+        annotations[OVERRIDES] = compact_json(dict(user_overlays))
     annotations[ann.STATUS] = config.memo.get("status", status, lambda: _status_json(status))
     new_meta = dict(meta)
     new_meta["labels"] = labels

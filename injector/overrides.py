@@ -10,6 +10,8 @@ whose settings are equal.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -26,6 +28,26 @@ if TYPE_CHECKING:
     from injector.config import InjectorConfig
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+#: pilot-agent's own log scopes and levels (its --log_output_level), Istio's default.
+#: Istio's annotation: the proxy may bind ports below 1024 (it then runs as root, group 1337).
+CAP_NET_BIND_SERVICE = "sidecar.istio.io/capNetBindService"
+AGENT_LOG_LEVEL = "sidecar.istio.io/agentLogLevel"
+#: Istio's annotations: JSON maps of volumes added to the pod / mounts added to the proxy, by name.
+USER_VOLUME = "sidecar.istio.io/userVolume"
+USER_VOLUME_MOUNT = "sidecar.istio.io/userVolumeMount"
+_VOLUME_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: Istio's annotation: a ConfigMap whose custom_bootstrap.json pilot-agent merges into Envoy's.
+BOOTSTRAP_OVERRIDE = "sidecar.istio.io/bootstrapOverride"
+_CONFIGMAP_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+AGENT_LOG_LEVEL_DEFAULT = "default:info"
+#: The proxy readiness probe's timing (Istio's annotations): name -> (annotation, default).
+READINESS_ANNOTATIONS: tuple[tuple[str, str, int], ...] = (
+    ("initialDelaySeconds", "readiness.status.sidecar.istio.io/initialDelaySeconds", 0),
+    ("periodSeconds", "readiness.status.sidecar.istio.io/periodSeconds", 15),
+    ("failureThreshold", "readiness.status.sidecar.istio.io/failureThreshold", 4),
+)
+#: Bounds that keep a probe meaningful (the API server takes any int32; a day is plenty).
+READINESS_MAX_SECONDS = 86400
 #: The four resource annotations, in the order ``ProxySettings.resources`` holds their values.
 RESOURCE_ANNOTATIONS: tuple[tuple[str, str, str], ...] = (
     (ann.PROXY_CPU, "requests", "cpu"),
@@ -65,6 +87,13 @@ class ProxySettings(NamedTuple):
     mode: str
     #: The proxy's postStart wait (hold, not native, the template has a command); None: no wait.
     hold_command: tuple[str, ...] | None
+    #: The native proxy's preStop drain (status port filled in); None: not native, or no command.
+    drain_command: tuple[str, ...] | None = None
+    agent_log_level: str = AGENT_LOG_LEVEL_DEFAULT
+    #: NET_BIND_SERVICE added, run as root (the redirect still exempts it by its group).
+    bind_low_ports: bool = False
+    #: initialDelaySeconds, periodSeconds, failureThreshold of the proxy's readiness probe.
+    readiness: tuple[int, int, int] = tuple(d for _, _, d in READINESS_ANNOTATIONS)  # type: ignore[assignment]
 
 
 class Overrides(NamedTuple):
@@ -77,6 +106,11 @@ class Overrides(NamedTuple):
     rewrite_probes: bool
     prometheus_merge: bool
     proxy: ProxySettings
+    #: The ConfigMap named by sidecar.istio.io/bootstrapOverride; None: not set.
+    bootstrap_override: str | None = None
+    #: sidecar.istio.io/userVolume / userVolumeMount, by name (sorted), name included.
+    user_volumes: tuple[dict[str, Any], ...] = ()
+    user_mounts: tuple[dict[str, Any], ...] = ()
 
     @property
     def plan(self) -> ann.RedirectPlan:
@@ -126,6 +160,10 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         status_port=plan.status_port,
         mode=plan.mode,
         hold_command=choice.options.hold_command if hold_effective else None,
+        drain_command=_drain(choice.options.drain_command, plan.status_port) if native else None,
+        agent_log_level=_agent_log_level(annotations),
+        bind_low_ports=_flag(annotations, CAP_NET_BIND_SERVICE, False),
+        readiness=_readiness(annotations),
     )
     return Overrides(
         choice=choice,
@@ -134,7 +172,100 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
         rewrite_probes=rewrite and choice.options.rewrite_probes and has_status_port,
         prometheus_merge=prom_merge and choice.options.prometheus_merge and has_status_port,
         proxy=settings,
+        bootstrap_override=_bootstrap_override(annotations),
+        user_volumes=_named_map(annotations, USER_VOLUME, config),
+        user_mounts=_named_map(annotations, USER_VOLUME_MOUNT, config, required="mountPath"),
     )
+
+
+def _named_map(
+    annotations: Mapping[str, str], key: str, config: InjectorConfig, required: str | None = None
+) -> tuple[dict[str, Any], ...]:
+    """A JSON map of name -> object (``userVolume``, ``userVolumeMount``) as named objects,
+    sorted by name as Istio adds them; bounded like proxy.istio.io/config, refused naming it."""
+    raw = annotations.get(key)
+    if raw is None:
+        return ()
+    text = str(raw)
+    limit = config.model.limits.proxy_config_max_bytes
+
+    def refuse(problem: str) -> Rejected:
+        return Rejected(ReasonCode.INVALID_ANNOTATION, f"annotation {key}: {problem}")
+
+    if len(text.encode()) > limit:
+        raise refuse(f"over {limit} bytes (limits.proxyConfigMaxBytes)")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise refuse("not valid JSON") from None
+    if not isinstance(body, dict):
+        raise refuse("expected a JSON object of name: object")
+    out = []
+    for name in sorted(body):
+        value = body[name]
+        if not _VOLUME_NAME.match(name):
+            raise refuse(f"{name[:100]!r} is not a volume name (a DNS label, at most 63 characters)")
+        if not isinstance(value, dict) or (required and not isinstance(value.get(required), str)):
+            raise refuse(f"{name!r} must be an object" + (f" with a string {required}" if required else ""))
+        out.append({"name": name, **{k: v for k, v in value.items() if k != "name"}})
+    return tuple(out)
+
+
+def _bootstrap_override(annotations: Mapping[str, str]) -> str | None:
+    """The ConfigMap name in ``sidecar.istio.io/bootstrapOverride`` (a valid name, or refused)."""
+    raw = annotations.get(BOOTSTRAP_OVERRIDE)
+    if raw is None:
+        return None
+    name = str(raw).strip()
+    if len(name) > 253 or not _CONFIGMAP_NAME.match(name):
+        raise Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {BOOTSTRAP_OVERRIDE}={name[:100]!r}: expected a ConfigMap name "
+            "(lower-case letters, digits, '-' and '.', at most 253 characters)",
+        )
+    return name
+
+
+def _agent_log_level(annotations: Mapping[str, str]) -> str:
+    """``sidecar.istio.io/agentLogLevel`` (scope:level,...), one argument of pilot-agent's."""
+    value = str(annotations.get(AGENT_LOG_LEVEL, AGENT_LOG_LEVEL_DEFAULT)).strip()
+    if not value or len(value) > 1024 or any(c.isspace() for c in value):
+        raise Rejected(
+            ReasonCode.INVALID_ANNOTATION,
+            f"annotation {AGENT_LOG_LEVEL}={value[:100]!r}: expected scope:level pairs such as "
+            "default:info (no spaces, at most 1024 characters)",
+        )
+    return value
+
+
+def _readiness(annotations: Mapping[str, str]) -> tuple[int, int, int]:
+    """The readiness probe's timing from ``readiness.status.sidecar.istio.io/*``, bounded."""
+    values = []
+    for field, key, default in READINESS_ANNOTATIONS:
+        raw = annotations.get(key)
+        if raw is None:
+            values.append(default)
+            continue
+        text = str(raw).strip()
+        low = 0 if field == "initialDelaySeconds" else 1
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= READINESS_MAX_SECONDS:
+            raise Rejected(
+                ReasonCode.INVALID_ANNOTATION,
+                f"annotation {key}={text[:100]!r}: expected a whole number from {low} "
+                f"to {READINESS_MAX_SECONDS}",
+            )
+        values.append(int(text))
+    return values[0], values[1], values[2]
+
+
+_STATUS_PORT_PLACEHOLDER = re.compile(r"\{\{\s*proxy\.statusPort\s*\}\}")
+
+
+def _drain(command: tuple[str, ...], status_port: int) -> tuple[str, ...] | None:
+    """The template's drain command for this pod's status port; None when it has none."""
+    if not command:
+        return None
+    return tuple(_STATUS_PORT_PLACEHOLDER.sub(str(status_port), part) for part in command)
 
 
 def _flag(annotations: Mapping[str, str], key: str, default: bool) -> bool:

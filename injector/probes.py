@@ -133,17 +133,19 @@ def parse_probers(value: str | None) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-#: What a native sidecar (user init container, ``restartPolicy: Always``) gets rewritten: its
-#: readiness only. Its startup probe gates the containers after it, the proxy among them unless
-#: the proxy is native too: pointed at the agent, it would wait for itself.
-NATIVE_SIDECAR_KINDS = PROBE_KINDS[:1]
+#: What a native sidecar (user init container, ``restartPolicy: Always``) that starts before the
+#: proxy gets rewritten: readiness and liveness. Its startup probe gates the containers after it,
+#: the proxy among them: pointed at the agent, it would wait for itself. Started after a native
+#: proxy, it gets all three rewritten, like an app container.
+EARLY_SIDECAR_KINDS = PROBE_KINDS[:2]
 
 
 def rewrite_app_probes(
-    containers: list[dict[str, Any]], status_port: int
+    containers: list[dict[str, Any]], status_port: int, after_proxy: frozenset[str] = frozenset()
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, str]]]:
-    """Rewrite the probes of the app containers and the readiness probes of native sidecars
-    (user init containers with ``restartPolicy: Always``) given.
+    """Rewrite the probes of the app containers and of the native sidecars (user init
+    containers with ``restartPolicy: Always``) given; a native sidecar's startup probe only
+    when it is named in ``after_proxy`` (it starts after a running proxy).
 
     Returns the containers (unchanged ones as they were), the recorded originals, and
     (prober path, port name) for each port no container port names (a warning each).
@@ -151,7 +153,8 @@ def rewrite_app_probes(
     probers: dict[str, Any] = {}
     out = []
     for c in containers:
-        kinds = NATIVE_SIDECAR_KINDS if is_native_sidecar(c) else PROBE_KINDS
+        early = is_native_sidecar(c) and c.get("name") not in after_proxy
+        kinds = EARLY_SIDECAR_KINDS if early else PROBE_KINDS
         new = rewrite_probes(c, status_port, probers, kinds)
         out.append(new if new is not None else c)
     unresolved = []

@@ -125,6 +125,13 @@ def capture_init(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
 
 
 def _capture_init(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
+    container = _capture_container(mode, config)
+    if container is not None and config.proxy.image_pull_policy:  # unset: the API server's default
+        container = {**container, "imagePullPolicy": config.proxy.image_pull_policy}
+    return container
+
+
+def _capture_container(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
     proxy = config.proxy
     if mode == ann.MODE_NONE or proxy.capture == "none":
         return None
@@ -134,7 +141,6 @@ def _capture_init(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
         return {
             "name": ann.INIT_CONTAINER,
             "image": proxy.cni_image,
-            "imagePullPolicy": proxy.image_pull_policy,
             "command": ["mesh-cni", "redirect"],
             # The pod's own (resolved) annotations through the downward API, as the CNI reads them.
             "args": ["--annotations-file", f"{PODINFO_MOUNT}/annotations"],
@@ -154,7 +160,6 @@ def _capture_init(mode: str, config: InjectorConfig) -> dict[str, Any] | None:
     return {
         "name": ann.VALIDATION_CONTAINER,
         "image": proxy.cni_image,
-        "imagePullPolicy": proxy.image_pull_policy,
         "command": ["mesh-cni", "validate"],
         "resources": small,
         "securityContext": {

@@ -51,6 +51,10 @@ class TemplateOptions:
     prometheus_merge: bool = True
     #: postStart command that blocks until the proxy is ready (holdApplicationUntilProxyStarts).
     hold_command: tuple[str, ...] = ()
+    #: preStop command of a native-sidecar proxy: it is stopped after the app containers, so it
+    #: must start draining when the pod starts shutting down. ``{{ proxy.statusPort }}`` in an
+    #: argument is the pod's status port.
+    drain_command: tuple[str, ...] = ()
     #: The proxy answers DNS captured to 15053 (pilot-agent does; plain Envoy does not).
     dns_proxy: bool = True
     #: False: no capture init container (istio-validation/istio-init): the pod's traffic is not
@@ -215,7 +219,9 @@ def _compile(node: Any, consts: Mapping[str, Any] | None = None) -> tuple[bool, 
 
 
 _ALLOWED_TOP = {"options", "metadata", "spec", "appContainers"}
-_OPTIONS = {"rewriteProbes", "prometheusMerge", "holdCommand", "dnsProxy", "capture", "nativeSidecar"}
+_OPTIONS = {
+    "rewriteProbes", "prometheusMerge", "holdCommand", "drainCommand", "dnsProxy", "capture", "nativeSidecar"
+}
 _ALLOWED_META = {"labels", "annotations"}
 _ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets", "securityContext"}
 
@@ -281,6 +287,7 @@ def merge_options(templates: list[Template]) -> TemplateOptions:
         rewrite_probes=bool(merged.get("rewriteProbes", True)),
         prometheus_merge=bool(merged.get("prometheusMerge", True)),
         hold_command=tuple(str(a) for a in merged.get("holdCommand") or ()),
+        drain_command=tuple(str(a) for a in merged.get("drainCommand") or ()),
         dns_proxy=bool(merged.get("dnsProxy", True)),
         capture=bool(merged.get("capture", True)),
         native_sidecar=bool(merged.get("nativeSidecar", True)),

@@ -27,6 +27,7 @@ CAPTURE_INITS = ("istio-validation", "istio-init")
 PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
 JSON_ENV = ("ISTIO_KUBE_APP_PROBERS", "ISTIO_META_POD_PORTS", "PROXY_CONFIG", "ISTIO_PROMETHEUS_ANNOTATIONS")
 STATUS = "sidecar.istio.io/status"
+OVERRIDES = "proxy.istio.io/overrides"
 ITEM = re.compile(r"^items\[\d+\]\.")
 
 
@@ -148,7 +149,9 @@ def aspects(outcome: Outcome) -> dict[str, Any]:
         out[f"labels.{key}"] = value
     annotations = meta.get("annotations") or {}
     for key, value in annotations.items():
-        if key != STATUS:
+        if key == OVERRIDES:  # JSON: compared as data (Go writes its struct's field order)
+            out[f"annotations.{key}"] = _prune(_json_or_text(value))
+        elif key != STATUS:
             out[f"annotations.{key}"] = value
     status = _json_or_text(annotations.get(STATUS))
     if isinstance(status, dict):
