@@ -100,7 +100,9 @@ def test_grpc_agent_holds_the_app_until_the_agent_is_ready() -> None:
     out = _injected(_pod("grpc-agent", [{"name": "app", "image": "x"}]), holdApplicationUntilProxyStarts=True)
     first = out["spec"]["containers"][0]
     assert first["name"] == "istio-proxy"
-    assert first["lifecycle"]["postStart"]["exec"]["command"] == ["pilot-agent", "wait"]
+    # The agent's own status server: without Envoy nothing listens on 15021, `wait`'s default.
+    assert first["lifecycle"]["postStart"]["exec"]["command"] == [
+        "pilot-agent", "wait", "--url=http://localhost:15020/healthz/ready"]
 
 
 def test_grpc_simple_writes_a_bootstrap_the_app_reads_and_adds_no_proxy() -> None:

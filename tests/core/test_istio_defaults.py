@@ -241,3 +241,16 @@ def test_the_scraped_annotations_come_before_the_probers_in_the_proxys_env() -> 
     obj = _pod({"prometheus.io/port": "9090"}, containers=[app])
     names = [e["name"] for e in _proxy(_inject(obj))["env"]]
     assert names[-2:] == ["ISTIO_PROMETHEUS_ANNOTATIONS", "ISTIO_KUBE_APP_PROBERS"]
+
+
+def test_grpc_agent_readiness_and_hold_ask_the_agent_not_envoy() -> None:
+    """Proxyless gRPC runs pilot-agent without Envoy, so nothing answers on 15021: readiness,
+    the declared port and the hold command must use the agent's status server (15020), or the
+    pod never turns Ready and a held app never starts."""
+    obj = _pod({"inject.istio.io/templates": "grpc-agent",
+                "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"})
+    proxy = next(c for c in _inject(obj)["spec"]["containers"] if c["name"] == "istio-proxy")
+    assert proxy["readinessProbe"]["httpGet"]["port"] == 15020
+    assert {"containerPort": 15020, "name": "mesh-metrics", "protocol": "TCP"} in proxy["ports"]
+    assert "--url=http://localhost:15020/healthz/ready" in proxy["lifecycle"]["postStart"]["exec"]["command"]
+    assert "ISTIO_META_NODE_NAME" in {e["name"] for e in proxy["env"]}
