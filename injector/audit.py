@@ -108,6 +108,16 @@ class PodAudit:
         }
 
 
+def _controller_only(owner: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """What ``owner_of`` reads of a cached owner: its controller reference. The cache holds up
+    to CACHE_ENTRIES owners between pages; whole objects (managedFields and all) made the
+    server's peak memory grow with the cluster until the cache was full."""
+    if owner is None:
+        return None
+    ref = controller_of(owner)
+    return {"metadata": {"ownerReferences": [dict(ref)]}} if ref is not None else {"metadata": {}}
+
+
 def owner_of(pod: Mapping[str, Any], namespace: str, lookup: OwnerLookup | None) -> str | None:
     """Follow controller references up to the top-level workload ("Kind/name")."""
     ref = controller_of(pod)
@@ -531,7 +541,7 @@ class ClusterReader:
                 wanted.add((namespace, str(ref["kind"]), str(ref.get("name", ""))))
         missing = sorted(k for k in wanted if k not in self._owners)
         for key, obj in zip(missing, self._map(self._read_owner, missing), strict=True):
-            self._owners.put(key, obj)
+            self._owners.put(key, _controller_only(obj))
         page = {k: self._owners.get(k) for k in wanted}
 
         def lookup(namespace: str, kind: str, name: str) -> Mapping[str, Any] | None:
