@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
     from injector.server import ServerState
 
-OwnerLookup = Callable[[str, str, str], Mapping[str, Any] | None]  # (namespace, kind, name) -> object
+#: (namespace, kind, name) of a ReplicaSet or Job -> its controller reference, if it has one.
+OwnerLookup = Callable[[str, str, str], Mapping[str, Any] | None]
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 5000  # the API server's own default cap for one page's response is far above this
@@ -108,16 +109,6 @@ class PodAudit:
         }
 
 
-def _controller_only(owner: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """What ``owner_of`` reads of a cached owner: its controller reference. The cache holds up
-    to CACHE_ENTRIES owners between pages; whole objects (managedFields and all) made the
-    server's peak memory grow with the cluster until the cache was full."""
-    if owner is None:
-        return None
-    ref = controller_of(owner)
-    return {"metadata": {"ownerReferences": [dict(ref)]}} if ref is not None else {"metadata": {}}
-
-
 def owner_of(pod: Mapping[str, Any], namespace: str, lookup: OwnerLookup | None) -> str | None:
     """Follow controller references up to the top-level workload ("Kind/name")."""
     ref = controller_of(pod)
@@ -127,8 +118,7 @@ def owner_of(pod: Mapping[str, Any], namespace: str, lookup: OwnerLookup | None)
     for _ in range(3):
         if lookup is None or kind not in ("ReplicaSet", "Job"):
             break
-        parent = lookup(namespace, kind, name)
-        up = controller_of(parent) if parent else None
+        up = lookup(namespace, kind, name)
         if up is None:
             break
         kind, name = str(up.get("kind", "")), str(up.get("name", ""))
@@ -540,8 +530,10 @@ class ClusterReader:
                 namespace = str((pod.get("metadata") or {}).get("namespace") or "")
                 wanted.add((namespace, str(ref["kind"]), str(ref.get("name", ""))))
         missing = sorted(k for k in wanted if k not in self._owners)
+        # Only each owner's controller reference is kept: the cache lives across pages, and
+        # whole objects (managedFields and all) made peak memory grow until it was full.
         for key, obj in zip(missing, self._map(self._read_owner, missing), strict=True):
-            self._owners.put(key, _controller_only(obj))
+            self._owners.put(key, controller_of(obj) if obj is not None else None)
         page = {k: self._owners.get(k) for k in wanted}
 
         def lookup(namespace: str, kind: str, name: str) -> Mapping[str, Any] | None:
