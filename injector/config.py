@@ -304,9 +304,13 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
     sources: dict[str, Any] = dict(_builtin_template_sources())
     sources.update(model.templates)
     templates: dict[str, Template] = {}
+    parsed: dict[str, Any] = {}  # each source parsed once: compiled here, hashed below
     for name, source in sources.items():
         try:
-            templates[name] = parse_template(name, source)
+            parsed[name] = yamlio.safe_load(source) if isinstance(source, str) else source
+            templates[name] = parse_template(name, parsed[name] if parsed[name] is not None else {})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"template {name!r}: not valid YAML: {err}") from None
         except ValueError as err:
             raise ConfigError(f"template {name!r}: {err}") from None
     for name in model.default_templates:
@@ -338,7 +342,6 @@ def compile_config(model: ConfigModel | Mapping[str, Any] | None = None) -> Inje
         raise ConfigError(f"values.proxy traffic defaults: {err}") from None
 
     # Hash what the templates say, not how they are written: comments and layout do not count.
-    parsed = {name: yamlio.safe_load(src) if isinstance(src, str) else src for name, src in sources.items()}
     canonical = json.dumps(
         {"model": model.model_dump(mode="json", by_alias=True, exclude={"limits"}), "templates": parsed},
         sort_keys=True,
@@ -391,10 +394,11 @@ def load_config_dir(path: str | Path) -> InjectorConfig:
         except yaml.YAMLError as err:  # named by file and line, not PyYAML's "<unicode string>"
             raise ConfigError(str(yaml_syntax_error(err, str(file)))) from None
 
-    def read_template(file: Path) -> str:
+    def read_template(file: Path) -> Any:
+        """The parsed template (a syntax error names the file); compile_config takes it as is."""
         text = file.read_text()
-        parsed(file, text)  # a syntax error names the file here; the template itself parses the text
-        return text
+        doc = parsed(file, text)
+        return doc if doc is not None else text
 
     def read_yaml(*names: str) -> dict[str, Any] | None:
         for name in names:

@@ -226,15 +226,16 @@ _ALLOWED_META = {"labels", "annotations"}
 _ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets", "securityContext"}
 
 
-def parse_template(name: str, source: str | Mapping[str, Any]) -> Template:
-    """Parse and compile a template; raise TemplateError (a ValueError) saying what is wrong."""
+def parse_template(name: str, source: Any) -> Template:
+    """Parse and compile a template (YAML text, or what parsing it gave); raise TemplateError
+    (a ValueError) saying what is wrong."""
     if isinstance(source, str):
         try:
             doc = yamlio.safe_load(source)
         except yaml.YAMLError as err:
             raise TemplateError(f"not valid YAML: {err}") from None
     else:
-        doc = dict(source)
+        doc = dict(source) if isinstance(source, Mapping) else source
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
