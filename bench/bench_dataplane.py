@@ -244,7 +244,9 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=3.0, help="closed-loop throughput run")
     parser.add_argument("--max-connections", type=int, default=64, help="closed-loop connections")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="repeatable")
-    parser.add_argument("--mode", action="append", choices=("keepalive", "newconn"), help="repeatable")
+    parser.add_argument(
+        "--mode", action="append", choices=("keepalive", "spread", "newconn"), help="repeatable"
+    )
     parser.add_argument("--latency-only", action="store_true", help="skip max rps and memory")
     parser.add_argument(
         "--interleave",
@@ -294,14 +296,15 @@ def main() -> int:
         latencies: dict[tuple[str, str], list[int]] = {s: [] for s in scenarios}
         late: dict[tuple[str, str], list[int]] = {s: [] for s in scenarios}
         errors: dict[tuple[str, str], int] = dict.fromkeys(scenarios, 0)
-        # Per variant: Envoy's CPU time and run-queue wait (ns), and the requests it served.
-        work: dict[str, list[int]] = {name: [0, 0, 0] for name in names}
+        # Per variant and mode: Envoy's CPU time and run-queue wait (ns), and the requests served.
+        work: dict[tuple[str, str], list[int]] = {(n, m): [0, 0, 0] for n in names for m in modes}
 
-        def account(name: str, before: tuple[int, int], requests: int) -> None:
+        def account(name: str, mode: str, before: tuple[int, int], requests: int) -> None:
             after = _sched(meshes[name])
-            work[name][0] += after[0] - before[0]
-            work[name][1] += after[1] - before[1]
-            work[name][2] += requests
+            cell = work[(name, mode)]
+            cell[0] += after[0] - before[0]
+            cell[1] += after[1] - before[1]
+            cell[2] += requests
 
         rng = random.Random(13)
         for _ in range(args.rounds):
@@ -323,7 +326,7 @@ def main() -> int:
                             for p, r in zip(paths, results, strict=True)
                             if p != "direct" and _variant(p, names) == name
                         )
-                        account(name, before[name], served)
+                        account(name, mode, before[name], served)
                 continue
             order = scenarios[:]
             rng.shuffle(order)
@@ -333,7 +336,7 @@ def main() -> int:
                 before = _sched(meshes[name]) if path != "direct" else (0, 0)
                 result = _loadgen(source, "open", host, PORT, args.rate, args.seconds, mode)
                 if path != "direct":
-                    account(name, before, len(result["latencies_us"]))
+                    account(name, mode, before, len(result["latencies_us"]))
                 latencies[(path, mode)] += result["latencies_us"]
                 late[(path, mode)] += result["late_us"]
                 errors[(path, mode)] += result["errors"]
@@ -379,10 +382,9 @@ def main() -> int:
                 f"{p[0]:>9.3f}{p[1]:>9.3f}{p[2]:>10.3f}{added}{lateness:>14}"
             )
         print("Envoy per request: us on CPU / us runnable but waiting for a CPU (all its threads)")
-        for name in names:
-            on_cpu, waiting, served = work[name]
+        for (name, mode), (on_cpu, waiting, served) in work.items():
             per = max(served, 1) * 1000
-            print(f"  {name:<20}{on_cpu / per:8.1f} / {waiting / per:.1f}")
+            print(f"  {name + ' ' + mode:<28}{on_cpu / per:8.1f} / {waiting / per:.1f}")
         if args.latency_only:
             return 0
 

@@ -3,9 +3,15 @@
 ``serve PORT``: a minimal keep-alive HTTP/1.1 server answering every request ``200 ok``.
 ``open HOST PORT RATE SECONDS MODE``: open loop at a fixed RATE; request i is due at
 ``start + i/RATE`` and its latency counts from that due time, so a slow proxy cannot hide behind
-back-pressure (no coordinated omission). MODE ``keepalive`` (a pool of persistent connections)
-or ``newconn`` (one connection per request). Prints JSON: latencies in microseconds, how late
-each request was written after its due time (the generator's own jitter), errors.
+back-pressure (no coordinated omission). MODE:
+- ``keepalive``: a pool of persistent connections, the most recently used one taken first, as
+  HTTP clients' pools do (urllib3's is a LIFO queue; Go's Transport reuses its newest idle
+  connection), so at 1,000 requests/s one or two connections carry the load;
+- ``spread``: the same pool taken in FIFO order, every request on the connection idle longest
+  (its state cold in every cache): a worst case, not what common clients do;
+- ``newconn``: one connection per request.
+Prints JSON: latencies in microseconds, how late each request was written after its due time
+(the generator's own jitter), errors.
 ``mix RATE SECONDS MODE`` with a JSON list of targets ``{"netns", "host", "port"}`` on stdin:
 the same open loop, request i going to target i mod N (in an order shuffled per cycle), so a
 stall of this shared machine hits every target alike; sockets for a target are made inside its
@@ -96,7 +102,7 @@ class _Target:
 
     def __init__(self, connect: Connect) -> None:
         self.connect = connect
-        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.LifoQueue()
         self.latencies: list[int] = []
         self.late: list[int] = []  # how long after its due time each request was written (our jitter)
         self.errors = 0
@@ -107,7 +113,7 @@ class _Target:
 
 async def _one(target: _Target, due: float, mode: str) -> None:
     try:
-        if mode == "keepalive":
+        if mode != "newconn":
             reader, writer = await target.idle.get()
             target.late.append(int((time.perf_counter() - due) * 1e6))
             writer.write(REQUEST)
@@ -126,8 +132,10 @@ async def _one(target: _Target, due: float, mode: str) -> None:
 
 async def _run(targets: list[_Target], rate: float, seconds: float, mode: str) -> None:
     """Request i is due at start + i/rate and goes to the i-th target of the current cycle."""
-    if mode == "keepalive":
+    if mode != "newconn":
         for target in targets:
+            if mode == "spread":
+                target.idle = asyncio.Queue()
             for _ in range(POOL):
                 target.idle.put_nowait(await target.connect())
     total = int(rate * seconds)
