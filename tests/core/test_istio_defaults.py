@@ -254,3 +254,15 @@ def test_grpc_agent_readiness_and_hold_ask_the_agent_not_envoy() -> None:
     assert {"containerPort": 15020, "name": "mesh-metrics", "protocol": "TCP"} in proxy["ports"]
     assert "--url=http://localhost:15020/healthz/ready" in proxy["lifecycle"]["postStart"]["exec"]["command"]
     assert "ISTIO_META_NODE_NAME" in {e["name"] for e in proxy["env"]}
+
+
+def test_a_users_own_proxy_env_keeps_the_users_order() -> None:
+    """A variable the user adds to istio-proxy goes before the next one the user also overrides
+    (Istio's strategic merge), so ``$(EXTRA)`` in the user's CLUSTER_ID resolves: the kubelet
+    expands only variables defined earlier in the list."""
+    own = {"name": "istio-proxy", "image": "auto", "env": [
+        {"name": "EXTRA", "value": "east"}, {"name": "ISTIO_META_CLUSTER_ID", "value": "$(EXTRA)"}]}
+    env = [e["name"] for e in _proxy(_inject(_pod(containers=[{"name": "app", "image": "x"}, own])))["env"]]
+    assert env.index("EXTRA") == env.index("ISTIO_META_CLUSTER_ID") - 1
+    assert env.index("EXTRA") < env.index("TRUST_DOMAIN")  # not appended after ours
+    assert len(env) == len(set(env))
