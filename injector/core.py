@@ -11,6 +11,7 @@ both as read-only); that, the config's memo and a linear diff keep large pods ch
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -292,6 +293,7 @@ def _inject_steps(
         namespace=namespace,
         service_account=spec.get("serviceAccountName") or "default",
         app_containers=app_containers,
+        pod_containers=app_containers + _own_containers(user_overlays, annotations),
         app_probers=probers_json(probers),
         prometheus_annotations=saved_scrape,
         workload_kind=workload.kind,
@@ -426,6 +428,23 @@ def _user_overlays(spec: Mapping[str, Any], overrides: Overrides) -> list[dict[s
     found = [c for c in named(spec.get("containers")) if c.get("name") in names]
     found += [c for c in named(spec.get("initContainers")) if c.get("name") in names]
     return [{k: v for k, v in c.items() if not (k == "image" and v == "auto")} for c in found]
+
+
+def _own_containers(
+    user_overlays: list[dict[str, Any]], annotations: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The pod's own containers named like ours, as the user wrote them: on a re-injection
+    (uninject took them out) from the proxy.istio.io/overrides record, so the ports they
+    declare (a gateway's listeners) stay in ISTIO_META_POD_PORTS."""
+    if user_overlays or metadata.OVERRIDES not in annotations:
+        return user_overlays
+    try:
+        recorded = json.loads(annotations[metadata.OVERRIDES])
+    except ValueError:
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [c for key in ("containers", "initContainers") for c in named(recorded.get(key))]
 
 
 def _placed(
