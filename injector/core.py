@@ -365,7 +365,8 @@ def _inject_steps(
         r_meta,
         config=config,
         overrides=overrides,
-        default_container=app_containers[0].get("name", "") if app_containers else None,
+        # Which container kubectl picks: only worth saying when we added one (not grpc-simple).
+        default_container=app_containers[0].get("name", "") if app_containers and r_containers else None,
         status=status,
         user_overlays=_placed(user_overlays, init_list),
     )

@@ -118,6 +118,19 @@ def test_grpc_agent_holds_the_app_until_the_agent_is_ready() -> None:
         "pilot-agent", "wait", "--url=http://localhost:15020/healthz/ready"]
 
 
+def test_grpc_agent_waits_for_the_agent_after_starting_it_even_without_hold() -> None:
+    """As Istio's grpc-agent: the postStart wait is always there; without hold the proxy comes
+    after the app containers, so it holds nothing back."""
+    out = _injected(_pod("grpc-agent", [{"name": "app", "image": "x"}]))
+    assert [c["name"] for c in out["spec"]["containers"]] == ["app", "istio-proxy"]
+    proxy = out["spec"]["containers"][1]
+    assert proxy["lifecycle"]["postStart"]["exec"]["command"] == [
+        "pilot-agent", "wait", "--url=http://localhost:15020/healthz/ready"]
+    annotations = out["metadata"]["annotations"]
+    assert annotations["istio.io/rev"] == "default" and "istio.io/rev" not in out["metadata"]["labels"]
+    assert annotations["sidecar.istio.io/status"].count('"app"') == 0  # the app is not ours to take out
+
+
 def test_grpc_simple_writes_a_bootstrap_the_app_reads_and_adds_no_proxy() -> None:
     out = _injected(
         _pod("grpc-simple", [{"name": "app", "image": "x", "livenessProbe": {"tcpSocket": {"port": 1}}}])
@@ -134,6 +147,8 @@ def test_grpc_simple_writes_a_bootstrap_the_app_reads_and_adds_no_proxy() -> Non
     assert app["livenessProbe"] == {"tcpSocket": {"port": 1}}
     annotations = out["metadata"]["annotations"]
     assert ann.PROM_PORT not in annotations  # no agent to serve merged metrics
+    assert annotations[ann.REWRITE_PROBES] == "false"
+    assert ann.DEFAULT_CONTAINER not in annotations  # nothing added for kubectl to skip
     assert not ann.redirect_decision(annotations).redirect
 
 
