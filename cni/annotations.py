@@ -309,22 +309,55 @@ def parse_ports(annotation: str, value: str, *, allow_all: bool = False) -> tupl
 
 
 def parse_cidrs(annotation: str, value: str, *, allow_all: bool = False) -> tuple[Cidr, ...] | None:
-    """Comma-separated IPv4/IPv6 CIDRs (at most MAX_CIDRS; host bits are masked); ``*`` (where
-    allowed) is None."""
-    text = value.strip()
-    if text == ALL:
+    """Comma-separated IPv4/IPv6 CIDRs, as strictly as Istio reads them (at most MAX_CIDRS):
+    every item ``address/prefix``, nothing around it (no spaces, no empty item, no bare
+    address, no leading zero in the prefix); host bits are accepted and masked. ``*`` alone
+    (where allowed) is None; the empty string is no CIDR.
+
+    Istio's injector refuses the pod on any such item; the plugin reads the same parser, so
+    injector and plugin never disagree about a pod.
+    """
+    if value == ALL:
         if not allow_all:
             raise AnnotationError(annotation, value, "'*' is not allowed here")
         return None
+    if not value:
+        return ()
+    items = value.split(",")
+    if len(items) > MAX_CIDRS:
+        problem = f"{len(items)} CIDRs exceed the limit of {MAX_CIDRS}"
+        raise AnnotationError(annotation, value[:64] + "...", problem)
     networks: set[Cidr] = set()
-    for item in _bounded_items(annotation, value, text, MAX_CIDRS, "CIDRs"):
-        if item == ALL:
-            raise AnnotationError(annotation, value, "'*' must stand alone")
-        try:
-            networks.add(Cidr(item))
-        except ValueError:
-            raise AnnotationError(annotation, value, f"{item!r} is not an IP address or CIDR") from None
+    for item in items:
+        networks.add(_strict_cidr(annotation, value, item))
     return tuple(sorted(networks))
+
+
+def _strict_cidr(annotation: str, value: str, item: str) -> Cidr:
+    """One item of a CIDR list; the error names the item and what is wrong with it."""
+    if not item:
+        problem = "has an empty item (a comma at an end, or two in a row)"
+    elif item == ALL:
+        problem = "'*' must stand alone"
+    elif item != item.strip() or any(c.isspace() for c in item):
+        problem = f"{item!r} contains white space (write the list without spaces)"
+    elif "/" not in item:
+        try:
+            one = Cidr(item).prefixlen
+        except ValueError:
+            problem = f"{item!r} is not an IP address or CIDR"
+        else:
+            problem = f"{item!r} has no prefix length (write {item}/{one} for one address)"
+    else:
+        prefix = item.partition("/")[2]
+        if len(prefix) > 1 and prefix.startswith("0"):
+            problem = f"{item!r} has a leading zero in its prefix length"
+        else:
+            try:
+                return Cidr(item)
+            except ValueError:
+                problem = f"{item!r} is not an IP address or CIDR"
+    raise AnnotationError(annotation, value, problem)
 
 
 def parse_interfaces(annotation: str, value: str) -> tuple[str, ...]:

@@ -185,6 +185,7 @@ def pod_group(
     namespace: str,
     service_account: str,
     app_containers: list[dict[str, Any]],
+    pod_containers: list[dict[str, Any]],
     app_probers: str | None,
     prometheus_annotations: str | None,
     workload_kind: str,
@@ -194,10 +195,13 @@ def pod_group(
     canonical_revision: str,
     bootstrap_override: str | None = None,
 ) -> dict[str, Any]:
-    """The ``pod`` group: the values computed from this pod (never memoised)."""
+    """The ``pod`` group: the values computed from this pod (never memoised).
+
+    ``podPorts`` are the ports of every container the pod declares (as Istio lists them), its own
+    ``istio-proxy`` too: a gateway declares its listeners there."""
     owner_kind = _PLURALS.get(workload_kind, workload_kind.lower() + "s")
     api = workload_api or "v1"
-    pod_ports = [p for c in app_containers for p in c.get("ports") or ()]
+    pod_ports = [p for c in pod_containers for p in c.get("ports") or () if isinstance(p, dict)]
     return {
         "name": pod_name,
         "namespace": namespace,

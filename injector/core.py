@@ -11,6 +11,8 @@ both as read-only); that, the config's memo and a linear diff keep large pods ch
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -190,20 +192,37 @@ def _inject_list(obj: Mapping[str, Any], **kwargs: Any) -> InjectionResult:
 
 
 def _pod_workload(meta: Mapping[str, Any]) -> _Workload:
-    """The controller that owns a pod (a Deployment for ReplicaSet-owned pods), else the pod itself."""
+    """The controller that owns a pod, as Istio's webhook resolves it: only for a pod the API
+    server is still to name (generateName: a controller made it; a StatefulSet's pods carry
+    their own names, so they are their own workload), a Deployment for a ReplicaSet with the
+    pod's template hash, an Argo Rollout likewise, a DeploymentConfig for its
+    ReplicationController, a CronJob for a Job named ``<cronjob>-<8-10 digits>``."""
+    name = meta.get("name") or (meta.get("generateName") or "").rstrip("-")
+    if not meta.get("generateName"):
+        return _Workload("Pod", "v1", name)
+    labels = meta.get("labels") or {}
     for ref in meta.get("ownerReferences") or ():
-        if not ref.get("controller"):
+        if not (isinstance(ref, dict) and ref.get("controller")):
             continue
-        kind, name, api = (str(ref.get(k) or "") for k in ("kind", "name", "apiVersion"))
-        template_hash = (meta.get("labels") or {}).get("pod-template-hash")
-        if kind == "ReplicaSet" and template_hash and name.endswith("-" + template_hash):
-            return _Workload("Deployment", "apps/v1", name[: -len(template_hash) - 1])
-        deployment_config = (meta.get("labels") or {}).get(DEPLOYMENT_CONFIG_LABEL)
+        kind, owner, api = (str(ref.get(k) or "") for k in ("kind", "name", "apiVersion"))
+        template_hash = labels.get("pod-template-hash")
+        rollout_hash = labels.get("rollouts-pod-template-hash")
+        if kind == "ReplicaSet" and template_hash and owner.endswith(template_hash):
+            return _Workload("Deployment", api, owner.removesuffix("-" + template_hash))
+        if kind == "ReplicaSet" and rollout_hash and owner.endswith(rollout_hash):
+            return _Workload("Rollout", "v1alpha1", owner.removesuffix("-" + rollout_hash))
+        deployment_config = labels.get(DEPLOYMENT_CONFIG_LABEL)
         if kind == "ReplicationController" and deployment_config:  # as Istio: kind changes, API stays
             return _Workload("DeploymentConfig", api, deployment_config)
-        return _Workload(kind, api, name)
-    name = meta.get("name") or (meta.get("generateName") or "").rstrip("-")
+        cron = _CRONJOB_JOB.fullmatch(owner) if kind == "Job" else None
+        if cron:
+            return _Workload("CronJob", "batch/v1", cron.group(1))
+        return _Workload(kind, api, owner or name)
     return _Workload("Pod", "v1", name)
+
+
+#: A Job a CronJob made: ``<cronjob>-<scheduled time in minutes>`` (Istio's heuristic).
+_CRONJOB_JOB = re.compile(r"(.+)-[0-9]{8,10}")
 
 
 def _inject_pod(
@@ -292,6 +311,7 @@ def _inject_steps(
         namespace=namespace,
         service_account=spec.get("serviceAccountName") or "default",
         app_containers=app_containers,
+        pod_containers=app_containers + _own_containers(user_overlays, annotations),
         app_probers=probers_json(probers),
         prometheus_annotations=saved_scrape,
         workload_kind=workload.kind,
@@ -363,7 +383,8 @@ def _inject_steps(
         r_meta,
         config=config,
         overrides=overrides,
-        default_container=app_containers[0].get("name", "") if app_containers else None,
+        # Which container kubectl picks: only worth saying when we added one (not grpc-simple).
+        default_container=app_containers[0].get("name", "") if app_containers and r_containers else None,
         status=status,
         user_overlays=_placed(user_overlays, init_list),
     )
@@ -426,6 +447,23 @@ def _user_overlays(spec: Mapping[str, Any], overrides: Overrides) -> list[dict[s
     found = [c for c in named(spec.get("containers")) if c.get("name") in names]
     found += [c for c in named(spec.get("initContainers")) if c.get("name") in names]
     return [{k: v for k, v in c.items() if not (k == "image" and v == "auto")} for c in found]
+
+
+def _own_containers(
+    user_overlays: list[dict[str, Any]], annotations: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The pod's own containers named like ours, as the user wrote them: on a re-injection
+    (uninject took them out) from the proxy.istio.io/overrides record, so the ports they
+    declare (a gateway's listeners) stay in ISTIO_META_POD_PORTS."""
+    if user_overlays or metadata.OVERRIDES not in annotations:
+        return user_overlays
+    try:
+        recorded = json.loads(annotations[metadata.OVERRIDES])
+    except ValueError:
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [c for key in ("containers", "initContainers") for c in named(recorded.get(key))]
 
 
 def _placed(

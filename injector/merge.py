@@ -73,6 +73,58 @@ def overlay_container(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[
     return out
 
 
+def overlay_user_container(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod's own container ``over`` (e.g. its istio-proxy) laid over our rendered ``base``,
+    its keyed lists (env, ports, volumeMounts) in the order Istio's injection gives them.
+
+    Istio lays the template over the pod (strategic merge, the pod's list as the original), then
+    the pod's container over that result again: a variable of the user's that we do not render
+    goes before the next one the user also overrides, not at the end. The order matters to
+    ``$(VAR)`` references. Values are overlay_container's.
+    """
+    out = overlay_container(base, over)
+    for key, value in over.items():
+        merged, rendered = out.get(key), base.get(key)
+        if key in LIST_KEYS and all(isinstance(x, list) for x in (value, rendered, merged)):
+            out[key] = _in_istio_order(merged, rendered, value, LIST_KEYS[key])
+    return out
+
+
+def _in_istio_order(merged: list[Any], rendered: list[Any], user: list[Any], key: str) -> list[Any]:
+    keys = [_key_of(i, key) for i in merged]
+    by_key = dict(zip(keys, merged, strict=True))
+    user_keys = [_key_of(i, key) for i in user]
+    if None in by_key or len(by_key) != len(keys) or len(set(user_keys)) != len(user_keys):
+        return merged  # unkeyed or repeated items: leave overlay_container's order
+    order = smp_order(smp_order(user_keys, [_key_of(i, key) for i in rendered]), user_keys)
+    return [by_key[k] for k in order] if len(order) == len(keys) else merged
+
+
+def _key_of(item: Any, key: str) -> Any:
+    value = item.get(key) if isinstance(item, dict) else None
+    return value if isinstance(value, (str, int)) else None
+
+
+def smp_order(original: list[Any], patch: list[Any]) -> list[Any]:
+    """The order of a merge-keyed list after a strategic merge of ``patch`` into ``original``
+    (Kubernetes' rule, by key): the patch's items in its order, the original's other items
+    inserted before the first patch item that comes after them in ``original``."""
+    where = {k: i for i, k in reversed(list(enumerate(original)))}
+    in_patch = set(patch)
+    left = [k for k in original if k not in in_patch]
+    out: list[Any] = []
+    i = j = 0
+    while i < len(left) and j < len(patch):
+        right_at = where.get(patch[j])
+        if right_at is not None and where[left[i]] < right_at:
+            out.append(left[i])
+            i += 1
+        else:
+            out.append(patch[j])
+            j += 1
+    return out + left[i:] + patch[j:]
+
+
 def named(items: Any) -> list[dict[str, Any]]:
     """The mapping items of a pod-spec list (containers, volumes, ...); anything else is dropped."""
     return [i for i in items or () if isinstance(i, dict)]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from cni import annotations as ann
 from injector.context import FixedContext
-from injector.merge import deep_merge, merge_keyed, named, overlay_container
+from injector.merge import deep_merge, merge_keyed, named, overlay_user_container
 from injector.result import ReasonCode, Rejected
 from injector.template import TemplateError
 from injector.uninject import Previous
@@ -67,7 +67,7 @@ class Finisher:
     def __call__(self, container: dict[str, Any]) -> dict[str, Any]:
         name = container.get("name")
         over = self.overlays.get(name)  # type: ignore[arg-type]
-        out = overlay_container(container, over) if over else container
+        out = overlay_user_container(container, over) if over else container
         derived = self.derived_env.get(name) if self.derived_env else None  # type: ignore[arg-type]
         if derived:
             out = _keep_derived_env(out, derived)

@@ -3,6 +3,7 @@ what a user of a gateway or of proxyless gRPC sees in the injected pod."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -67,8 +68,20 @@ def test_a_gateway_pod_gets_the_proxy_as_its_own_container(capture: str, native:
     annotations = out["metadata"]["annotations"]
     assert not ann.redirect_decision(annotations).redirect  # the plugin leaves a gateway's traffic alone
     assert ann.INTERCEPTION_MODE not in annotations
-    assert out["metadata"]["labels"]["istio.io/rev"] == "default"
+    assert annotations["istio.io/rev"] == "default" and "istio.io/rev" not in out["metadata"]["labels"]
     assert "security.istio.io/tlsMode" not in out["metadata"]["labels"]
+    # As Istio's gateway: pilot-agent learns the listeners it declares, runs as the proxy user
+    # and may bind ports below 1024 without privileges.
+    assert json.loads(_env(proxy)["ISTIO_META_POD_PORTS"]) == [{"containerPort": 8443, "name": "https"}]
+    assert {"runAsUser": 1337, "runAsGroup": 1337}.items() <= proxy["securityContext"].items()
+    assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in spec["securityContext"]["sysctls"]
+    assert {"GOMAXPROCS", "GOMEMLIMIT", "ISTIO_CPU_LIMIT", "ISTIO_META_NODE_NAME"} <= set(_env(proxy))
+
+
+def test_a_reinjected_gateway_keeps_its_own_ports_in_the_pod_ports() -> None:
+    once = _injected(_pod("gateway", [GATEWAY_PROXY]))
+    result = inject(once, namespace_labels={"istio-injection": "enabled"})
+    assert result.decision is Decision.INJECT and result.patch == []
 
 
 def test_grpc_agent_points_every_app_container_at_the_agent() -> None:
@@ -105,6 +118,19 @@ def test_grpc_agent_holds_the_app_until_the_agent_is_ready() -> None:
         "pilot-agent", "wait", "--url=http://localhost:15020/healthz/ready"]
 
 
+def test_grpc_agent_waits_for_the_agent_after_starting_it_even_without_hold() -> None:
+    """As Istio's grpc-agent: the postStart wait is always there; without hold the proxy comes
+    after the app containers, so it holds nothing back."""
+    out = _injected(_pod("grpc-agent", [{"name": "app", "image": "x"}]))
+    assert [c["name"] for c in out["spec"]["containers"]] == ["app", "istio-proxy"]
+    proxy = out["spec"]["containers"][1]
+    assert proxy["lifecycle"]["postStart"]["exec"]["command"] == [
+        "pilot-agent", "wait", "--url=http://localhost:15020/healthz/ready"]
+    annotations = out["metadata"]["annotations"]
+    assert annotations["istio.io/rev"] == "default" and "istio.io/rev" not in out["metadata"]["labels"]
+    assert annotations["sidecar.istio.io/status"].count('"app"') == 0  # the app is not ours to take out
+
+
 def test_grpc_simple_writes_a_bootstrap_the_app_reads_and_adds_no_proxy() -> None:
     out = _injected(
         _pod("grpc-simple", [{"name": "app", "image": "x", "livenessProbe": {"tcpSocket": {"port": 1}}}])
@@ -121,6 +147,8 @@ def test_grpc_simple_writes_a_bootstrap_the_app_reads_and_adds_no_proxy() -> Non
     assert app["livenessProbe"] == {"tcpSocket": {"port": 1}}
     annotations = out["metadata"]["annotations"]
     assert ann.PROM_PORT not in annotations  # no agent to serve merged metrics
+    assert annotations[ann.REWRITE_PROBES] == "false"
+    assert ann.DEFAULT_CONTAINER not in annotations  # nothing added for kubectl to skip
     assert not ann.redirect_decision(annotations).redirect
 
 

@@ -254,3 +254,44 @@ def test_grpc_agent_readiness_and_hold_ask_the_agent_not_envoy() -> None:
     assert {"containerPort": 15020, "name": "mesh-metrics", "protocol": "TCP"} in proxy["ports"]
     assert "--url=http://localhost:15020/healthz/ready" in proxy["lifecycle"]["postStart"]["exec"]["command"]
     assert "ISTIO_META_NODE_NAME" in {e["name"] for e in proxy["env"]}
+
+
+def test_a_users_own_proxy_env_keeps_the_users_order() -> None:
+    """A variable the user adds to istio-proxy goes before the next one the user also overrides
+    (Istio's strategic merge), so ``$(EXTRA)`` in the user's CLUSTER_ID resolves: the kubelet
+    expands only variables defined earlier in the list."""
+    own = {"name": "istio-proxy", "image": "auto", "env": [
+        {"name": "EXTRA", "value": "east"}, {"name": "ISTIO_META_CLUSTER_ID", "value": "$(EXTRA)"}]}
+    env = [e["name"] for e in _proxy(_inject(_pod(containers=[{"name": "app", "image": "x"}, own])))["env"]]
+    assert env.index("EXTRA") == env.index("ISTIO_META_CLUSTER_ID") - 1
+    assert env.index("EXTRA") < env.index("TRUST_DOMAIN")  # not appended after ours
+    assert len(env) == len(set(env))
+
+
+def _workload(meta: dict[str, Any]) -> tuple[str, str]:
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ns", **meta},
+           "spec": {"containers": [{"name": "app", "image": "x"}]}}
+    env = {e["name"]: e.get("value") for e in _proxy(_inject(obj))["env"]}
+    return env["ISTIO_META_WORKLOAD_NAME"], env["ISTIO_META_OWNER"]
+
+
+def _owned(kind: str, name: str, api: str = "apps/v1") -> list[dict[str, Any]]:
+    return [{"apiVersion": api, "kind": kind, "name": name, "uid": "u", "controller": True}]
+
+
+@pytest.mark.parametrize(("meta", "want"), [
+    ({"name": "db-0", "ownerReferences": _owned("StatefulSet", "db")},
+     ("db-0", "kubernetes://apis/v1/namespaces/ns/pods/db-0")),
+    ({"generateName": "backup-29412345-", "ownerReferences": _owned("Job", "backup-29412345", "batch/v1")},
+     ("backup", "kubernetes://apis/batch/v1/namespaces/ns/cronjobs/backup")),
+    ({"generateName": "once-12-", "ownerReferences": _owned("Job", "once-12", "batch/v1")},
+     ("once-12", "kubernetes://apis/batch/v1/namespaces/ns/jobs/once-12")),
+    ({"generateName": "web-5d8f-", "labels": {"rollouts-pod-template-hash": "5d8f"},
+      "ownerReferences": _owned("ReplicaSet", "web-5d8f")},
+     ("web", "kubernetes://apis/v1alpha1/namespaces/ns/rollouts/web")),
+])
+def test_a_pods_workload_is_resolved_as_istios_webhook_resolves_it(
+        meta: dict[str, Any], want: tuple[str, str]) -> None:
+    """Telemetry and dashboards built on Istio's workload names keep working: a named pod
+    (a StatefulSet's) is its own workload; a Job named after a CronJob's schedule is the CronJob."""
+    assert _workload(meta) == want

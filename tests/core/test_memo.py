@@ -82,7 +82,8 @@ def test_revision_configs_come_from_the_config_memo() -> None:
 
 def test_the_pod_group_is_exactly_its_declaration() -> None:
     group = context.pod_group(
-        pod_name="p", namespace="ns", service_account="default", app_containers=[], app_probers=None,
+        pod_name="p", namespace="ns", service_account="default", app_containers=[], pod_containers=[],
+        app_probers=None,
         prometheus_annotations=None, workload_kind="Pod", workload_api="v1", workload_name="p",
         canonical_name="p", canonical_revision="latest",
     )

@@ -183,6 +183,7 @@ _TEMPLATE_PATHS = {
     "Deployment": ("spec", "template"), "StatefulSet": ("spec", "template"),
     "DaemonSet": ("spec", "template"), "ReplicaSet": ("spec", "template"),
     "ReplicationController": ("spec", "template"), "Job": ("spec", "template"),
+    "DeploymentConfig": ("spec", "template"),  # OpenShift's; in istioctl's kind table too
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 
