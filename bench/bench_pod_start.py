@@ -11,6 +11,11 @@ at a time:
   meshed-classic the same with `sidecar.istio.io/nativeSidecar: "false"`: the proxy as the first
                  regular container, holdApplicationUntilProxyStarts (postStart
                  `mesh-proxy-agent wait`)
+  native-startupProbe  meshed-native with the `envoy` template as it was before its native proxy
+                 was held by postStart: the app gated by the proxy's startupProbe (period 1 s),
+                 as Istio's sidecar template does; shows what the hold buys
+The meshed variants and chained take turns pod by pod (A, B, C, D, A, ...), so load changes
+on this shared machine hit them alike; plain runs first (before the plugin is installed).
 Meshed pods get the `envoy` template (the Helm chart's default) with the real Envoy image the
 test bed builds (tests/testbed/images.py `envoy_proxy_image`). Latency is from just before the
 POST to the first watch event showing every container running / the pod Ready; p50 and p99
@@ -26,7 +31,8 @@ create, process start and exit, the postStart hook's exec exit) and Envoy's info
                          (its PLEG relists every 1 s; with EventedPLEG containerd's exit event
                          asks for a relist of the pod at once)
   proxy create+start     runc creating and starting the proxy container
-  proxy -> Envoy runs    the agent's start until it has exec'd Envoy (Envoy's first log line)
+  proxy -> Envoy runs    the agent's start until Envoy's first log line: the agent's interpreter,
+                         its exec of Envoy, then Envoy's own start before it logs (about half)
   Envoy init             Envoy's start until its workers start (ready on 15021)
   Envoy ready -> app     until the app container is created: the postStart hook
                          (`mesh-proxy-agent wait`) noticing it and returning, then the kubelet's
@@ -278,49 +284,66 @@ class Variant:
     load: tuple[float, float] = (0.0, 0.0)
 
 
-def run_variant(
-    plane: ControlPlane,
-    node: Node,
-    tasks: TaskEvents,
-    namespace: str,
-    label: str,
-    count: int,
-    annotations: dict[str, str] | None = None,
-) -> Variant:
-    """Start `count` pods one after the other, each deleted (and torn down) before the next."""
-    watch = ReadyWatch(plane, namespace)
-    result = Variant()
-    load_before = os.getloadavg()[0]
+@dataclass(frozen=True)
+class Spec:
+    """One variant: a label, the namespace its pods go to, their annotations (None: not meshed)."""
+
+    label: str
+    namespace: str
+    annotations: dict[str, str] | None = None
+
+
+def run_interleaved(
+    plane: ControlPlane, node: Node, tasks: TaskEvents, specs: list[Spec], count: int
+) -> dict[str, Variant]:
+    """`count` pods per variant, the variants taking turns (A, B, C, A, B, C, ...) so that a
+    change of the machine's load hits them alike; one pod at a time, each deleted (and torn
+    down) before the next. The first round warms up (images in the page cache) and is dropped."""
+    watches = {ns: ReadyWatch(plane, ns) for ns in dict.fromkeys(spec.namespace for spec in specs)}
+    results = {spec.label: Variant() for spec in specs}
+    loads: dict[str, list[float]] = {spec.label: [] for spec in specs}
     try:
-        for i in range(count + 1):  # the first one warms up (image in page cache)
-            name = f"{label}-{i}"
-            created_wall, created = time.time(), time.monotonic()
-            pod = app_pod(name)
-            pod["metadata"]["annotations"] = dict(annotations or {})
-            if annotations is not None:  # meshed: Envoy's info log marks its start and readiness
-                pod["metadata"]["annotations"][LOG_LEVEL] = "info"
-            post_pod(plane, namespace, pod)
-            ready = watch.wait(name) - created
-            started = watch.started_at[name] - created
-            envoy = log_times(plane, namespace, name, "istio-proxy") if annotations is not None else {}
-            remove(plane, namespace, name)  # the task events of this pod are in by now
-            split = phases(watch.pods[name], created_wall, watch.ready_wall[name], tasks, envoy)
-            if i:
-                result.started.append(started)
-                result.ready.append(ready)
-                for phase, seconds in split.items():
-                    result.phases.setdefault(phase, []).append(seconds)
-            parts = "  ".join(f"{k} {v:5.2f}" for k, v in split.items())
-            print(
-                f"  {name:13} started {started:6.2f} s  Ready {ready:6.2f} s  load {os.getloadavg()[0]:5.2f}"
-                f"  | {parts}",
-                file=sys.stderr,
-            )
+        for i in range(count + 1):
+            for spec in specs:
+                loads[spec.label].append(os.getloadavg()[0])
+                sample(plane, tasks, watches[spec.namespace], spec, i, results[spec.label] if i else None)
     finally:
-        watch.close()
-        drain(plane, node, namespace)
-    result.load = (load_before, os.getloadavg()[0])
-    return result
+        for watch in watches.values():
+            watch.close()
+        for ns in watches:
+            drain(plane, node, ns)
+    for label, variant in results.items():
+        variant.load = (min(loads[label]), max(loads[label]))
+    return results
+
+
+def sample(
+    plane: ControlPlane, tasks: TaskEvents, watch: ReadyWatch, spec: Spec, i: int, into: Variant | None
+) -> None:
+    """Create one pod, wait until it is Ready, delete it; its numbers go `into` (None: warm-up)."""
+    name = f"{spec.label.replace('+', '-').lower()}-{i}"
+    created_wall, created = time.time(), time.monotonic()
+    pod = app_pod(name)
+    pod["metadata"]["annotations"] = dict(spec.annotations or {})
+    if spec.annotations is not None:  # meshed: Envoy's info log marks its start and readiness
+        pod["metadata"]["annotations"][LOG_LEVEL] = "info"
+    post_pod(plane, spec.namespace, pod)
+    ready = watch.wait(name) - created
+    started = watch.started_at[name] - created
+    envoy = log_times(plane, spec.namespace, name, "istio-proxy") if spec.annotations is not None else {}
+    remove(plane, spec.namespace, name)  # the task events of this pod are in by now
+    split = phases(watch.pods[name], created_wall, watch.ready_wall[name], tasks, envoy)
+    if into is not None:
+        into.started.append(started)
+        into.ready.append(ready)
+        for phase, seconds in split.items():
+            into.phases.setdefault(phase, []).append(seconds)
+    parts = "  ".join(f"{k} {v:5.2f}" for k, v in split.items())
+    print(
+        f"  {name:22} started {started:6.2f} s  Ready {ready:6.2f} s  load {os.getloadavg()[0]:5.2f}"
+        f"  | {parts}",
+        file=sys.stderr,
+    )
 
 
 def remove(plane: ControlPlane, namespace: str, pod: str, timeout: float = 120.0) -> None:
@@ -388,6 +411,20 @@ def summary(times: list[float]) -> str:
 #: kubelet relist that pod at once (Kubernetes 1.37: a fast path beside the 1 s relist).
 EVENTED_PLEG = {"EventedPLEG": True}
 CLASSIC = {"sidecar.istio.io/nativeSidecar": "false"}
+TEMPLATES = "inject.istio.io/templates"
+#: The `envoy` template as it was before its proxy was held by postStart: a native proxy gated
+#: by its startupProbe (as Istio's sidecar template does), for the row that shows the difference.
+PROBE_GATED = "envoy-startup-probe"
+
+
+def probe_gated_template() -> str:
+    """The built-in `envoy` template without `nativeHold` and with its startupProbe always on."""
+    text = (REPO / "injector" / "templates" / "envoy.yaml").read_text()
+    dropped = ("nativeHold:", "$if: proxy.startupProbe")
+    lines = [line for line in text.splitlines() if not line.strip().startswith(dropped)]
+    if len(lines) != len(text.splitlines()) - len(dropped):
+        raise RuntimeError("injector/templates/envoy.yaml changed: update probe_gated_template()")
+    return "\n".join(lines) + "\n"
 
 
 def run_all(plane: ControlPlane, node: Node, work: Path, pods: int, evented: bool) -> dict[str, Variant]:
@@ -400,31 +437,32 @@ def run_all(plane: ControlPlane, node: Node, work: Path, pods: int, evented: boo
         plain_ns = plane.create_namespace(prefix="bench-plain")
         namespaces.append(plain_ns)
         print("plain (no webhook, no plugin):", file=sys.stderr)
-        results["plain"] = run_variant(plane, node, tasks, plain_ns, "plain", pods)
+        results |= run_interleaved(plane, node, tasks, [Spec("plain", plain_ns)], pods)
 
         installer = Installer(node, work / "mesh-cni", extra_entry={"logLevel": "info"})
-        webhook = Webhook.start(plane, work / "webhook")
+        webhook = Webhook.start(plane, work / "webhook", templates={PROBE_GATED: probe_gated_template()})
         installer.start()
         try:
             chained_ns = webhook.namespace(meshed=False, prefix="bench-chained")
             mesh_ns = webhook.namespace(meshed=True, prefix="bench-mesh")
             namespaces += [chained_ns, mesh_ns]
-            print("chained (plugin in the chain, pod not injected):", file=sys.stderr)
-            results["chained"] = run_variant(plane, node, tasks, chained_ns, "chained", pods)
-            print("meshed-native (webhook + plugin, injected, native sidecar):", file=sys.stderr)
-            results["meshed-native"] = run_variant(plane, node, tasks, mesh_ns, "native", pods, {})
-            print("meshed-classic (injected, nativeSidecar off):", file=sys.stderr)
-            results["meshed-classic"] = run_variant(plane, node, tasks, mesh_ns, "classic", pods, CLASSIC)
+            print("chained, meshed-native, meshed-classic, native-startupProbe, in turns:", file=sys.stderr)
+            specs = [
+                Spec("chained", chained_ns),
+                Spec("meshed-native", mesh_ns, {}),
+                Spec("meshed-classic", mesh_ns, CLASSIC),
+                Spec("native-startupProbe", mesh_ns, {TEMPLATES: PROBE_GATED}),
+            ]
+            results |= run_interleaved(plane, node, tasks, specs, pods)
             if evented:
                 print("the kubelet restarted with EventedPLEG on:", file=sys.stderr)
                 node.restart_kubelet(feature_gates=EVENTED_PLEG)
                 try:
-                    results["native+EventedPLEG"] = run_variant(
-                        plane, node, tasks, mesh_ns, "ev-native", pods, {}
-                    )
-                    results["classic+EventedPLEG"] = run_variant(
-                        plane, node, tasks, mesh_ns, "ev-classic", pods, CLASSIC
-                    )
+                    specs = [
+                        Spec("native+EventedPLEG", mesh_ns, {}),
+                        Spec("classic+EventedPLEG", mesh_ns, CLASSIC),
+                    ]
+                    results |= run_interleaved(plane, node, tasks, specs, pods)
                 finally:
                     node.restart_kubelet()  # as it was: an attached test bed is left unchanged
         finally:
@@ -470,6 +508,13 @@ def report(results: dict[str, Variant], pods: int) -> None:
         print(
             f"our part, {label}{setting}: {extra_p50 * 1000:+.0f} ms at p50, {extra_p99 * 1000:+.0f} ms "
             f"at p99 (create -> Ready vs plain): {verdict} the target of <= +{TARGET_S:.0f} s at p99"
+        )
+    if "native-startupProbe" in results:
+        gated, held = results["native-startupProbe"].ready, results["meshed-native"].ready
+        print(
+            f"the postStart hold instead of the startupProbe (native, same run, in turns): "
+            f"{(percentile(held, 50) - percentile(gated, 50)) * 1000:+.0f} ms at p50, "
+            f"{(percentile(held, 99) - percentile(gated, 99)) * 1000:+.0f} ms at p99"
         )
     worst = percentile(results["meshed-native"].started, 99)
     print(
