@@ -50,6 +50,7 @@ DECLARED: Mapping[str, tuple[str, ...]] = {
         "runAsUser",
         "runAsNonRoot",
         "addCapabilities",
+        "startupProbe",
     ),
     "pod": (
         "name",
@@ -144,6 +145,9 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
         "runAsUser": 0 if settings.bind_low_ports else settings.uid,
         "runAsNonRoot": not settings.bind_low_ports,
         "addCapabilities": ["NET_BIND_SERVICE"] if settings.bind_low_ports else None,
+        # False when the postStart hold already gates the proxy's start: a startupProbe would
+        # only add a wait for its next period (and the kubelet's next relist) after Envoy is ready.
+        "startupProbe": hold is None,
     }
     mesh_group = {
         "revision": mesh.revision,
@@ -158,13 +162,14 @@ def _build_fixed(config: InjectorConfig, settings: ProxySettings) -> FixedContex
 
 
 def _lifecycle(hold: tuple[str, ...] | None, drain: tuple[str, ...] | None) -> dict[str, Any] | None:
-    """The proxy's lifecycle: the postStart wait that holds the app back, else (a native
-    sidecar, never held that way) the preStop drain; None: neither."""
+    """The proxy's lifecycle: the postStart wait that holds the app back and (a native sidecar)
+    the preStop drain; None: neither."""
+    lifecycle: dict[str, Any] = {}
     if hold is not None:
-        return {"postStart": {"exec": {"command": list(hold)}}}
+        lifecycle["postStart"] = {"exec": {"command": list(hold)}}
     if drain is not None:
-        return {"preStop": {"exec": {"command": list(drain)}}}
-    return None
+        lifecycle["preStop"] = {"exec": {"command": list(drain)}}
+    return lifecycle or None
 
 
 #: istiod's plaintext xDS port (proxyless gRPC without an agent cannot do istiod's TLS).

@@ -146,7 +146,9 @@ def parse_overrides(annotations: Mapping[str, str], config: InjectorConfig) -> O
     prom_merge = _flag(annotations, ann.PROMETHEUS_MERGE, defaults.prometheus_merge)
     proxy_config, hold = _proxy_config(annotations, config)
     resources = _resource_values(annotations)
-    hold_effective = hold and not native and bool(choice.options.hold_command)
+    # A native proxy holds the app through its startupProbe, or through the hold command where
+    # the template asks for that (nativeHold: the kubelet waits for postStart, not for a period).
+    hold_effective = bool(choice.options.hold_command) and (choice.options.native_hold if native else hold)
     has_status_port = plan.status_port != 0  # Istio: port 0 is no status port, so nothing to probe
     settings = ProxySettings(
         image=image or defaults.image,

@@ -62,6 +62,9 @@ class TemplateOptions:
     capture: bool = True
     #: False: the proxy stays a regular container even where native sidecars are on (a gateway).
     native_sidecar: bool = True
+    #: A native proxy gets ``hold_command`` as its postStart too (the kubelet then starts the app
+    #: once the hook returned, instead of at the startupProbe's next period).
+    native_hold: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,8 @@ def _compile(node: Any, consts: Mapping[str, Any] | None = None) -> tuple[bool, 
 
 _ALLOWED_TOP = {"options", "metadata", "spec", "appContainers"}
 _OPTIONS = {
-    "rewriteProbes", "prometheusMerge", "holdCommand", "drainCommand", "dnsProxy", "capture", "nativeSidecar"
+    "rewriteProbes", "prometheusMerge", "holdCommand", "drainCommand", "dnsProxy", "capture", "nativeSidecar",
+    "nativeHold",
 }
 _ALLOWED_META = {"labels", "annotations"}
 _ALLOWED_SPEC = {"initContainers", "containers", "volumes", "imagePullSecrets", "securityContext"}
@@ -292,4 +296,5 @@ def merge_options(templates: list[Template]) -> TemplateOptions:
         dns_proxy=bool(merged.get("dnsProxy", True)),
         capture=bool(merged.get("capture", True)),
         native_sidecar=bool(merged.get("nativeSidecar", True)),
+        native_hold=bool(merged.get("nativeHold", False)),
     )

@@ -8,7 +8,6 @@ service answers SERVING.
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import struct
@@ -102,6 +101,8 @@ def _http_get(action: Mapping[str, Any], default_host: str, timeout: float) -> s
     path = action.get("path") or "/"
     if not isinstance(path, str) or not path.startswith("/"):
         path = "/" + str(path)
+    import http.client  # not on the agent's start path (it execs Envoy first)
+
     conn: http.client.HTTPConnection
     if str(action.get("scheme", "HTTP")).upper() == "HTTPS":
         import ssl  # only apps with HTTPS probes pay for it

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,19 @@ def wait_for(what: str, fetch: Callable[[], Any], timeout: float = 60.0, interva
     return proc.wait_for(what, fetch, timeout, interval=interval, transient=(OSError, ValueError, KeyError))
 
 
-def e2e_config_dir(directory: Path, kubernetes_version: str = "", **proxy: Any) -> Path:
+def e2e_config_dir(
+    directory: Path, kubernetes_version: str = "", templates: Mapping[str, str] | None = None, **proxy: Any
+) -> Path:
     """An injector config dir (as the mounted ConfigMap) for pods that can run on the test node.
 
     ``kubernetes_version`` (the cluster's, from GET /version) is the config's fallback for
-    `nativeSidecars: auto`; ``proxy`` overrides values.proxy keys.
+    `nativeSidecars: auto`; ``templates``: extra templates by name (YAML text); ``proxy``
+    overrides values.proxy keys.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    for name, text in (templates or {}).items():
+        (directory / "templates").mkdir(exist_ok=True)
+        (directory / "templates" / f"{name}.yaml").write_text(text)
     (directory / "config.yaml").write_text(
         json.dumps(
             {
@@ -230,12 +236,12 @@ class Webhook:
     name: str
 
     @classmethod
-    def start(cls, plane: Any, workdir: Path) -> Webhook:
+    def start(cls, plane: Any, workdir: Path, templates: Mapping[str, str] | None = None) -> Webhook:
         from tests.server.helpers import start_server
 
         server = start_server(
             workdir,
-            config_dir=e2e_config_dir(workdir / "config", cluster_version(plane)),
+            config_dir=e2e_config_dir(workdir / "config", cluster_version(plane), templates),
             extra_args=["--kubeconfig", str(plane.kubeconfig)],
         )
         scope = uuid.uuid4().hex[:10]

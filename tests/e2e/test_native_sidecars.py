@@ -2,8 +2,9 @@
 
 With `nativeSidecars: auto` and a 1.29+ cluster the `envoy` template's proxy is injected as an
 init container with `restartPolicy: Always`. What the kubelet then does, shown on the real node:
-- it starts the proxy before the app and starts the app only once the proxy's startupProbe
-  (Envoy's own readiness on 15021) passed: the app's first look at 15021 finds Envoy ready;
+- it starts the proxy before the app and starts the app only once the proxy's postStart hook
+  (`mesh-proxy-agent wait`: Envoy's own readiness on 15021) returned: the app's first look at
+  15021 finds Envoy ready;
 - a Job's pod reaches Succeeded: the kubelet stops the proxy after the app exits (the agent
   drains and exits 0); with native sidecars forced off the proxy is an ordinary container that
   never exits, so the pod stays Running and the Job never completes (the long-standing Istio
@@ -69,7 +70,7 @@ def meshed_ns(control_plane: Any, installer: Installer, webhook: Webhook) -> Ite
         control_plane.delete_namespace(ns)
 
 
-def test_proxy_starts_first_and_the_app_waits_for_its_startup_probe(
+def test_proxy_starts_first_and_the_app_waits_for_envoy_ready(
     control_plane: Any, meshed_ns: str
 ) -> None:
     """The app starts only after Envoy is ready.
@@ -94,7 +95,9 @@ def test_proxy_starts_first_and_the_app_waits_for_its_startup_probe(
     assert [c["name"] for c in spec["initContainers"]] == ["istio-validation", "istio-proxy"]
     proxy_spec = spec["initContainers"][1]
     assert proxy_spec["restartPolicy"] == "Always" and proxy_spec["image"] == images.ENVOY_PROXY_IMAGE
-    assert proxy_spec["startupProbe"]["httpGet"]["port"] == 15021
+    # Held by postStart, not by a startupProbe (whose next period would come after Envoy is ready).
+    assert proxy_spec["lifecycle"]["postStart"]["exec"]["command"] == ["mesh-proxy-agent", "wait"]
+    assert "startupProbe" not in proxy_spec
     assert [c["name"] for c in spec["containers"]] == ["app"]
 
     validation = container_status(ready, "istio-validation")["state"]["terminated"]

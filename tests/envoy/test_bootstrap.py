@@ -125,6 +125,42 @@ def test_hold_waits_for_readiness_through_the_agent() -> None:
     result = inject(_pod({"proxy.istio.io/config": '{"holdApplicationUntilProxyStarts": true}'}))
     proxy = _proxy(result)
     assert proxy["lifecycle"]["postStart"]["exec"]["command"] == ["mesh-proxy-agent", "wait"]
+    # The hook already waited for Envoy: a startupProbe would only add its next period (and the
+    # kubelet's next relist) before the proxy's readiness counts.
+    assert "startupProbe" not in proxy
+    assert result.mutated["spec"]["containers"][0] is proxy  # first: the app waits for the hook
+
+
+def test_without_hold_the_proxy_keeps_its_startup_probe() -> None:
+    proxy = _proxy(inject(_pod()))
+    assert "lifecycle" not in proxy
+    assert proxy["startupProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021, "scheme": "HTTP"}
+    assert proxy["startupProbe"]["periodSeconds"] == 1
+
+
+@pytest.mark.parametrize("hold", [None, "true", "false"])
+def test_a_native_proxy_holds_the_app_with_post_start_not_a_startup_probe(hold: str | None) -> None:
+    """The kubelet starts the app in the sync after a native sidecar's postStart returned, but
+    only at the startupProbe's next period (then its next relist) after Envoy turned ready."""
+    annotations = {"sidecar.istio.io/nativeSidecar": "true"}
+    if hold is not None:  # a native proxy always holds the app, as in Istio
+        annotations["proxy.istio.io/config"] = f'{{"holdApplicationUntilProxyStarts": {hold}}}'
+    spec = inject(_pod(annotations)).mutated["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["istio-validation", "istio-proxy"]
+    proxy = spec["initContainers"][1]
+    assert proxy["restartPolicy"] == "Always"
+    assert proxy["lifecycle"] == {"postStart": {"exec": {"command": ["mesh-proxy-agent", "wait"]}}}
+    assert "startupProbe" not in proxy
+    assert proxy["readinessProbe"]["httpGet"]["port"] == 15021
+
+
+def test_the_sidecar_templates_native_proxy_keeps_istios_startup_probe() -> None:
+    pod = _pod({"sidecar.istio.io/nativeSidecar": "true"})
+    del pod["metadata"]["annotations"]["inject.istio.io/templates"]
+    proxy = inject(pod).mutated["spec"]["initContainers"][-1]
+    assert proxy["name"] == "istio-proxy" and proxy["restartPolicy"] == "Always"
+    assert proxy["startupProbe"]["httpGet"]["port"] == 15021
+    assert "postStart" not in (proxy.get("lifecycle") or {})
 
 
 @pytest.mark.parametrize("source", ["annotation", "config"])

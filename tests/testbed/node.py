@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,9 +226,11 @@ def _primary_conflist(workdir: Path) -> dict[str, Any]:
     }
 
 
-def _kubelet_config(port: int, healthz_port: int, containerd_socket: Path) -> dict[str, Any]:
+def _kubelet_config(
+    port: int, healthz_port: int, containerd_socket: Path, feature_gates: Mapping[str, bool] | None = None
+) -> dict[str, Any]:
     """The kubelet's settings; each one that is not the kubelet's default: tests/testbed/README.md."""
-    return {
+    config: dict[str, Any] = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "containerRuntimeEndpoint": f"unix://{containerd_socket}",
@@ -263,6 +265,9 @@ def _kubelet_config(port: int, healthz_port: int, containerd_socket: Path) -> di
         "nodeStatusUpdateFrequency": "4s",
         "maxPods": 50,
     }
+    if feature_gates:
+        config["featureGates"] = dict(feature_gates)
+    return config
 
 
 def _wait_for_machine(control_plane: ControlPlane, timeout: float) -> None:
@@ -433,7 +438,9 @@ class Node:
         self.import_image(images.pause_image())
         self.import_image(images.busybox_image())
 
-    def _start_kubelet(self, timeout: float) -> None:
+    def _start_kubelet(
+        self, timeout: float, *, feature_gates: Mapping[str, bool] | None = None, verbosity: int = 1
+    ) -> None:
         plane = self.control_plane
         kubelet_dir = self.workdir / "kubelet"
         kubelet_dir.mkdir(parents=True, exist_ok=True)
@@ -458,7 +465,10 @@ class Node:
         kubeconfig.chmod(0o600)
         config = self.workdir / "kubelet-config.json"
         config.write_text(
-            json.dumps(_kubelet_config(self.kubelet_port, free_port(), self.containerd_socket), indent=2)
+            json.dumps(
+                _kubelet_config(self.kubelet_port, free_port(), self.containerd_socket, feature_gates),
+                indent=2,
+            )
         )
         kubelet = start_daemon(
             "kubelet",
@@ -469,7 +479,7 @@ class Node:
                 f"--root-dir={kubelet_dir}",
                 f"--cert-dir={kubelet_dir / 'pki'}",
                 f"--hostname-override={self.name}",
-                "--v=1",
+                f"--v={verbosity}",
             ],
             self.workdir / "logs",
         )
@@ -479,6 +489,27 @@ class Node:
         # The node lifecycle controller lifts the not-ready taint shortly after; the scheduler
         # will not place pods before that.
         wait_until(f"node {self.name} untainted", self._untainted, timeout, daemons=self.daemons)
+
+    def restart_kubelet(
+        self, *, feature_gates: Mapping[str, bool] | None = None, verbosity: int = 1, timeout: float = 120.0
+    ) -> None:
+        """Run the kubelet again with other feature gates / log verbosity (benchmarks compare a
+        cluster setting such as EventedPLEG). Only on an idle node: running pods are left to the
+        new kubelet, which adopts them, but their probes restart."""
+        old = next(d for d in self.daemons if d.name == "kubelet")
+        old.stop()
+        self.daemons.remove(old)
+        since = time.time()
+        self._start_kubelet(timeout, feature_gates=feature_gates, verbosity=verbosity)
+        # The node object still says Ready from the old kubelet: wait for the new one's heartbeat.
+        wait_until(f"node {self.name} heartbeat", lambda: self._heartbeat() >= int(since), timeout)
+
+    def _heartbeat(self) -> float:
+        for condition in self._node_object().get("status", {}).get("conditions", []):
+            if condition["type"] == "Ready" and condition["status"] == "True":
+                stamp = time.strptime(condition["lastHeartbeatTime"], "%Y-%m-%dT%H:%M:%SZ")
+                return time.mktime(stamp) - time.timezone
+        return 0.0
 
     def _node_object(self) -> dict[str, Any]:
         return self.control_plane.get_json(f"/api/v1/nodes/{self.name}")

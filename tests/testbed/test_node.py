@@ -153,3 +153,38 @@ def test_python_image_runs_our_code_as_the_proxy_uid(control_plane: ControlPlane
         assert "uid 1337 launcher /usr/local/bin/mesh-cni" in logs
     finally:
         control_plane.delete_namespace(ns)
+
+
+def test_kubelet_restarts_with_evented_pleg_and_relists_on_an_init_containers_exit(
+    control_plane: ControlPlane, node: Node
+) -> None:
+    """bench_pod_start's extra rows: the kubelet with EventedPLEG on relists a pod as soon as
+    containerd reports a container's exit (here: an init container), not at its next 1 s relist."""
+    kubelet_log = next(d for d in node.daemons if d.name == "kubelet").log
+    node.restart_kubelet(feature_gates={"EventedPLEG": True}, verbosity=4)
+    ns = control_plane.create_namespace(prefix="evented")
+    try:
+        pod = _busybox_pod("init", node.name)
+        pod["spec"]["initContainers"] = [
+            {"name": "first", "image": images.BUSYBOX_IMAGE, "imagePullPolicy": "Never", "command": ["true"]}
+        ]
+        control_plane.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(pod))
+        running = node.wait_for_pod(ns, "init", timeout=90)
+        uid = running["metadata"]["uid"]
+        log = kubelet_log.read_text(errors="replace")
+        assert "--v=4" in " ".join(_kubelet_argv(node))
+        assert any(
+            "Evented PLEG: requested pod relist after container termination" in line and uid in line
+            for line in log.splitlines()
+        ), "no relist request for the init container's exit"
+        control_plane.kubectl("delete", "pod", "init", "-n", ns, "--wait=false")
+        _wait_gone(control_plane, ns, "init")
+    finally:
+        control_plane.delete_namespace(ns)
+        node.restart_kubelet()
+    assert "--v=1" in " ".join(_kubelet_argv(node))
+
+
+def _kubelet_argv(node: Node) -> list[str]:
+    pid = next(d for d in node.daemons if d.name == "kubelet").pid
+    return open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
