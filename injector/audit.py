@@ -539,8 +539,12 @@ class ClusterReader:
             query["continue"] = token  # and no resourceVersion beside it (the API's rule)
         path = f"/api/v1/namespaces/{quote(self.namespace)}/pods" if self.namespace else "/api/v1/pods"
         body = kube_get(self.api, path, query, accept=METADATA_LIST, timeout=self.timeout)
-        if host_network:
-            for item in body.get("items") or ():
+        for item in body.get("items") or ():
+            # managedFields are most of a page's objects and nothing here reads them: dropped at
+            # once, the page held while the next one is decoded is a ninth of its decoded size
+            # (1.3 of 11.6 MiB for 500 pods; the freeing costs what it would later, ~5 ms).
+            (item.get("metadata") or {}).pop("managedFields", None)
+            if host_network:
                 item["spec"] = {"hostNetwork": True}
         return body  # type: ignore[no-any-return]
 
