@@ -13,6 +13,12 @@ ValidatingAdmissionPolicy (their template carries a label ours do not), so the c
 adopts our pods instead of racing us; the bench waits until every ReplicaSet counts its pods.
 
     .venv/bin/python bench/scale_audit.py [--sizes 100,1000,5000,20000] [--page-size 500]
+        [--variants fixed,dynamic]
+
+Both variants run in the same cluster at every size, alternating which goes first, each with
+its own ``serve`` process kept across the sizes: ``fixed`` is this tree, ``dynamic`` the same
+code with glibc's dynamic mmap threshold left on (``MESH_AUDIT_MMAP_THRESHOLD=dynamic``, a
+switch for this comparison); the ratios fixed / dynamic are printed per size.
 
 Attaches to a running control plane with MESH_CONTROL_PLANE=DIR, else starts one (tests/testbed).
 """
@@ -34,6 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from injector.audit import HEAP_SWITCH  # noqa: E402
 from tests.audit.helpers import Api, injected, pending_pod  # noqa: E402
 from tests.server.helpers import serve_command, start_server  # noqa: E402
 from tests.testbed.controlplane import ControlPlane  # noqa: E402
@@ -163,9 +170,10 @@ class Cluster:
                 self.api.request("DELETE", path)
 
 
-def cli_run(plane: ControlPlane, page_size: int) -> tuple[float, int, str, float]:
+def cli_run(plane: ControlPlane, page_size: int, env: dict[str, str] | None = None
+            ) -> tuple[float, int, str, float]:
     """(seconds, peak RSS KiB, last line, CPU seconds) of `mesh-injector audit` over all namespaces."""
-    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), **(env or {})}
     with tempfile.TemporaryFile("w+") as out:
         start = time.perf_counter()
         proc = subprocess.Popen([*serve_command(), "audit", "--page-size", str(page_size)], stdout=out,
@@ -237,34 +245,59 @@ def slope_ms(points: list[tuple[int, float]]) -> float:
     return (t1 - t0) / (n1 - n0) * 1000 if n1 > n0 else float("nan")
 
 
-def run(sizes: tuple[int, ...] = SIZES, page_size: int = 500) -> None:
+#: The variants measured side by side: this tree, and the same code with glibc's dynamic mmap
+#: threshold left on (the switch exists for this comparison only; see audit.keep_pages_off_heap).
+VARIANTS = {"fixed": {}, "dynamic": {HEAP_SWITCH: "dynamic"}}
+Row = tuple[int, float, int, float, int, float, float]  # pods, CLI s, KiB, server s, KiB, CLI CPU, server CPU
+
+
+def run(sizes: tuple[int, ...] = SIZES, page_size: int = 500, variants: tuple[str, ...] = tuple(VARIANTS)
+        ) -> None:
     attach = os.environ.get("MESH_CONTROL_PLANE")
     plane = ControlPlane.attach(Path(attach)) if attach else ControlPlane.start()
     api = Api(plane.server, plane.token, str(plane.ca_file), workers=16)
     run_id = uuid.uuid4().hex[:6]
     cluster = Cluster(api, run_id)
     workdir = Path(tempfile.mkdtemp(prefix="scale-audit-"))
-    server = start_server(workdir, extra_args=["--kubeconfig", str(plane.kubeconfig)])
-    rows: list[tuple[int, float, int, float, int, float, float]] = []
+    servers: dict[str, Any] = {}
+    rows: dict[str, list[Row]] = {v: [] for v in variants}
     try:
+        for variant in variants:  # one server per variant, kept for every size (as a deployment is)
+            servers[variant] = start_server(workdir / variant, env=VARIANTS[variant],
+                                            extra_args=["--kubeconfig", str(plane.kubeconfig)])
         refuse_controller_pods(api, run_id)
-        for size in sizes:
+        for index, size in enumerate(sizes):
             start = time.perf_counter()
             cluster.grow_to(size)
             created = time.perf_counter() - start
             cluster.settle()
-            cli_s, cli_kib, last, cli_cpu = cli_run(plane, page_size)
-            srv_s, srv_kib, pods, srv_cpu = server_run(server, plane.token, page_size)
-            rows.append((pods, cli_s, cli_kib, srv_s, srv_kib, cli_cpu, srv_cpu))
+            order = variants if index % 2 == 0 else variants[::-1]  # alternate who goes first
+            for variant in order:
+                cli_s, cli_kib, last, cli_cpu = cli_run(plane, page_size, VARIANTS[variant])
+                srv_s, srv_kib, pods, srv_cpu = server_run(servers[variant], plane.token, page_size)
+                rows[variant].append((pods, cli_s, cli_kib, srv_s, srv_kib, cli_cpu, srv_cpu))
             print(f"# {size} bench pods ({pods} in the cluster) created in {created:.1f} s; CLI: {last}",
                   flush=True)
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
         cluster.cleanup()
         api.close()
         if not attach:
             plane.stop()
-    print(f"\naudit, page size {page_size} (all namespaces; wall time and peak RSS)")
+    for variant in variants:
+        print_curve(variant, rows[variant], page_size)
+    if len(variants) == 2 and all(len(rows[v]) for v in variants):
+        new, old = (rows[v] for v in variants)
+        print(f"\npeak RSS, {variants[0]} / {variants[1]} at each size (same run):")
+        for a, b in zip(new, old, strict=True):
+            print(f"  {a[0]:>7} pods: CLI {a[2] / 1024:.1f} / {b[2] / 1024:.1f} MiB = {a[2] / b[2]:.2f}, "
+                  f"server {a[4] / 1024:.1f} / {b[4] / 1024:.1f} MiB = {a[4] / b[4]:.2f}")
+    print(f"load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+
+
+def print_curve(variant: str, rows: list[Row], page_size: int) -> None:
+    print(f"\naudit [{variant}], page size {page_size} (all namespaces; wall time and peak RSS)")
     print(f"{'pods':>7} | {'CLI s':>7} | {'CLI CPU s':>9} | {'CLI MiB':>8} | {'server s':>8} | "
           f"{'server CPU s':>12} | {'server MiB':>10}")
     for pods, cli_s, cli_kib, srv_s, srv_kib, cli_cpu, srv_cpu in rows:
@@ -283,7 +316,6 @@ def run(sizes: tuple[int, ...] = SIZES, page_size: int = 500) -> None:
         print(f"  CPU of our process alone: CLI {cli_cpu_slope:.3f} ms/pod, server "
               f"{server_cpu_slope:.3f} ms/pod (the rest of the wall time is the API server's and "
               "etcd's, on the same cores)")
-        print(f"  load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"peak RSS {first[0]}->{last_row[0]} pods: CLI x{last_row[2] / first[2]:.2f}, "
               f"server x{last_row[4] / first[4]:.2f} (target <= x1.20)")
 
@@ -292,8 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     parser.add_argument("--page-size", type=int, default=500)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, of: %(default)s (fixed: this tree; dynamic: glibc's "
+                             "dynamic mmap threshold left on)")
     args = parser.parse_args(argv)
-    run(tuple(int(s) for s in args.sizes.split(",")), args.page_size)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    run(tuple(int(s) for s in args.sizes.split(",")), args.page_size, variants)
     return 0
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -148,3 +152,53 @@ def test_decoding_a_page_leaves_garbage_collection_as_it_was() -> None:
         assert not gc.isenabled()  # not switched on behind the back of whoever switched it off
     finally:
         gc.enable()
+
+
+HEAP_PROBE = """
+import ctypes, sys
+from injector.audit import render_chunks
+from tests.audit.test_stream import PagedReader, report
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+list(render_chunks(report(PagedReader([3, 2])), "jsonl"))
+big = bytearray(8 << 20)  # a page-sized body, freed: glibc's own rule raises its threshold to 8 MiB
+del big
+before = mallinfo2().hblkhd
+block = bytearray(1 << 20)
+print("mapped" if mallinfo2().hblkhd - before >= 1 << 20 else "heap")
+"""
+
+
+@pytest.mark.parametrize(("switch", "expected"), [(None, "mapped"), ("dynamic", "heap")])
+def test_after_an_audit_large_blocks_stay_out_of_the_heaps(switch: str | None, expected: str) -> None:
+    """Page bodies freed must not turn the next ones into heap that stays with the process (its
+    RSS grew with every page and audit); ``dynamic`` is the bench's switch back to glibc's rule."""
+    if not os.confstr("CS_GNU_LIBC_VERSION") and not os.environ.get("CI"):
+        pytest.skip("glibc's malloc only (mallinfo2, mallopt)")
+    env = {k: v for k, v in os.environ.items() if k != "MESH_AUDIT_MMAP_THRESHOLD"}
+    env.update({"MESH_AUDIT_MMAP_THRESHOLD": switch} if switch else {})
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], cwd=Path(__file__).resolve().parents[2],
+                         env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == [expected]
+
+
+def test_a_page_too_large_for_orjson_decodes_to_the_same_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the bound the stdlib decodes (orjson would set aside 12x the body): same pods either way,
+    including non-ASCII label values and escapes, and collection restored after."""
+    import injector.audit as audit_mod
+
+    fields = [{"manager": "kubectl", "fieldsV1": {"f:metadata": {"f:labels": {}}}}]
+    labels = {"app": "caf\u00e9 \"x\"\n"}
+    page = {"metadata": {"continue": "abc"}, "items": [
+        {"metadata": {"name": f"p-{i}", "namespace": "shop", "labels": {**labels, "n": str(i)},
+                      "managedFields": fields}} for i in range(50)]}
+    body = json.dumps(page).encode()
+    small = kube_get(FakeApi(body), "/api/v1/pods")
+    monkeypatch.setattr(audit_mod, "ORJSON_MAX_BODY", len(body) - 1)
+    large = kube_get(FakeApi(body), "/api/v1/pods")
+    assert large == small == page
+    assert gc.isenabled()
