@@ -102,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with several workers, a listening socket per worker (SO_REUSEPORT: the "
                              "kernel spreads new connections evenly) instead of one shared by all "
                              "(default: %(default)s)")
+    parser.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="the HTTP protocol answers a POST /inject of up to 256 KiB itself (no ASGI "
+                             "task, one write); --no-fast-path sends every request through ASGI (same "
+                             "answers; for comparison) (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted; larger ones get HTTP 400 (default: %(default)s)")
     limits = parser.add_argument_group("HTTP limits (per worker; each refusal names its flag)")
@@ -366,7 +370,7 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
         # httptools (C parser) plus our limits and the connection balance between workers
         http=protocol_class(http_limits, metrics,
                             ConnectionShares(shares, index, workers) if shares is not None else None,
-                            inline=app.inject_endpoint,
+                            inline=app.inject_endpoint if args.fast_path else None,
                             inline_max_bytes=min(INLINE_BODY_BYTES, args.max_body_bytes)),
         ws="none",
         loop=args.event_loop,
