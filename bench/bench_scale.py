@@ -11,6 +11,7 @@ Other sections, each run when its file exists (interface 6 of the team contracts
 
     .venv/bin/python bench/bench_scale.py [--duration 5] [--only webhook|audit|kube-inject]
         [--baseline REV] [--variant NAME=FLAGS ...] [--rounds N] [--connections 1,16,64,256]
+        [--wrk-threads 2]
 
 ``--baseline REV`` runs that revision's server beside this tree's, alternating at every point,
 and prints the ratio of their server CPU per review: on a shared machine wall-clock numbers
@@ -69,7 +70,7 @@ def connections_per_worker(port: int, server: Any) -> list[int]:
 
 
 def _measure(wrk: str, url: str, ctx: ssl.SSLContext, script: Path, server: Any, duration: int,
-             conns: int) -> dict[str, Any]:
+             conns: int, threads: int = 2) -> dict[str, Any]:
     """One wrk run against one server: wrk's numbers plus the server's CPU per review, the
     cores each worker used and how wrk's connections were spread over the workers."""
     cpu_before, count_before = bs.cpu_seconds(server.pid), bs.answered(url, ctx)
@@ -83,7 +84,8 @@ def _measure(wrk: str, url: str, ctx: ssl.SSLContext, script: Path, server: Any,
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    m: dict[str, Any] = bs.run_wrk(wrk, f"{url}/inject", script, duration, conns, min(2, conns), quiet=True)
+    m: dict[str, Any] = bs.run_wrk(wrk, f"{url}/inject", script, duration, conns, min(threads, conns),
+                                         quiet=True)
     wall = time.monotonic() - started
     sampler.join(5)
     m["spread"] = spread
@@ -111,7 +113,8 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rounds: int = 1,
                   baseline: str | None = None,
-                  variants: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[Point, dict[str, Any]]:
+                  variants: tuple[tuple[str, tuple[str, ...]], ...] = (),
+                  wrk_threads: int = 2) -> dict[Point, dict[str, Any]]:
     """Every (code, workers, connections) point; with ``baseline`` (that revision's server) or
     ``variants`` (this tree's with extra flags), the servers run side by side and each point
     alternates between them (``rounds`` runs each, the order flipped every round), so all see
@@ -144,7 +147,7 @@ def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rou
                     for round_ in range(rounds):
                         order = list(servers.items())
                         for code, (url, server, _) in order if round_ % 2 == 0 else order[::-1]:
-                            m = _measure(wrk, url, ctx, script, server, duration, conns)
+                            m = _measure(wrk, url, ctx, script, server, duration, conns, wrk_threads)
                             runs.setdefault((code, workers, conns), []).append(m)
                             spread = "->".join("+".join(map(str, s)) for s in m["spread"])
                             print(f"  {code} workers {workers} connections {conns:3d}: {m['rps']:7.0f} "
@@ -159,11 +162,12 @@ def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rou
 
 
 def print_webhook(results: dict[Point, dict[str, Any]], duration: int, rounds: int,
-                  baseline: str | None, variants: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> None:
+                  baseline: str | None, variants: tuple[tuple[str, tuple[str, ...]], ...] = (),
+                  wrk_threads: int = 2) -> None:
     load = os.getloadavg()
     codes = sorted({code for code, _, _ in results}, key=lambda c: (c != "base", c != "new", c))
     print(f"\nWebhook curve ({os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min), "
-          f"wrk -t<=2 {duration} s per point x {rounds} round(s), HTTPS keep-alive, typical pod"
+          f"wrk -t<={wrk_threads} {duration} s per point x {rounds} round(s), HTTPS keep-alive, typical pod"
           + (f"; base = {baseline}" if baseline else "")
           + "".join(f"; {name} = this tree with {shlex.join(flags)}" for name, flags in variants)
           + ("; new = this tree, alternating" if baseline or variants else "") + "):")
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="webhook: also run this tree's server with these extra serve flags, "
                              "alternating (repeatable; e.g. shared=--no-reuse-port)")
+    parser.add_argument("--wrk-threads", type=int, default=2,
+                        help="webhook: wrk threads (each one more runnable thread on the shared cores) "
+                             "(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="webhook: runs per point and server (default: 2 with --baseline or "
                              "--variant, else 1)")
@@ -242,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "webhook"):
         rounds = args.rounds or (2 if args.baseline or variants else 1)
         connections = tuple(int(c) for c in args.connections.split(","))
-        results = webhook_curve(args.duration, connections, rounds, args.baseline, tuple(variants))
-        print_webhook(results, args.duration, rounds, args.baseline, tuple(variants))
+        results = webhook_curve(args.duration, connections, rounds, args.baseline, tuple(variants),
+                                args.wrk_threads)
+        print_webhook(results, args.duration, rounds, args.baseline, tuple(variants), args.wrk_threads)
     if args.only in (None, "audit"):
         run_section("scale_audit")
     if args.only in (None, "kube-inject"):
