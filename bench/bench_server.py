@@ -232,9 +232,10 @@ def write_fixtures(tmp: Path) -> tuple[Path, Path]:
 
 
 def start(tmp: Path, port: int, workers: int, log: Any,
-          source: Path | None = None) -> subprocess.Popen[bytes]:
-    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures``; from
-    the tree ``source`` (``export_revision``) instead of this checkout when given."""
+          source: Path | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``mesh-injector serve`` on 127.0.0.1:``port`` with the files of ``write_fixtures`` (and
+    the ``extra`` flags); from the tree ``source`` (``export_revision``) instead of this
+    checkout when given."""
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     command = serve_command()
     if source is not None:
@@ -243,7 +244,7 @@ def start(tmp: Path, port: int, workers: int, log: Any,
     return subprocess.Popen(
         [*command, "serve", "--address", "127.0.0.1", "--port", str(port),
          "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
-         "--workers", str(workers)],
+         "--workers", str(workers), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source,
     )
 

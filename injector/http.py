@@ -146,11 +146,13 @@ class ConnectionShares:
     #: At most one rebalancing close per worker this often (a burst of closes would re-deal
     #: all connections at random instead of moving a few).
     INTERVAL = 0.05
+    #: The counts are compared at most this often (not at every request).
+    CHECK_INTERVAL = 0.01
 
     def __init__(self, memory: Any, index: int, workers: int) -> None:
         self.memory, self.index, self.workers = memory, index, workers
         self.closing = 0  # connections this worker told to close and that are not gone yet
-        self.last_close = 0.0
+        self.next_check = 0.0
 
     @classmethod
     def create(cls, workers: int) -> Any:
@@ -169,13 +171,14 @@ class ConnectionShares:
     def should_close(self) -> bool:
         """True (and counted) when this worker should hand one connection back to the kernel."""
         now = time.monotonic()
-        if now - self.last_close < self.INTERVAL:
+        if now < self.next_check:
             return False
         counts = [self.SLOT.unpack_from(self.memory, i * self.SLOT.size)[0] for i in range(self.workers)]
         if counts[self.index] - self.closing <= sum(counts) / self.workers + 1:
+            self.next_check = now + self.CHECK_INTERVAL
             return False
         self.closing += 1
-        self.last_close = now
+        self.next_check = now + self.INTERVAL
         return True
 
 

@@ -100,12 +100,42 @@ class RequestLog:
     Written straight to the log file descriptor when there is one: building a LogRecord and
     running it through a handler costs ~7x more than the review's own encoding, and the line is
     flushed at once either way. Falls back to ``logging`` for streams without a descriptor.
+    Between ``hold()`` and ``release()`` (the reviews one turn of the event loop answered) lines
+    are collected and written together, in writes of at most ``PIPE_BUF`` bytes that end at a
+    line's end: one system call for many lines (each was ~2% of a review's CPU), and a line
+    never interleaves with another worker's on a shared pipe.
     """
 
     logger = logging.getLogger("injector.requests")
+    #: POSIX's atomic pipe write size (Linux: 4096).
+    ATOMIC = 4096
 
     def __init__(self) -> None:
         self.raw: Any = None  # unbuffered binary file on the log descriptor
+        self._held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if not held:
+            return
+        chunk: list[bytes] = []
+        size = 0
+        for line in held:
+            if chunk and size + len(line) > self.ATOMIC:
+                self._write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._write(b"".join(chunk))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.raw.write(data)
+        except OSError:
+            self.logger.warning("request log lines lost: %s", data[:200].decode(errors="replace"))
 
     def attach(self, stream: Any) -> None:
         try:
@@ -124,7 +154,11 @@ class RequestLog:
         line = {"time": _timestamp(time.time()), "level": "info", "logger": self.logger.name, "msg": msg,
                 **fields}
         try:
-            self.raw.write(orjson.dumps(line, default=str) + b"\n")
+            data = orjson.dumps(line, default=str) + b"\n"
+            if self._held is not None:
+                self._held.append(data)
+            else:
+                self.raw.write(data)
         except (OSError, TypeError):
             self.logger.info(msg, extra=fields)
 
@@ -192,6 +226,7 @@ class InjectEndpoint:
         # Large reviews only; a review that outlives its deadline keeps its thread until it
         # ends (the core's own limits bound that), so the pool stays small.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-injector-review")
+        self._unsettled: list[tuple[int, Accounted]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.state.metrics
@@ -231,7 +266,27 @@ class InjectEndpoint:
 
     def bookkeeping(self, status: int, accounted: Accounted) -> None:
         """Metrics, the log line and Events, after the answer is on its way: the API server (and
-        the pod create waiting on it) should not wait for them."""
+        the pod create waiting on it) should not wait for them. Done for all the reviews one
+        turn of the event loop answered together, at the start of the next turn (before it
+        reads anything more), so their log lines leave in one write."""
+        self._unsettled.append((status, accounted))
+        if len(self._unsettled) > 1:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self._settle)
+        except RuntimeError:  # no event loop (called directly): now
+            self._settle()
+
+    def _settle(self) -> None:
+        unsettled, self._unsettled = self._unsettled, []
+        request_log.hold()
+        try:
+            for status, accounted in unsettled:
+                self._keep_books(status, accounted)
+        finally:
+            request_log.release()
+
+    def _keep_books(self, status: int, accounted: Accounted) -> None:
         metrics = self.state.metrics
         try:
             metrics.requests.inc("inject", str(status))

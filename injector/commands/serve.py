@@ -1,8 +1,14 @@
 """Run the admission webhook server (HTTPS) with /inject, /dry-run, /audit, /healthz, /readyz, /metrics.
 
 The process that starts is a small supervisor: it checks the configuration and the certificate
-(exit 2 when either is unusable), binds the listening socket, and forks ``--workers`` uvicorn
-workers that all accept on it. Each worker loads, reloads and serves on its own; their metrics
+(exit 2 when either is unusable), binds the listening sockets, and forks ``--workers`` uvicorn
+workers. With ``--reuse-port`` (the default on Linux) each worker accepts on a socket of its own,
+all bound to the port with ``SO_REUSEPORT``: the kernel deals new connections out by a hash of
+their addresses, so a burst of them (a load balancer, the API server, a benchmark opening its
+connections at once) is split evenly from the first one instead of going to whichever worker
+happened to be idle. The supervisor keeps every socket open, so connections dealt to a worker
+that died wait in its queue for the replacement instead of being reset. Without it, all workers
+accept on one shared socket. Each worker loads, reloads and serves on its own; their metrics
 meet in a shared directory (prometheus_client's multiprocess mode) so any worker's ``/metrics``
 shows the sum. A worker that dies is replaced; SIGTERM/SIGINT stop the workers gracefully.
 """
@@ -28,6 +34,8 @@ log = logging.getLogger("injector.serve")
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # = injector.http.DEFAULT_MAX_BODY_BYTES (kept import-free)
 MiB = 1024 * 1024
+#: Linux balances SO_REUSEPORT listeners; elsewhere the option means something else or nothing.
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
 def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
@@ -90,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="uvicorn worker processes; 0 = one per core of the container's CPU limit "
                              "(cgroup v1/v2 quota, else the CPUs this process may run on) (default: 0)")
+    parser.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=REUSE_PORT,
+                        help="with several workers, a listening socket per worker (SO_REUSEPORT: the "
+                             "kernel spreads new connections evenly) instead of one shared by all "
+                             "(default: %(default)s)")
+    parser.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="the HTTP protocol answers a POST /inject of up to 256 KiB itself (no ASGI "
+                             "task, one write); --no-fast-path sends every request through ASGI (same "
+                             "answers; for comparison) (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted; larger ones get HTTP 400 (default: %(default)s)")
     limits = parser.add_argument_group("HTTP limits (per worker; each refusal names its flag)")
@@ -172,14 +188,27 @@ def _limits(args: argparse.Namespace) -> tuple[Any, Any]:
     return http, dry
 
 
-def _listen(address: str, port: int) -> socket.socket:
+def _listen(address: str, port: int, count: int = 1) -> list[socket.socket]:
+    """``count`` listening sockets on (address, port): one, or ``SO_REUSEPORT`` siblings (the
+    later ones bind the port the first got, so ``--port 0`` works too)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if count > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address, port))
+            port = sock.getsockname()[1]
+            sock.listen(2048)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,25 +251,27 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
     if args.kubeconfig and not Path(args.kubeconfig).is_file():
         log.error("cannot start: kubeconfig unusable", extra={"error": f"{args.kubeconfig} is not a file"})
         return 2
+    workers = args.workers if args.workers > 0 else cpu_limit()
     try:
-        sock = _listen(args.address, args.port)
+        socks = _listen(args.address, args.port, workers if args.reuse_port and workers > 1 else 1)
     except OSError as exc:
         log.error("cannot start: cannot listen", extra={"error": str(exc), "port": args.port})
         return 2
-    workers = args.workers if args.workers > 0 else cpu_limit()
     # From here on every metric counts into the directory the workers share.
     metrics_mod.enable_multiprocess(metrics_dir)
     from injector.http import ConnectionShares
 
     shares = ConnectionShares.create(workers) if workers > 1 else None
     log.info("serving", extra={"address": args.address, "port": args.port, "config_hash": config.config_hash,
-                               "workers": workers, "connection_cap": http_limits.connection_cap()})
+                               "workers": workers, "reuse_port": len(socks) > 1,
+                               "connection_cap": http_limits.connection_cap()})
 
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
         stopping.append(signum)
-        sock.close()  # once the workers close theirs too, new connections are refused, not queued
+        for sock in socks:  # once the workers close theirs too, new connections are refused, not queued
+            sock.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -256,7 +287,11 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = _worker(args, index, workers, sock, config, certificate, http_limits, dry_limits,
+                own = socks[index % len(socks)]
+                for other in socks:  # the siblings stay with the supervisor and their own workers
+                    if other is not own:
+                        other.close()
+                code = _worker(args, index, workers, own, config, certificate, http_limits, dry_limits,
                                shares)
             except BaseException:
                 log.exception("worker failed", extra={"worker": index})
@@ -293,7 +328,7 @@ def _supervise(args: argparse.Namespace, metrics_dir: str) -> int:
 
 def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.socket, config: Any,
             certificate: Any, http_limits: Any, dry_limits: Any, shares: Any) -> int:
-    """One uvicorn worker on the shared socket (runs in the forked child)."""
+    """One uvicorn worker on its listening socket (runs in the forked child)."""
     import uvicorn
 
     from injector.dryrun_runner import DryRunRunner
@@ -335,7 +370,7 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
         # httptools (C parser) plus our limits and the connection balance between workers
         http=protocol_class(http_limits, metrics,
                             ConnectionShares(shares, index, workers) if shares is not None else None,
-                            inline=app.inject_endpoint,
+                            inline=app.inject_endpoint if args.fast_path else None,
                             inline_max_bytes=min(INLINE_BODY_BYTES, args.max_body_bytes)),
         ws="none",
         loop=args.event_loop,

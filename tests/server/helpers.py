@@ -133,9 +133,9 @@ class RunningServer:
     def logs(self) -> list[dict[str, Any]]:
         """The server's log lines, including those of every request answered so far.
 
-        The server writes a review's line right after sending the answer, so a client can hold
-        the answer before the line exists. One more request first is a barrier: the event loop
-        runs that bookkeeping synchronously after the send, before it serves anything else."""
+        The server writes a review's line after sending the answer, so a client can hold the
+        answer before the line exists. One more request first is a barrier: the event loop
+        does that bookkeeping at the start of its next turn, before it reads anything else."""
         if self.process.poll() is None:
             try:
                 with self.client() as client:

@@ -160,3 +160,22 @@ def test_a_burst_of_keepalive_connections_ends_up_shared_by_both_workers(two: Ru
     finally:
         for client in clients:
             client.close()
+
+
+def test_connections_arriving_while_a_worker_restarts_are_all_answered(two: RunningServer) -> None:
+    """Each worker has a listening socket of its own (SO_REUSEPORT); connections the kernel
+    deals to a dead worker's socket wait there for its replacement instead of being reset."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    victim = int(next(iter(per_worker(two, lambda c: None))))
+    os.kill(victim, signal.SIGKILL)
+
+    def one(_: int) -> tuple[int, int]:
+        with two.client(timeout=20.0) as client:
+            answer = client.post("/inject", json=review(typical_pod()))
+            return answer.status_code, int(client.get("/readyz").json()["worker"]["pid"])
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(32)))
+    assert [status for status, _ in answers] == [200] * 32
+    assert victim not in {pid for _, pid in answers}
