@@ -156,7 +156,7 @@ def test_decoding_a_page_leaves_garbage_collection_as_it_was() -> None:
 
 HEAP_PROBE = """
 import ctypes, sys
-from injector.audit import render_chunks
+from injector.audit import keep_pages_off_heap, render_chunks
 from tests.audit.test_stream import PagedReader, report
 
 class Info(ctypes.Structure):
@@ -164,6 +164,7 @@ class Info(ctypes.Structure):
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 mallinfo2 = ctypes.CDLL(None).mallinfo2
 mallinfo2.restype = Info
+keep_pages_off_heap()  # what the server's /audit does first
 list(render_chunks(report(PagedReader([3, 2])), "jsonl"))
 big = bytearray(8 << 20)  # a page-sized body, freed: glibc's own rule raises its threshold to 8 MiB
 del big
@@ -175,8 +176,9 @@ print("mapped" if mallinfo2().hblkhd - before >= 1 << 20 else "heap")
 
 @pytest.mark.parametrize(("switch", "expected"), [(None, "mapped"), ("dynamic", "heap")])
 def test_after_an_audit_large_blocks_stay_out_of_the_heaps(switch: str | None, expected: str) -> None:
-    """Page bodies freed must not turn the next ones into heap that stays with the process (its
-    RSS grew with every page and audit); ``dynamic`` is the bench's switch back to glibc's rule."""
+    """In the server, page bodies freed must not turn the next ones into heap that stays with the
+    process (its RSS grew with every page and audit); ``dynamic`` is the bench's switch back to
+    glibc's rule."""
     if not os.confstr("CS_GNU_LIBC_VERSION") and not os.environ.get("CI"):
         pytest.skip("glibc's malloc only (mallinfo2, mallopt)")
     env = {k: v for k, v in os.environ.items() if k != "MESH_AUDIT_MMAP_THRESHOLD"}
