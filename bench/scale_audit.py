@@ -18,7 +18,9 @@ adopts our pods instead of racing us; the bench waits until every ReplicaSet cou
 Both variants run in the same cluster at every size, alternating which goes first, each with
 its own ``serve`` process kept across the sizes: ``fixed`` is this tree, ``dynamic`` the same
 code with glibc's dynamic mmap threshold left on (``MESH_AUDIT_MMAP_THRESHOLD=dynamic``, a
-switch for this comparison); the ratios fixed / dynamic are printed per size.
+switch for this comparison); the ratios fixed / dynamic are printed per size. Only the
+server fixes the threshold (the CLI keeps glibc's rule in both), so the CLI columns of the two
+variants measure the same code twice: their difference is the run's noise.
 
 Attaches to a running control plane with MESH_CONTROL_PLANE=DIR, else starts one (tests/testbed).
 """
