@@ -186,6 +186,9 @@ def start_server(
         *(["--config-dir", str(config_dir)] if config_dir else []), *extra_args,
     ]
     proc_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    # The server's temporary files (its workers' metrics directory) inside the test's own dir: a
+    # server a test kills with SIGKILL cannot remove them itself.
+    proc_env["TMPDIR"] = str(workdir)
     proc_env.update(env or {})
     with log_file.open("wb") as log:
         def limit_fds() -> None:
