@@ -459,7 +459,7 @@ def _own_containers(
         return user_overlays
     try:
         recorded = json.loads(annotations[metadata.OVERRIDES])
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting deeper than the parser's recursion
         return []
     if not isinstance(recorded, dict):
         return []

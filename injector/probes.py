@@ -128,7 +128,7 @@ def parse_probers(value: str | None) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting deeper than the parser's recursion
         return {}
     return body if isinstance(body, dict) else {}
 

@@ -176,7 +176,7 @@ def _restore_prometheus(
         return
     try:
         scrape = json.loads(saved)
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting deeper than the parser's recursion
         return
     for key, name in (("scrape", ann.PROM_SCRAPE), ("path", ann.PROM_PATH), ("port", ann.PROM_PORT)):
         if isinstance(scrape, dict) and scrape.get(key):

@@ -110,3 +110,23 @@ def test_config_errors_use_the_names_users_write() -> None:
     assert "values.proxy.statusPort" in message and "bogus: unknown key" in message
     for internal in ("ConfigModel", "type=", "pydantic", "status_port"):
         assert internal not in message
+
+
+DEEP = "[" * 200_000  # far deeper than the JSON parser's recursion
+
+
+def test_a_deeply_nested_overrides_record_is_read_as_no_record() -> None:
+    """proxy.istio.io/overrides (read back on re-injection) nested past the parser's recursion:
+    injected as without the record, not an exception out of the core."""
+    result = inject(pod({"proxy.istio.io/overrides": DEEP}))
+    assert result.decision is Decision.INJECT
+
+
+def test_a_deeply_nested_app_probers_value_in_an_earlier_proxy_is_ignored() -> None:
+    """Re-injection reads ISTIO_KUBE_APP_PROBERS back from the pod's istio-proxy: nested past the
+    parser's recursion it counts as absent (the pod is re-injected), not an exception."""
+    again = pod({"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'})
+    again["spec"]["containers"].append(
+        {"name": "istio-proxy", "image": "proxy", "env": [{"name": "ISTIO_KUBE_APP_PROBERS", "value": DEEP}]})
+    result = inject(again)
+    assert result.decision is Decision.INJECT
