@@ -83,16 +83,19 @@ def injection_shape(answer: dict[str, Any]) -> str:
             + ", ".join(f"{name} in {field}" for name, field in added if name in PROXY_CONTAINERS))
 
 
-def start_ours(tmp: Path, port: int, workers: int, kubeconfig: Path, log: Any) -> subprocess.Popen[bytes]:
+def start_ours(tmp: Path, port: int, workers: int, kubeconfig: Path, log: Any,
+               memo: bool = False) -> subprocess.Popen[bytes]:
     """``mesh-injector serve`` as bench_server starts it, plus the test bed's kubeconfig.
 
     With it our ``nativeSidecars: auto`` reads the API server's version (1.37: native sidecars),
     as istiod does, so both inject the same shape. Events stay off (istiod sends none per review).
+    The answer memo is off unless ``memo``: every review here is the same pod, and istiod
+    has no memo, so with it on this would compare our memo with istiod's injection.
     """
     return subprocess.Popen(
         [*bs.serve_command(), "serve", "--address", "127.0.0.1", "--port", str(port),
          "--tls-cert-file", str(tmp / "tls.crt"), "--tls-key-file", str(tmp / "tls.key"), "--no-events",
-         "--workers", str(workers), "--kubeconfig", str(kubeconfig)],
+         "--workers", str(workers), "--kubeconfig", str(kubeconfig), "--answer-memo", "512" if memo else "0"],
         stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=0, help="our server's workers (0: its default)")
+    parser.add_argument("--memo", action="store_true",
+                        help="our answer memo on (every review is the same pod: replicas)")
     args = parser.parse_args(argv)
     wrk = bs.ensure_wrk()
     if oracle.istioctl() is None:
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         bs.write_fixtures(tmp)
         port = bs.free_port()
         ours_url = f"https://127.0.0.1:{port}"
-        ours = start_ours(tmp, port, args.workers, plane.kubeconfig, log)
+        ours = start_ours(tmp, port, args.workers, plane.kubeconfig, log, args.memo)
         if not bs.wait_ready(ours_url, ssl.create_default_context(cafile=str(tmp / "ca.crt")), ours,
                              tmp / "ours.log"):
             return 1
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
               f"istiod {oracle.version()} (pilot-discovery, GOMAXPROCS default), "
-              f"ours: mesh-injector serve --workers {args.workers or 'default (one per CPU)'}")
+              f"ours: mesh-injector serve --workers {args.workers or 'default (one per CPU)'}, answer memo "
+              f"{'on' if args.memo else 'off (--answer-memo 0)'}")
         print(f"API server: kube-apiserver (test bed), istiod config from istioctl manifest generate "
               f"(default profile, CNI on, tag {oracle.release()['ISTIO_PROXY_TAG']})")
         for pod_name, review in pods.items():

@@ -11,7 +11,7 @@ Other sections, each run when its file exists (interface 6 of the team contracts
 
     .venv/bin/python bench/bench_scale.py [--duration 5] [--only webhook|audit|kube-inject]
         [--baseline REV] [--variant NAME=FLAGS ...] [--rounds N] [--connections 1,16,64,256]
-        [--wrk-threads 2]
+        [--wrk-threads 2] [--pods replicas|distinct]
 
 ``--baseline REV`` runs that revision's server beside this tree's, alternating at every point,
 and prints the ratio of their server CPU per review: on a shared machine wall-clock numbers
@@ -114,7 +114,7 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rounds: int = 1,
                   baseline: str | None = None,
                   variants: tuple[tuple[str, tuple[str, ...]], ...] = (),
-                  wrk_threads: int = 2) -> dict[Point, dict[str, Any]]:
+                  wrk_threads: int = 2, distinct: bool = False) -> dict[Point, dict[str, Any]]:
     """Every (code, workers, connections) point; with ``baseline`` (that revision's server) or
     ``variants`` (this tree's with extra flags), the servers run side by side and each point
     alternates between them (``rounds`` runs each, the order flipped every round), so all see
@@ -123,7 +123,7 @@ def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rou
     runs: dict[Point, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_name:
         tmp = Path(tmp_name)
-        _, script = bs.write_fixtures(tmp)
+        _, script = bs.write_fixtures(tmp, distinct)
         ctx = ssl.create_default_context(cafile=str(tmp / "ca.crt"))
         codes: list[Code] = [("new", None, ())]
         if baseline:
@@ -163,11 +163,12 @@ def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rou
 
 def print_webhook(results: dict[Point, dict[str, Any]], duration: int, rounds: int,
                   baseline: str | None, variants: tuple[tuple[str, tuple[str, ...]], ...] = (),
-                  wrk_threads: int = 2) -> None:
+                  wrk_threads: int = 2, distinct: bool = False) -> None:
     load = os.getloadavg()
     codes = sorted({code for code, _, _ in results}, key=lambda c: (c != "base", c != "new", c))
     print(f"\nWebhook curve ({os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min), "
-          f"wrk -t<={wrk_threads} {duration} s per point x {rounds} round(s), HTTPS keep-alive, typical pod"
+          f"wrk -t<={wrk_threads} {duration} s per point x {rounds} round(s), HTTPS keep-alive, typical pod, "
+          + ("every review a different pod" if distinct else "every review the same pod (replicas)")
           + (f"; base = {baseline}" if baseline else "")
           + "".join(f"; {name} = this tree with {shlex.join(flags)}" for name, flags in variants)
           + ("; new = this tree, alternating" if baseline or variants else "") + "):")
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wrk-threads", type=int, default=2,
                         help="webhook: wrk threads (each one more runnable thread on the shared cores) "
                              "(default: %(default)s)")
+    parser.add_argument("--pods", choices=["replicas", "distinct"], default="replicas",
+                        help="webhook: every review the same pod, as a workload's replicas arrive "
+                             "(answered from the answer memo after the first), or each a different "
+                             "pod (every review through the core) (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="webhook: runs per point and server (default: 2 with --baseline or "
                              "--variant, else 1)")
@@ -249,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "webhook"):
         rounds = args.rounds or (2 if args.baseline or variants else 1)
         connections = tuple(int(c) for c in args.connections.split(","))
+        distinct = args.pods == "distinct"
         results = webhook_curve(args.duration, connections, rounds, args.baseline, tuple(variants),
-                                args.wrk_threads)
-        print_webhook(results, args.duration, rounds, args.baseline, tuple(variants), args.wrk_threads)
+                                args.wrk_threads, distinct)
+        print_webhook(results, args.duration, rounds, args.baseline, tuple(variants), args.wrk_threads,
+                      distinct)
     if args.only in (None, "audit"):
         run_section("scale_audit")
     if args.only in (None, "kube-inject"):

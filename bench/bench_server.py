@@ -209,20 +209,42 @@ def run_wrk(
     return result
 
 
-def write_fixtures(tmp: Path) -> tuple[Path, Path]:
-    """CA, serving pair, the review body and wrk's script in ``tmp``: (body, script)."""
+#: Stands for the request number in the body of ``write_fixtures(distinct=True)``.
+DISTINCT_MARK = "@@N@@"
+
+
+def write_fixtures(tmp: Path, distinct: bool = False) -> tuple[Path, Path]:
+    """CA, serving pair, the review body and wrk's script in ``tmp``: (body, script).
+
+    Every request is the same review (the replicas of one workload, as a ReplicaSet creates
+    them), unless ``distinct``: then each wrk thread numbers its requests into the pod's
+    ``version`` label, so no two reviews carry the same pod (every pod of its own workload).
+    """
     ca = pki.make_ca("bench CA")
     serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
     (tmp / "ca.crt").write_bytes(ca.cert_pem)
     (tmp / "tls.crt").write_bytes(serving.cert_pem)
     (tmp / "tls.key").write_bytes(serving.key_pem)
-    body = tmp / "review.json"
-    body.write_text(json.dumps(typical_review()))
-    script = tmp / "post.lua"
+    review = typical_review()
+    body = tmp / ("review-distinct.json" if distinct else "review.json")
+    if distinct:
+        review["request"]["object"]["metadata"]["labels"]["version"] = DISTINCT_MARK
+    body.write_text(json.dumps(review))
+    script = tmp / ("post-distinct.lua" if distinct else "post.lua")
+    numbered = (
+        f'local head, tail = wrk.body:match("^(.-){DISTINCT_MARK}(.*)$")\n'
+        'local threads, sent = 0, 0\n'
+        'setup = function(thread) threads = threads + 1; thread:set("id", threads) end\n'
+        'request = function()\n'
+        '  sent = sent + 1\n'
+        '  return wrk.format(nil, nil, nil, head .. "v" .. id .. "-" .. sent .. tail)\n'
+        'end\n'
+    ) if distinct else ""
     script.write_text(
         'wrk.method = "POST"\n'
         f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
+        + numbered +
         # The tail beyond p99 (a stall every so often shows here first).
         'done = function(summary, latency, requests)\n'
         '  io.write(string.format("p99.9 %.0fus max %.0fus\\n", latency:percentile(99.9), latency.max))\n'

@@ -6,7 +6,9 @@ what is written, on the event loop ``serve`` uses, in interleaved rounds of:
 
 - ``review``: ``admission.review`` alone (the core plus the AdmissionReview envelope);
 - ``fast``: the protocol's fast path (``serve --fast-path``, the default);
-- ``asgi``: every request through ASGI (``serve --no-fast-path``).
+- ``asgi``: every request through ASGI (``serve --no-fast-path``);
+- ``memo``: the fast path answering a replica of a pod it answered before (``serve``'s default
+  answer memo; ``fast`` and ``asgi`` run with ``--answer-memo 0``, so they measure the core).
 
 TLS, the kernel and the client are left out (``bench_scale.py`` measures them with ``wrk``); so
 is other load: CPU time of this one thread, medians over rounds. Every answer is checked to be
@@ -66,7 +68,7 @@ class _Transport(asyncio.Transport):
                 "sslcontext": True}.get(name, default)
 
 
-def _server(fast: bool) -> tuple[Any, Any]:
+def _server(fast: bool, memo: int = 0) -> tuple[Any, Any]:
     """(protocol factory, admission config) wired as ``serve`` wires one worker."""
     import uvicorn
     from uvicorn.server import ServerState as UvicornState
@@ -79,7 +81,7 @@ def _server(fast: bool) -> tuple[Any, Any]:
     metrics = InjectorMetrics()
     config = ConfigHolder(None, metrics)
     config.load_initial()
-    state = ServerState(config=config, metrics=metrics)
+    state = ServerState(config=config, metrics=metrics, answer_memo=memo)
     app = create_app(state)
     limits = HttpLimits()
     shares = ConnectionShares(ConnectionShares.create(2), 0, 2)
@@ -136,16 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    paths = {"fast": _server(True), "asgi": _server(False)}
+    paths = {"fast": _server(True), "asgi": _server(False), "memo": _server(True, memo=512)}
     config = paths["fast"][1].current
-    times: dict[str, list[float]] = {"review": [], "fast": [], "asgi": []}
+    times: dict[str, list[float]] = {"review": [], "fast": [], "asgi": [], "memo": []}
     answers: dict[str, bytes] = {}
-    for name in ("fast", "asgi"):  # warm-up: every memo filled
+    for name in ("fast", "asgi", "memo"):  # warm-up: every memo filled
         loop.run_until_complete(_drive(paths[name][0], request, 300))
     for _ in range(300):
         admission.review(body, config=config)
     for round_ in range(args.rounds):
-        order = ["review", "fast", "asgi"] if round_ % 2 == 0 else ["asgi", "fast", "review"]
+        order = ["review", "fast", "asgi", "memo"]
+        if round_ % 2:
+            order.reverse()
         for name in order:
             if name == "review":
                 started = time.thread_time()
@@ -156,18 +160,22 @@ def main(argv: list[str] | None = None) -> int:
                 drive = _drive(paths[name][0], request, args.reviews)
                 elapsed, answers[name] = loop.run_until_complete(drive)
             times[name].append(elapsed * 1e6 / args.reviews)
-    same = {name: answers[name] == answers["review"] for name in ("fast", "asgi")}
+    same = {name: answers[name] == answers["review"] for name in ("fast", "asgi", "memo")}
     median = {name: statistics.median(found) for name, found in times.items()}
     print(f"CPU per review in process, typical pod, {args.reviews} reviews x {args.rounds} rounds "
           f"(median; load average {os.getloadavg()[0]:.2f}; no TLS, no kernel, no client):")
     for name, label in (("review", "admission.review (core + envelope)"),
-                        ("fast", "protocol fast path (--fast-path)"), ("asgi", "ASGI path (--no-fast-path)")):
+                        ("fast", "protocol fast path (--fast-path)"), ("asgi", "ASGI path (--no-fast-path)"),
+                        ("memo", "fast path, a replica (answer memo)")):
         spread = f"{min(times[name]):.1f}-{max(times[name]):.1f}"
         print(f"  {label:38s} {median[name]:7.1f} us (rounds {spread})"
-              + ("" if name == "review" else f", HTTP + bookkeeping {median[name] - median['review']:6.1f} us"
-                                             f", same answer: {same[name]}"))
+              + ("" if name == "review" else
+                 (f", HTTP + bookkeeping {median[name] - median['review']:6.1f} us" if name != "memo" else "")
+                 + f", same answer: {same[name]}"))
     print(f"  fast / asgi: {median['fast'] / median['asgi']:.3f}; fast path saves "
           f"{median['asgi'] - median['fast']:.1f} us per review before TLS (the ASGI path also writes twice)")
+    print(f"  memo / fast: {median['memo'] / median['fast']:.3f}; a replica's review costs "
+          f"{median['memo']:.1f} us, of which the memo lookup is all that is left of the core")
     loop.close()
     return 0 if all(same.values()) else 1
 

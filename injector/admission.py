@@ -10,8 +10,10 @@ raises becomes ``allowed: false`` naming the problem, never an HTTP 500.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict
@@ -96,6 +98,7 @@ class Outcome:
     warnings: list[Reason] = field(default_factory=list)
     patched: bool = False
     pod: Mapping[str, Any] | None = None  # for Events: owner references of a rejected/warned pod
+    memo: str = ""  # "hit": answered from the AnswerMemo; "miss": by the core, then remembered
 
 
 InjectFn = Callable[..., InjectionResult]
@@ -155,10 +158,84 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
     return isinstance(resource, dict) and resource.get("resource") == "pods" and not resource.get("group")
 
 
-def review(body: bytes, *, config: Any, inject: InjectFn | None = None) -> tuple[bytes, Outcome]:
+@dataclass(frozen=True)
+class _Answer:
+    """The part of one answer that depends only on the pod, its namespace and the config."""
+
+    response: dict[str, Any]  # the AdmissionResponse without its uid
+    decision: str
+    reason: str
+    message: str
+    warnings: tuple[Reason, ...]
+    patched: bool
+    size: int  # bytes held, for the memo's budget
+
+
+class AnswerMemo:
+    """Recent answers of the core, by (config, namespace, the pod's exact bytes).
+
+    A controller creates all replicas of a workload from one pod template, and at admission their
+    pods are byte-identical: the API server gives a pod its name and uid only after admission.
+    The core is a pure function of the pod, its namespace and the config, so the answer for the
+    first replica is the answer for every other; only the uid differs, and it is not kept here.
+    Keys are BLAKE2b digests of the pod's JSON (no pod is kept); the memo is emptied when the
+    config object changes (reload, cluster version) and bounded in entries and bytes. Pods larger
+    than ``max_pod_bytes`` are not memoised. Not thread-safe: one memo per event loop.
+    """
+
+    def __init__(self, max_entries: int = 512, max_bytes: int = 4 << 20,
+                 max_pod_bytes: int = 64 << 10) -> None:
+        self.max_entries, self.max_bytes, self.max_pod_bytes = max_entries, max_bytes, max_pod_bytes
+        self._answers: OrderedDict[bytes, _Answer] = OrderedDict()
+        self._bytes = 0
+        self._config: Any = None
+        self.hits = self.misses = 0
+
+    def key(self, config: Any, namespace: str, pod: Mapping[str, Any]) -> bytes | None:
+        """The pod's key under ``config``; None when it is not to be memoised."""
+        if config is not self._config:
+            self._answers.clear()
+            self._bytes, self._config = 0, config
+        try:
+            encoded = orjson.dumps(pod)
+        except TypeError:  # not JSON as the API server sends it: do not memoise
+            return None
+        if len(encoded) > self.max_pod_bytes:
+            return None
+        digest = hashlib.blake2b(encoded, digest_size=32)
+        digest.update(b"\0" + namespace.encode())
+        return digest.digest()
+
+    def get(self, key: bytes) -> _Answer | None:
+        answer = self._answers.get(key)
+        if answer is None:
+            self.misses += 1
+            return None
+        self._answers.move_to_end(key)
+        self.hits += 1
+        return answer
+
+    def put(self, key: bytes, answer: _Answer) -> None:
+        if answer.size > self.max_bytes // 4:
+            return
+        old = self._answers.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._answers[key] = answer
+        self._bytes += answer.size
+        while len(self._answers) > self.max_entries or self._bytes > self.max_bytes:
+            _, evicted = self._answers.popitem(last=False)
+            self._bytes -= evicted.size
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+
+def review(body: bytes, *, config: Any, inject: InjectFn | None = None,
+           memo: AnswerMemo | None = None) -> tuple[bytes, Outcome]:
     """Answer one AdmissionReview body. Raises BadReview only for an unusable envelope."""
     api_version, request = parse_review(body)
-    return review_request(api_version, request, config=config, inject=inject)
+    return review_request(api_version, request, config=config, inject=inject, memo=memo)
 
 
 def _outcome(request: Mapping[str, Any]) -> Outcome:
@@ -196,13 +273,17 @@ def timed_out(api_version: str, request: Mapping[str, Any], deadline: float) -> 
 
 
 def review_request(
-    api_version: str, request: AdmissionRequest, *, config: Any, inject: InjectFn | None = None
+    api_version: str, request: AdmissionRequest, *, config: Any, inject: InjectFn | None = None,
+    memo: AnswerMemo | None = None,
 ) -> tuple[bytes, Outcome]:
-    """Answer one decoded request (``parse_review``'s result)."""
+    """Answer one decoded request (``parse_review``'s result); with ``memo``, a pod answered
+    before under the same config and namespace is answered again without the core."""
     if inject is None:
         from injector.core import inject as core_inject
 
         inject = core_inject
+    elif inject is not _core_inject():
+        memo = None  # a stand-in core (tests): its answers are not the core's to remember
     uid = request["uid"]
     out = _outcome(request)
     pod = request.get("object")
@@ -221,6 +302,14 @@ def review_request(
         return refuse(api_version, request, MALFORMED_OBJECT,
                       f"{MALFORMED_OBJECT}: the AdmissionReview request for a pod CREATE carries no pod "
                       "object", 400)
+
+    key = memo.key(config, out.namespace, pod) if memo is not None else None
+    known = memo.get(key) if memo is not None and key is not None else None
+    if known is not None:
+        out.memo = "hit"
+        return _answer_again(api_version, uid, pod, out, known)
+    if key is not None:
+        out.memo = "miss"
 
     try:
         result = inject(pod, config=config, namespace=out.namespace or None)
@@ -246,7 +335,28 @@ def review_request(
     if result.warnings:
         response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]
         out.pod = pod
+    if memo is not None and key is not None:
+        kept = {k: v for k, v in response.items() if k != "uid"}
+        memo.put(key, _Answer(kept, out.decision, out.reason, out.message, tuple(out.warnings),
+                              out.patched, len(response.get("patch", "")) + len(out.message) + 256))
     return encode_response(api_version, response), out
+
+
+def _answer_again(api_version: str, uid: str, pod: Mapping[str, Any], out: Outcome,
+                  known: _Answer) -> tuple[bytes, Outcome]:
+    """A memoised answer under this request's uid, with its own Outcome (logs, metrics, Events)."""
+    out.decision, out.reason, out.message = known.decision, known.reason, known.message
+    out.warnings, out.patched = list(known.warnings), known.patched
+    if known.warnings or known.decision == Decision.REJECT.value:
+        out.pod = pod
+    response: AdmissionResponse = {"uid": uid, **known.response}  # type: ignore[typeddict-item]
+    return encode_response(api_version, response), out
+
+
+def _core_inject() -> InjectFn:
+    from injector.core import inject as core_inject
+
+    return core_inject
 
 
 def error_body(message: str, code: int = 400) -> bytes:

@@ -228,6 +228,11 @@ class InjectorMetrics:
         self.events = counter("mesh_injector_events_total",  # counted on the Events thread
                               "Kubernetes Events by outcome (sent, failed, dropped when the queue was full).",
                               ("result",), batched=False)
+        self.answer_memo = counter(
+            "mesh_injector_answer_memo_total",
+            "Pod CREATE reviews by whether the answer was known from an identical pod (hit: a replica "
+            "of a pod already answered under the same config and namespace) or computed (miss).",
+            ("result",))
         self.timeouts = counter("mesh_injector_admission_timeouts_total",
                                 "Admission reviews answered Timeout because the request deadline passed.")
         self.refused_connections = counter(

@@ -226,6 +226,8 @@ class InjectEndpoint:
         # Large reviews only; a review that outlives its deadline keeps its thread until it
         # ends (the core's own limits bound that), so the pool stays small.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-injector-review")
+        # Used on the event loop thread only (``_decide``); large reviews on the pool go without.
+        self.memo = admission.AnswerMemo(state.answer_memo) if state.answer_memo > 0 else None
         self._unsettled: list[tuple[int, Accounted]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -316,7 +318,7 @@ class InjectEndpoint:
         """Review a body of at most ``INLINE_BODY_BYTES`` here, on the event loop thread."""
         started = time.perf_counter()
         try:
-            payload, outcome = admission.review(body, config=self.state.config.current)
+            payload, outcome = admission.review(body, config=self.state.config.current, memo=self.memo)
         except admission.BadReview as exc:
             return self._bad_review(exc)
         except Exception as exc:  # a bug in our own envelope handling: answer, do not crash
@@ -393,6 +395,8 @@ class InjectEndpoint:
             metrics.passthrough.inc(outcome.reason)
         for warning in outcome.warnings:
             metrics.warnings.inc(warning.code.value)
+        if outcome.memo:
+            metrics.answer_memo.inc(outcome.memo)
         request_log.info(
             "admission",
             {
@@ -400,6 +404,7 @@ class InjectEndpoint:
                 "operation": outcome.operation, "dry_run": outcome.dry_run, "decision": decision,
                 "reason": outcome.reason, "patched": outcome.patched,
                 "latency_ms": round(elapsed * 1000, 3),
+                **({"memo": outcome.memo} if outcome.memo else {}),
                 **({"detail": outcome.message} if decision == Decision.REJECT else {}),
                 **({"warnings": [w.code.value for w in outcome.warnings]} if outcome.warnings else {}),
             },

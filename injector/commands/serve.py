@@ -106,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the HTTP protocol answers a POST /inject of up to 256 KiB itself (no ASGI "
                              "task, one write); --no-fast-path sends every request through ASGI (same "
                              "answers; for comparison) (default: %(default)s)")
+    parser.add_argument("--answer-memo", type=int, default=512, metavar="ENTRIES",
+                        help="remember the answers for this many distinct pods: a replica of a pod "
+                             "already answered (byte-identical at admission, same namespace and "
+                             "config) is answered again without the injection core; 0 turns it off "
+                             "(default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted; larger ones get HTTP 400 (default: %(default)s)")
     limits = parser.add_argument_group("HTTP limits (per worker; each refusal names its flag)")
@@ -362,6 +367,7 @@ def _worker(args: argparse.Namespace, index: int, workers: int, sock: socket.soc
         max_body_bytes=args.max_body_bytes, tls_reload_interval=args.tls_reload_interval,
         config_reload_interval=args.config_reload_interval, limits=http_limits,
         dry_run=DryRunRunner(dry_limits), worker=index, workers=workers,
+        answer_memo=max(0, args.answer_memo),
     )
     state.dry_run.warm(config.current)
     app = create_app(state)

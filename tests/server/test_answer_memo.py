@@ -1,0 +1,110 @@
+"""The answer memo: a replica of a pod already answered gets the same answer, without the core.
+
+A workload's replicas reach the webhook as byte-identical pods (the API server names a pod and
+gives it a uid after admission). The answer depends only on the pod, its namespace and the
+config, so the webhook may remember it; these tests hold it to giving exactly the answer the
+core would, under the request's own uid, and to forgetting at the right times.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from injector import admission
+from injector.config import compile_config, default_config
+from tests.server.helpers import RunningServer, decoded_patch, review, typical_pod
+
+
+def answer(body: dict[str, Any], config: Any, memo: admission.AnswerMemo | None) -> tuple[dict[str, Any],
+                                                                                        admission.Outcome]:
+    payload, outcome = admission.review(json.dumps(body).encode(), config=config, memo=memo)
+    return json.loads(payload), outcome
+
+
+def test_a_replica_gets_the_cores_answer_under_its_own_uid() -> None:
+    config, memo = default_config(), admission.AnswerMemo()
+    first, first_out = answer(review(typical_pod(), uid="uid-1"), config, memo)
+    second, second_out = answer(review(typical_pod(), uid="uid-2"), config, memo)
+    without, _ = answer(review(typical_pod(), uid="uid-2"), config, None)
+    assert (first_out.memo, second_out.memo) == ("miss", "hit")
+    assert second == without
+    assert second["response"]["uid"] == "uid-2" and first["response"]["uid"] == "uid-1"
+    assert decoded_patch(second) == decoded_patch(first)
+    assert second_out.decision == "inject" and second_out.patched
+
+
+def test_a_different_pod_or_namespace_is_answered_by_the_core() -> None:
+    config, memo = default_config(), admission.AnswerMemo()
+    answer(review(typical_pod(), namespace="apps"), config, memo)
+    other_label = typical_pod()
+    other_label["metadata"]["labels"]["version"] = "v2"
+    got, out = answer(review(other_label, namespace="apps"), config, memo)
+    assert out.memo == "miss"
+    revision = [op["value"] for op in decoded_patch(got)
+                if op["path"] == "/metadata/labels/service.istio.io~1canonical-revision"]
+    assert revision == ["v2"]
+    elsewhere, out = answer(review(typical_pod(), namespace="shop"), config, memo)
+    assert out.memo == "miss"
+    assert elsewhere == answer(review(typical_pod(), namespace="shop",
+                                      uid=elsewhere["response"]["uid"]), config, None)[0]
+
+
+def test_a_new_config_empties_the_memo() -> None:
+    memo = admission.AnswerMemo()
+    data = default_config().model.model_dump(by_alias=True)
+    answer(review(typical_pod()), compile_config(data), memo)
+    answer(review(typical_pod()), compile_config(data), memo)  # the same files reloaded
+    assert memo.hits == 0 and len(memo) == 1
+    data["values"]["proxy"]["image"] = data["values"]["proxy"]["envoyImage"] = "proxy-from-reload"
+    reloaded = compile_config(data)
+    got, out = answer(review(typical_pod()), reloaded, memo)
+    assert out.memo == "miss"
+    assert "proxy-from-reload" in json.dumps(decoded_patch(got))
+
+
+def test_a_refused_pod_is_refused_again_with_its_event_data() -> None:
+    config, memo = default_config(), admission.AnswerMemo()
+    bad = typical_pod(annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/33"})
+    first, _ = answer(review(bad), config, memo)
+    second, out = answer(review(bad), config, memo)
+    assert out.memo == "hit" and out.decision == "reject"
+    assert second["response"]["allowed"] is False
+    assert second["response"]["status"] == first["response"]["status"]
+    assert out.pod is not None  # the Event for the refusal still names the pod's owner
+
+
+def test_the_memo_is_bounded_in_entries_bytes_and_pod_size() -> None:
+    config = default_config()
+    memo = admission.AnswerMemo(max_entries=3, max_pod_bytes=16 << 10)
+    for n in range(10):
+        pod = typical_pod()
+        pod["metadata"]["labels"]["n"] = str(n)
+        answer(review(pod), config, memo)
+    assert len(memo) == 3
+    big = typical_pod(annotations={"note": "x" * (20 << 10)})
+    _, out = answer(review(big), config, memo)
+    _, again = answer(review(big), config, memo)
+    assert (out.memo, again.memo) == ("", "")  # over max_pod_bytes: never remembered
+    small_budget = admission.AnswerMemo(max_bytes=64 << 10)
+    for n in range(40):
+        pod = typical_pod()
+        pod["metadata"]["labels"]["n"] = str(n)
+        answer(review(pod), config, small_budget)
+    assert 0 < len(small_budget) < 40
+    assert small_budget._bytes <= 64 << 10
+
+
+def test_the_server_counts_and_logs_memo_hits(webhook: RunningServer) -> None:
+    pod = typical_pod("memo-replica")
+    with webhook.client() as client:
+        answers = [client.post("/inject", json=review(copy.deepcopy(pod), namespace="memo-ns")).json()
+                   for _ in range(3)]
+        metrics = client.get("/metrics").text
+    assert len({json.dumps(decoded_patch(a)) for a in answers}) == 1
+    lines = [line for line in webhook.logs() if line.get("pod") == "memo-replica-5d9c7b-"]
+    assert [line.get("memo") for line in lines[-3:]] == ["miss", "hit", "hit"]
+    hits = [line for line in metrics.splitlines()
+            if line.startswith('mesh_injector_answer_memo_total{result="hit"}')]
+    assert hits and float(hits[0].split()[-1]) >= 2
