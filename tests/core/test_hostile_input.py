@@ -130,3 +130,19 @@ def test_a_deeply_nested_app_probers_value_in_an_earlier_proxy_is_ignored() -> N
         {"name": "istio-proxy", "image": "proxy", "env": [{"name": "ISTIO_KUBE_APP_PROBERS", "value": DEEP}]})
     result = inject(again)
     assert result.decision is Decision.INJECT
+
+
+def test_a_deeply_nested_saved_prometheus_value_in_an_earlier_proxy_is_ignored() -> None:
+    """Re-injection undoes the earlier Prometheus merge from ISTIO_PROMETHEUS_ANNOTATIONS in the
+    pod's istio-proxy: nested past the parser's recursion it counts as absent (the app's own
+    scrape annotations are not restored), not an exception out of the core."""
+    again = pod({"sidecar.istio.io/status": '{"containers":["istio-proxy"]}',
+                 "prometheus.io/scrape": "true", "prometheus.io/port": "15020",
+                 "prometheus.io/path": "/stats/prometheus"})
+    again["spec"]["containers"].append(
+        {"name": "istio-proxy", "image": "proxy",
+         "env": [{"name": "ISTIO_PROMETHEUS_ANNOTATIONS", "value": DEEP}]})
+    result = inject(again)
+    assert result.decision is Decision.INJECT
+    annotations = result.mutated["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "15020"  # merged again, nothing of the saved value
