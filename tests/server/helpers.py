@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,52 @@ def read_response(conn: ssl.SSLSocket, timeout: float = 10.0) -> bytes:
     except (TimeoutError, ssl.SSLError, ConnectionError):
         pass
     return data
+
+
+def duplex(conn: ssl.SSLSocket, payload: bytes, done: Callable[[bytes], bool],
+           timeout: float = 60.0) -> bytes:
+    """Send ``payload`` while reading what comes back, from this one thread, until
+    ``done(received)`` or the server closes; returns what was received.
+
+    A client that must write more than the server reads before answering (pipelined requests,
+    a flood the server cuts off) needs to read while it writes. One SSLSocket must not be
+    written by one thread while another reads it (OpenSSL's rule for one SSL object): a sender
+    thread beside the reader made the read see a false end of stream under load.
+    """
+    conn.setblocking(False)
+    view, sent, received = memoryview(payload), 0, b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not done(received):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"sent {sent} of {len(view)} bytes, received {len(received)}")
+            writing = sent < len(view)
+            if conn.pending():
+                readable, writable = True, False
+            else:
+                ready_r, ready_w, _ = select.select([conn], [conn] if writing else [], [], left)
+                readable, writable = bool(ready_r), bool(ready_w)
+            if writable:
+                try:
+                    sent += conn.send(view[sent:sent + 256 * 1024])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass  # retried with the same bytes, as OpenSSL requires
+                except OSError:
+                    sent = len(view)  # the server hung up mid-send: read what it said
+            if readable:
+                try:
+                    chunk = conn.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+                except (ssl.SSLError, ConnectionError):
+                    chunk = b""
+                if not chunk:
+                    break
+                received += chunk
+    finally:
+        conn.setblocking(True)
+    return received
 
 
 def serve_command() -> list[str]:

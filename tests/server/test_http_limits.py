@@ -18,7 +18,15 @@ import pytest
 import yaml
 
 from tests.server.fake_apiserver import DEV_TOKEN, FakeApiServer
-from tests.server.helpers import RunningServer, read_response, review, start_server, tls_connect, typical_pod
+from tests.server.helpers import (
+    RunningServer,
+    duplex,
+    read_response,
+    review,
+    start_server,
+    tls_connect,
+    typical_pod,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,21 +66,8 @@ def test_64_mib_header_is_refused_and_never_reaches_a_token_review(
     reviews_before = len(fake_api.calls("/tokenreviews"))
     conn = tls_connect(webhook)
     head = b"POST /dry-run HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer "
-
-    def flood() -> None:
-        try:
-            conn.sendall(head)
-            chunk = b"A" * (1024 * 1024)
-            for _ in range(64):
-                conn.sendall(chunk)
-            conn.sendall(b"\r\n\r\n")
-        except OSError:
-            pass  # the server hung up, as it should
-
-    sender = threading.Thread(target=flood, daemon=True)
-    sender.start()
-    answer = read_response(conn)
-    sender.join(10)
+    # 64 MiB of header, read while written: the server answers and hangs up long before the end.
+    answer = duplex(conn, head + b"A" * (64 << 20) + b"\r\n\r\n", lambda got: False)
     conn.close()
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert b"--max-header-bytes" in answer

@@ -11,14 +11,21 @@ from __future__ import annotations
 import json
 import re
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.server.helpers import RunningServer, decoded_patch, read_response, review, tls_connect, typical_pod
+from tests.server.helpers import (
+    RunningServer,
+    decoded_patch,
+    duplex,
+    read_response,
+    review,
+    tls_connect,
+    typical_pod,
+)
 
 
 def inject_bytes(body: bytes, target: str = "/inject", extra: str = "") -> bytes:
@@ -131,12 +138,13 @@ def test_many_pipelined_requests_behind_a_slow_one_are_all_answered(webhook: Run
     count = 2000
     requests = b"".join(inject_bytes(b'{"uid": %d}' % i) for i in range(count))
     conn = tls_connect(webhook, timeout=30)
-    sender = threading.Thread(target=conn.sendall, args=(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"
-                                                         + requests,), daemon=True)
-    sender.start()
-    answers = read_n(conn, count + 1)
-    sender.join(10)
+    payload = b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n" + requests
+    received = duplex(conn, payload, lambda got: got.count(b"HTTP/1.1 ") >= count + 1)
     conn.close()
+    answers, rest = [], received
+    while (found := split_response(rest)) is not None:
+        answer, rest = found
+        answers.append(answer)
     assert b"mesh_injector_requests_total" in answers[0][2]
     assert {a[0] for a in answers[1:]} == {b"HTTP/1.1 400 Bad Request"}  # no AdmissionReview envelope
     assert len(answers) == count + 1
