@@ -1,7 +1,8 @@
 """Load generator and echo server for bench_dataplane, run inside a pod's netns (stdlib + uvloop).
 
 ``serve PORT``: a minimal keep-alive HTTP/1.1 server answering every request ``200 ok``.
-``open HOST PORT RATE SECONDS MODE``: open loop at a fixed RATE; request i is due at
+``open HOST PORT RATE SECONDS MODE``: open loop at a fixed RATE (after 0.5 s not counted, at the same
+rate: the new interpreter's own warm-up); request i is due at
 ``start + i/RATE`` and its latency counts from that due time, so a slow proxy cannot hide behind
 back-pressure (no coordinated omission). MODE:
 - ``keepalive``: a pool of persistent connections, the most recently used one taken first, as
@@ -36,6 +37,8 @@ REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
 REQUEST_CLOSE = b"GET /bench HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 POOL = 64
+#: Seconds of requests at the run's rate before the measured ones (see ``_run``).
+WARMUP_S = 0.5
 
 
 async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -111,7 +114,9 @@ class _Target:
         return {"latencies_us": self.latencies, "late_us": self.late, "errors": self.errors}
 
 
-async def _one(target: _Target, due: float, mode: str) -> None:
+async def _one(target: _Target, due: float, mode: str, record: bool = True) -> None:
+    if not record:  # warm-up: the same work, not counted
+        target = _Target(target.connect) if mode == "newconn" else _Warmup(target)
     try:
         if mode != "newconn":
             reader, writer = await target.idle.get()
@@ -130,15 +135,28 @@ async def _one(target: _Target, due: float, mode: str) -> None:
         target.errors += 1
 
 
+class _Warmup(_Target):
+    """A target's connections, for requests whose timings are not kept."""
+
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target.connect)
+        self.idle = target.idle
+
+
 async def _run(targets: list[_Target], rate: float, seconds: float, mode: str) -> None:
-    """Request i is due at start + i/rate and goes to the i-th target of the current cycle."""
+    """Request i is due at start + i/rate and goes to the i-th target of the current cycle.
+
+    The first ``WARMUP_S`` seconds of requests run at the same rate on the same connections but
+    are not counted: each run is a new interpreter, and its first requests measured its own
+    warm-up (code paths, allocator, the connections' first use), not the path under test."""
     if mode != "newconn":
         for target in targets:
             if mode == "spread":
                 target.idle = asyncio.Queue()
             for _ in range(POOL):
                 target.idle.put_nowait(await target.connect())
-    total = int(rate * seconds)
+    warmup = int(rate * WARMUP_S)
+    total = warmup + int(rate * seconds)
     rng = random.Random(13)
     order: list[_Target] = []
     loop = asyncio.get_running_loop()
@@ -152,7 +170,7 @@ async def _run(targets: list[_Target], rate: float, seconds: float, mode: str) -
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(loop.create_task(_one(order.pop(), due, mode)))
+        tasks.append(loop.create_task(_one(order.pop(), due, mode, record=i >= warmup)))
     await asyncio.gather(*tasks)
 
 
