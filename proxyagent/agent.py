@@ -375,11 +375,13 @@ def run(
     return 0
 
 
-def wait(url: str, timeout: float, period: float = 0.05) -> int:
+def wait(url: str, timeout: float, period: float = 0.01) -> int:
     """Block until ``url`` answers HTTP 200 (Envoy ready), for holdApplicationUntilProxyStarts.
 
     The kubelet runs this as the proxy's postStart hook and starts the app when it returns, so
-    it polls often and stays light (a raw HTTP/1.1 request, no http.client to import)."""
+    it polls often and stays light (a raw HTTP/1.1 request, no http.client to import). Every
+    10 ms: until Envoy listens a poll is a refused connect (~50 us of CPU), and each 10 ms less
+    between Envoy ready and the hook's return is 10 ms less before the app starts."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"

@@ -488,7 +488,7 @@ def test_loops_recover_by_themselves_after_the_api_server_restarts(
 
             down_at, cpu_at, seen = time.monotonic(), time.process_time(), len(calls)
             # SIGTERM: it refuses new connections at once, holds open watches until it exits
-            # (this build hangs in shutdown until the test bed's SIGKILL, 15 s later).
+            # (this build hangs in shutdown until the test bed's SIGKILL, APISERVER_STOP_S later).
             own_plane.stop_apiserver()
             gone_at = time.monotonic()
             tokens.write(rotated)  # the kubelet rotates the token while the API server is away
