@@ -162,7 +162,8 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
 class _Answer:
     """The part of one answer that depends only on the pod, its namespace and the config."""
 
-    response: dict[str, Any]  # the AdmissionResponse without its uid
+    response: dict[str, Any]  # the AdmissionResponse without its uid and patch
+    patch: bytes | None  # the patch's JSON, the token volume's name as TOKEN_PLACEHOLDER
     decision: str
     reason: str
     message: str
@@ -171,16 +172,57 @@ class _Answer:
     size: int  # bytes held, for the memo's budget
 
 
-class AnswerMemo:
-    """Recent answers of the core, by (config, namespace, the pod's exact bytes).
+#: The volume the ServiceAccount admission plugin adds to every pod (before any webhook), named
+#: with a random suffix per pod: the one place a workload's replicas differ at admission.
+TOKEN_VOLUME_PREFIX = "kube-api-access-"
+#: What the memo writes for that name ('@' is never in a volume name, a DNS-1123 label).
+TOKEN_PLACEHOLDER = b'"kube-api-access-@memo@"'
 
-    A controller creates all replicas of a workload from one pod template, and at admission their
-    pods are byte-identical: the API server gives a pod its name and uid only after admission.
-    The core is a pure function of the pod, its namespace and the config, so the answer for the
-    first replica is the answer for every other; only the uid differs, and it is not kept here.
-    Keys are BLAKE2b digests of the pod's JSON (no pod is kept); the memo is emptied when the
-    config object changes (reload, cluster version) and bounded in entries and bytes. Pods larger
-    than ``max_pod_bytes`` are not memoised. Not thread-safe: one memo per event loop.
+
+@dataclass(frozen=True)
+class MemoKey:
+    digest: bytes
+    token_volume: bytes  # the pod's quoted token volume name (b"" when it has none)
+
+
+def _token_volume(pod: Mapping[str, Any]) -> bytes | None:
+    """The pod's one projected ``kube-api-access-*`` volume name, quoted as in JSON; b"" when it
+    has none; None when it has several (not memoised)."""
+    spec = pod.get("spec")
+    volumes = spec.get("volumes") if isinstance(spec, dict) else None
+    names = [v["name"] for v in volumes or () if isinstance(v, dict) and isinstance(v.get("name"), str)
+             and v["name"].startswith(TOKEN_VOLUME_PREFIX) and "projected" in v] \
+        if isinstance(volumes, list) else []
+    if len(names) > 1:
+        return None
+    return b'"' + names[0].encode() + b'"' if names else b""
+
+
+def _renamed(data: bytes, quoted: bytes, to: bytes) -> bytes | None:
+    """``data`` with every JSON string ``quoted`` replaced by ``to``; None when the name also
+    occurs inside other text (then renaming would not be exact)."""
+    if not quoted:
+        return data
+    if data.count(quoted[1:-1]) != data.count(quoted):
+        return None
+    return data.replace(quoted, to)
+
+
+class AnswerMemo:
+    """Recent answers of the core, by (config, namespace, the pod's bytes but for two fields).
+
+    A controller creates all replicas of a workload from one pod template. At admission they
+    differ in two places only, as seen on kube-apiserver 1.37: the name of the projected token
+    volume the ServiceAccount plugin adds (``kube-api-access-<random>``, in the volume and each
+    container's mount) and ``managedFields`` (a timestamp); the API server gives a pod its name
+    and uid only after admission. The core never reads ``managedFields`` and treats the volume's
+    name as an opaque name, so the key leaves out the one and writes a placeholder for the other,
+    and a hit gets the remembered answer with its own volume name put back. The core is a pure
+    function of the pod, its namespace and the config, so that is the answer the core would
+    give. Whatever else differs makes a miss. Keys are BLAKE2b digests (no pod is kept); a name
+    that also occurs in other text is not memoised; the memo is emptied when the config object
+    changes (reload, cluster version) and bounded in entries and bytes; pods larger than
+    ``max_pod_bytes`` are not memoised. Not thread-safe: one memo per event loop.
     """
 
     def __init__(self, max_entries: int = 512, max_bytes: int = 4 << 20,
@@ -191,37 +233,44 @@ class AnswerMemo:
         self._config: Any = None
         self.hits = self.misses = 0
 
-    def key(self, config: Any, namespace: str, pod: Mapping[str, Any]) -> bytes | None:
+    def key(self, config: Any, namespace: str, pod: Mapping[str, Any]) -> MemoKey | None:
         """The pod's key under ``config``; None when it is not to be memoised."""
         if config is not self._config:
             self._answers.clear()
             self._bytes, self._config = 0, config
+        meta = pod.get("metadata")
+        if isinstance(meta, dict) and "managedFields" in meta:
+            pod = {**pod, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        token = _token_volume(pod)
         try:
             encoded = orjson.dumps(pod)
         except TypeError:  # not JSON as the API server sends it: do not memoise
             return None
-        if len(encoded) > self.max_pod_bytes:
+        if token is None or len(encoded) > self.max_pod_bytes or TOKEN_PLACEHOLDER[1:-1] in encoded:
             return None
-        digest = hashlib.blake2b(encoded, digest_size=32)
+        normal = _renamed(encoded, token, TOKEN_PLACEHOLDER)
+        if normal is None:
+            return None
+        digest = hashlib.blake2b(normal, digest_size=32)
         digest.update(b"\0" + namespace.encode())
-        return digest.digest()
+        return MemoKey(digest.digest(), token)
 
-    def get(self, key: bytes) -> _Answer | None:
-        answer = self._answers.get(key)
+    def get(self, key: MemoKey) -> _Answer | None:
+        answer = self._answers.get(key.digest)
         if answer is None:
             self.misses += 1
             return None
-        self._answers.move_to_end(key)
+        self._answers.move_to_end(key.digest)
         self.hits += 1
         return answer
 
-    def put(self, key: bytes, answer: _Answer) -> None:
+    def put(self, key: MemoKey, answer: _Answer) -> None:
         if answer.size > self.max_bytes // 4:
             return
-        old = self._answers.pop(key, None)
+        old = self._answers.pop(key.digest, None)
         if old is not None:
             self._bytes -= old.size
-        self._answers[key] = answer
+        self._answers[key.digest] = answer
         self._bytes += answer.size
         while len(self._answers) > self.max_entries or self._bytes > self.max_bytes:
             _, evicted = self._answers.popitem(last=False)
@@ -305,9 +354,9 @@ def review_request(
 
     key = memo.key(config, out.namespace, pod) if memo is not None else None
     known = memo.get(key) if memo is not None and key is not None else None
-    if known is not None:
+    if known is not None and key is not None:
         out.memo = "hit"
-        return _answer_again(api_version, uid, pod, out, known)
+        return _answer_again(api_version, uid, pod, out, known, key)
     if key is not None:
         out.memo = "miss"
 
@@ -327,29 +376,49 @@ def review_request(
         message = f"{reason.code.value}: {reason.message}"
         response["status"] = {"code": 400, "reason": "BadRequest", "message": message}
         out.pod = pod
-    elif result.patch:
+    patch: bytes | None = None
+    if result.decision is not Decision.REJECT and result.patch:
         response["patchType"] = "JSONPatch"
         # The core's own encoding when it made one (it measured it against its patch limit).
-        response["patch"] = base64.b64encode(result.patch_json or dumps(result.patch)).decode()
+        patch = result.patch_json or dumps(result.patch)
+        response["patch"] = base64.b64encode(patch).decode()
         out.patched = True
     if result.warnings:
         response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]
         out.pod = pod
     if memo is not None and key is not None:
-        kept = {k: v for k, v in response.items() if k != "uid"}
-        memo.put(key, _Answer(kept, out.decision, out.reason, out.message, tuple(out.warnings),
-                              out.patched, len(response.get("patch", "")) + len(out.message) + 256))
+        _remember(memo, key, response, patch, out)
     return encode_response(api_version, response), out
 
 
+def _remember(memo: AnswerMemo, key: MemoKey, response: AdmissionResponse, patch: bytes | None,
+              out: Outcome) -> None:
+    """Keep this answer for the pod's replicas, the token volume's name as the placeholder
+    (unless the name also occurs in other text: then the answer is not kept)."""
+    name = key.token_volume[1:-1].decode()
+    texts = [out.message, *(w.message for w in out.warnings), json.dumps(response.get("status", ""))]
+    if name and any(name in text for text in texts):
+        return
+    normal = _renamed(patch, key.token_volume, TOKEN_PLACEHOLDER) if patch is not None else None
+    if patch is not None and normal is None:
+        return
+    kept = {k: ("" if k == "patch" else v) for k, v in response.items() if k != "uid"}  # patch: per hit
+    memo.put(key, _Answer(kept, normal, out.decision, out.reason, out.message, tuple(out.warnings),
+                          out.patched, len(normal or b"") + len(out.message) + 256))
+
+
 def _answer_again(api_version: str, uid: str, pod: Mapping[str, Any], out: Outcome,
-                  known: _Answer) -> tuple[bytes, Outcome]:
-    """A memoised answer under this request's uid, with its own Outcome (logs, metrics, Events)."""
+                  known: _Answer, key: MemoKey) -> tuple[bytes, Outcome]:
+    """A memoised answer under this request's uid and with this pod's token volume name, with
+    its own Outcome (logs, metrics, Events)."""
     out.decision, out.reason, out.message = known.decision, known.reason, known.message
     out.warnings, out.patched = list(known.warnings), known.patched
     if known.warnings or known.decision == Decision.REJECT.value:
         out.pod = pod
     response: AdmissionResponse = {"uid": uid, **known.response}  # type: ignore[typeddict-item]
+    if known.patch is not None:
+        patch = known.patch.replace(TOKEN_PLACEHOLDER, key.token_volume) if key.token_volume else known.patch
+        response["patch"] = base64.b64encode(patch).decode()
     return encode_response(api_version, response), out
 
 

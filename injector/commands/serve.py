@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "answers; for comparison) (default: %(default)s)")
     parser.add_argument("--answer-memo", type=int, default=512, metavar="ENTRIES",
                         help="remember the answers for this many distinct pods: a replica of a pod "
-                             "already answered (byte-identical at admission, same namespace and "
+                             "already answered (the same at admission but for its token volume's name "
+                             "and managedFields, same namespace and "
                              "config) is answered again without the injection core; 0 turns it off "
                              "(default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,

@@ -1,9 +1,10 @@
 """The answer memo: a replica of a pod already answered gets the same answer, without the core.
 
-A workload's replicas reach the webhook as byte-identical pods (the API server names a pod and
-gives it a uid after admission). The answer depends only on the pod, its namespace and the
-config, so the webhook may remember it; these tests hold it to giving exactly the answer the
-core would, under the request's own uid, and to forgetting at the right times.
+A workload's replicas reach the webhook as the same pod but for the token volume's random name
+and managedFields (the API server names a pod and gives it a uid after admission). The answer
+depends only on the pod, its namespace and the config, so the webhook may remember it; these
+tests hold it to giving exactly the answer the core would, under the request's own uid and with
+the pod's own volume name, and to forgetting at the right times.
 """
 
 from __future__ import annotations
@@ -108,3 +109,43 @@ def test_the_server_counts_and_logs_memo_hits(webhook: RunningServer) -> None:
     hits = [line for line in metrics.splitlines()
             if line.startswith('mesh_injector_answer_memo_total{result="hit"}')]
     assert hits and float(hits[0].split()[-1]) >= 2
+
+
+def replica(suffix: str, second: int = 0, **meta: Any) -> dict[str, Any]:
+    """A pod as kube-apiserver hands a Deployment's replica to webhooks: the ServiceAccount
+    plugin's token volume (random name, mounted in every container) and managedFields added."""
+    pod = typical_pod(**meta)
+    name = f"kube-api-access-{suffix}"
+    pod["spec"]["volumes"] = [{"name": name, "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}]}}]
+    for container in pod["spec"]["containers"]:
+        container["volumeMounts"] = [{"name": name, "readOnly": True,
+                                      "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]
+    pod["metadata"]["managedFields"] = [{"manager": "kube-controller-manager", "operation": "Update",
+                                         "time": f"2026-12-01T18:22:0{second}Z"}]
+    return pod
+
+
+def test_replicas_differing_in_token_volume_name_and_managed_fields_hit() -> None:
+    """As seen on kube-apiserver 1.37: replicas differ in the token volume's random name and in
+    managedFields. The second replica is a hit, and its answer is the core's answer for it: its
+    own volume name throughout the patch, none of the first's."""
+    config, memo = default_config(), admission.AnswerMemo()
+    first, _ = answer(review(replica("q5cjn"), uid="a"), config, memo)
+    second, out = answer(review(replica("bbmk8", second=1), uid="b"), config, memo)
+    assert out.memo == "hit"
+    assert second == answer(review(replica("bbmk8", second=1), uid="b"), config, None)[0]
+    patch = json.dumps(decoded_patch(second))
+    assert "kube-api-access-bbmk8" in patch and "q5cjn" not in patch and "@memo@" not in patch
+    assert "kube-api-access-q5cjn" in json.dumps(decoded_patch(first))
+
+
+def test_a_token_volume_name_that_also_occurs_elsewhere_is_not_memoised() -> None:
+    """Renaming would not be exact if the name were also part of other text."""
+    config, memo = default_config(), admission.AnswerMemo()
+    noted = replica("zz9x1", annotations={"note": "uses kube-api-access-zz9x1 for the API"})
+    _, out = answer(review(noted), config, memo)
+    assert out.memo == ""
+    sneaky = replica("abcde", annotations={"note": "kube-api-access-@memo@"})
+    _, out = answer(review(sneaky), config, memo)
+    assert out.memo == ""

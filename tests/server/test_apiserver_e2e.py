@@ -140,7 +140,8 @@ def test_deployment_in_labelled_namespace_gets_injected_pods(cluster: Cluster) -
         status = json.loads(stored["metadata"]["annotations"]["sidecar.istio.io/status"])
         assert status["revision"] == "default"
     # The API server names a pod and gives it a uid after admission: the two replicas reached the
-    # webhook as the same bytes, and the second was answered from the answer memo.
+    # webhook differing only in their token volume's name and managedFields, and the second was
+    # answered from the answer memo.
     reviews = [line.get("memo") for line in cluster.server.logs()
                if line.get("namespace") == ns and line.get("operation") == "CREATE"]
     assert sorted(reviews) == ["hit", "miss"], reviews
