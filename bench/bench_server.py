@@ -211,14 +211,18 @@ def run_wrk(
 
 #: Stands for the request number in the body of ``write_fixtures(distinct=True)``.
 DISTINCT_MARK = "@@N@@"
+#: Stands for the token volume's per-pod suffix in the body of ``write_fixtures``.
+TOKEN_MARK = "@@T@@"
 
 
 def write_fixtures(tmp: Path, distinct: bool = False) -> tuple[Path, Path]:
     """CA, serving pair, the review body and wrk's script in ``tmp``: (body, script).
 
-    Every request is the same review (the replicas of one workload, as a ReplicaSet creates
-    them), unless ``distinct``: then each wrk thread numbers its requests into the pod's
-    ``version`` label, so no two reviews carry the same pod (every pod of its own workload).
+    Every request is the same pod as kube-apiserver hands a workload's replicas to webhooks: the
+    ServiceAccount plugin's token volume (mounted in every container) named anew per request,
+    ``kube-api-access-<thread><n>``, as the plugin names it at random per pod. With ``distinct``
+    each wrk thread also numbers its requests into the pod's ``version`` label, so no two reviews
+    carry the same pod (every pod of its own workload).
     """
     ca = pki.make_ca("bench CA")
     serving = pki.issue_serving_cert(ca, ["127.0.0.1"])
@@ -226,20 +230,30 @@ def write_fixtures(tmp: Path, distinct: bool = False) -> tuple[Path, Path]:
     (tmp / "tls.crt").write_bytes(serving.cert_pem)
     (tmp / "tls.key").write_bytes(serving.key_pem)
     review = typical_review()
+    pod = review["request"]["object"]
+    token = f"kube-api-access-{TOKEN_MARK}"
+    pod["spec"]["volumes"].append({"name": token, "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}]}})
+    for container in pod["spec"]["containers"]:
+        container.setdefault("volumeMounts", []).append(
+            {"name": token, "readOnly": True, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
     body = tmp / ("review-distinct.json" if distinct else "review.json")
     if distinct:
-        review["request"]["object"]["metadata"]["labels"]["version"] = DISTINCT_MARK
+        pod["metadata"]["labels"]["version"] = DISTINCT_MARK
     body.write_text(json.dumps(review))
     script = tmp / ("post-distinct.lua" if distinct else "post.lua")
+    version = f'  body = body:gsub("{DISTINCT_MARK}", "v" .. id .. "-" .. sent)\n' if distinct else ""
     numbered = (
-        f'local head, tail = wrk.body:match("^(.-){DISTINCT_MARK}(.*)$")\n'
+        'local template = wrk.body\n'
         'local threads, sent = 0, 0\n'
         'setup = function(thread) threads = threads + 1; thread:set("id", threads) end\n'
         'request = function()\n'
         '  sent = sent + 1\n'
-        '  return wrk.format(nil, nil, nil, head .. "v" .. id .. "-" .. sent .. tail)\n'
+        f'  local body = template:gsub("{TOKEN_MARK}", string.format("%d%05d", id, sent % 100000))\n'
+        + version +
+        '  return wrk.format(nil, nil, nil, body)\n'
         'end\n'
-    ) if distinct else ""
+    )
     script.write_text(
         'wrk.method = "POST"\n'
         f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
