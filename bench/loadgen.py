@@ -115,32 +115,25 @@ class _Target:
 
 
 async def _one(target: _Target, due: float, mode: str, record: bool = True) -> None:
-    if not record:  # warm-up: the same work, not counted
-        target = _Target(target.connect) if mode == "newconn" else _Warmup(target)
+    """One request on ``target``'s connections; its timings go to ``target`` when ``record``
+    (a warm-up request's to a collector that is dropped)."""
+    sink = target if record else _Target(target.connect)
     try:
         if mode != "newconn":
             reader, writer = await target.idle.get()
-            target.late.append(int((time.perf_counter() - due) * 1e6))
+            sink.late.append(int((time.perf_counter() - due) * 1e6))
             writer.write(REQUEST)
             await _read_response(reader)
             target.idle.put_nowait((reader, writer))
         else:
-            target.late.append(int((time.perf_counter() - due) * 1e6))
+            sink.late.append(int((time.perf_counter() - due) * 1e6))
             reader, writer = await target.connect()
             writer.write(REQUEST_CLOSE)
             await _read_response(reader)
             writer.close()
-        target.latencies.append(int((time.perf_counter() - due) * 1e6))
+        sink.latencies.append(int((time.perf_counter() - due) * 1e6))
     except (OSError, asyncio.IncompleteReadError):
-        target.errors += 1
-
-
-class _Warmup(_Target):
-    """A target's connections, for requests whose timings are not kept."""
-
-    def __init__(self, target: _Target) -> None:
-        super().__init__(target.connect)
-        self.idle = target.idle
+        sink.errors += 1
 
 
 async def _run(targets: list[_Target], rate: float, seconds: float, mode: str) -> None:

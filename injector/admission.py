@@ -327,11 +327,10 @@ def review_request(
 ) -> tuple[bytes, Outcome]:
     """Answer one decoded request (``parse_review``'s result); with ``memo``, a pod answered
     before under the same config and namespace is answered again without the core."""
+    core = _core_inject()
     if inject is None:
-        from injector.core import inject as core_inject
-
-        inject = core_inject
-    elif inject is not _core_inject():
+        inject = core
+    elif inject is not core:
         memo = None  # a stand-in core (tests): its answers are not the core's to remember
     uid = request["uid"]
     out = _outcome(request)
@@ -353,11 +352,11 @@ def review_request(
                       "object", 400)
 
     key = memo.key(config, out.namespace, pod) if memo is not None else None
-    known = memo.get(key) if memo is not None and key is not None else None
-    if known is not None and key is not None:
-        out.memo = "hit"
-        return _answer_again(api_version, uid, pod, out, known, key)
-    if key is not None:
+    if memo is not None and key is not None:
+        known = memo.get(key)
+        if known is not None:
+            out.memo = "hit"
+            return _answer_again(api_version, uid, pod, out, known, key)
         out.memo = "miss"
 
     try:
@@ -396,8 +395,8 @@ def _remember(memo: AnswerMemo, key: MemoKey, response: AdmissionResponse, patch
     """Keep this answer for the pod's replicas, the token volume's name as the placeholder
     (unless the name also occurs in other text: then the answer is not kept)."""
     name = key.token_volume[1:-1].decode()
-    texts = [out.message, *(w.message for w in out.warnings), json.dumps(response.get("status", ""))]
-    if name and any(name in text for text in texts):
+    # The status message, if any, is made of out.message: checking that covers both.
+    if name and any(name in text for text in (out.message, *(w.message for w in out.warnings))):
         return
     normal = _renamed(patch, key.token_volume, TOKEN_PLACEHOLDER) if patch is not None else None
     if patch is not None and normal is None:

@@ -90,7 +90,7 @@ class ServerState:
     dry_run: Any = None  # injector.dryrun_runner.DryRunRunner; None: built on first use
     worker: int = 0  # index of this uvicorn worker (0 with one worker)
     workers: int = 1
-    answer_memo: int = 512  # identical pods (replicas) answered again without the core; 0: off
+    answer_memo: int = 512  # replicas answered again without the core (admission.AnswerMemo); 0: off
 
     def publish_metrics(self) -> None:
         """Set this process's gauges from the loaded state (after start-up and after a fork)."""

@@ -230,8 +230,8 @@ class InjectorMetrics:
                               ("result",), batched=False)
         self.answer_memo = counter(
             "mesh_injector_answer_memo_total",
-            "Pod CREATE reviews by whether the answer was known from an identical pod (hit: a replica "
-            "of a pod already answered under the same config and namespace) or computed (miss).",
+            "Pod CREATE reviews by whether the answer was remembered (hit: a replica of a pod already "
+            "answered under the same config and namespace) or computed by the core (miss).",
             ("result",))
         self.timeouts = counter("mesh_injector_admission_timeouts_total",
                                 "Admission reviews answered Timeout because the request deadline passed.")
