@@ -168,7 +168,8 @@ def print_webhook(results: dict[Point, dict[str, Any]], duration: int, rounds: i
     codes = sorted({code for code, _, _ in results}, key=lambda c: (c != "base", c != "new", c))
     print(f"\nWebhook curve ({os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min), "
           f"wrk -t<={wrk_threads} {duration} s per point x {rounds} round(s), HTTPS keep-alive, typical pod, "
-          + ("every review a different pod" if distinct else "every review the same pod (replicas)")
+          + ("every review a different pod" if distinct
+             else "replicas: the same pod, its token volume named anew each time")
           + (f"; base = {baseline}" if baseline else "")
           + "".join(f"; {name} = this tree with {shlex.join(flags)}" for name, flags in variants)
           + ("; new = this tree, alternating" if baseline or variants else "") + "):")
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="webhook: wrk threads (each one more runnable thread on the shared cores) "
                              "(default: %(default)s)")
     parser.add_argument("--pods", choices=["replicas", "distinct"], default="replicas",
-                        help="webhook: every review the same pod, as a workload's replicas arrive "
+                        help="webhook: every review the same pod but for its token volume's name, as a "
+                             "workload's replicas arrive from kube-apiserver "
                              "(answered from the answer memo after the first), or each a different "
                              "pod (every review through the core) (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None,
