@@ -10,7 +10,7 @@ raises becomes ``allowed: false`` naming the problem, never an HTTP 500.
 from __future__ import annotations
 
 import base64
-import hashlib
+import binascii
 import json
 import logging
 from collections import OrderedDict
@@ -160,16 +160,41 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class _Answer:
-    """The part of one answer that depends only on the pod, its namespace and the config."""
+    """One answer as the core gave it, kept so that a replica's answer is made by splicing:
+    the encoded AdmissionReview around its uid, and the patch's base64 in ``tail``, where only
+    the 4-character groups over the token volume's name are encoded again for another name."""
 
-    response: dict[str, Any]  # the AdmissionResponse without its uid and patch
-    patch: bytes | None  # the patch's JSON, the token volume's name as TOKEN_PLACEHOLDER
+    head: bytes  # the encoded AdmissionReview up to the response's uid
+    tail: bytes  # the rest of it after the uid: the patch's base64 is at ``b64_at``
+    patch: bytes | None  # the patch's JSON, with the first pod's token volume name
+    name: bytes  # that name (b"" when the pod had none)
+    offsets: tuple[int, ...]  # where it starts in ``patch``
+    b64_at: int  # where the patch's base64 starts in ``tail``
     decision: str
     reason: str
     message: str
     warnings: tuple[Reason, ...]
     patched: bool
     size: int  # bytes held, for the memo's budget
+
+    def tail_for(self, name: bytes) -> bytes:
+        """``tail`` as if the pod's token volume were called ``name``."""
+        if not self.offsets or name == self.name or self.patch is None:
+            return self.tail
+        size, tail = len(self.name), self.tail
+        old_end = self.b64_at + 4 * -(-len(self.patch) // 3)
+        if len(name) != size:  # another length shifts every later group: encode it all again
+            renamed = self.patch.replace(b'"' + self.name + b'"', b'"' + name + b'"')
+            return tail[:self.b64_at] + binascii.b2a_base64(renamed, newline=False) + tail[old_end:]
+        patch, out = bytearray(self.patch), bytearray(tail)
+        for at in self.offsets:
+            patch[at:at + size] = name
+        for at in self.offsets:  # only the 3-byte groups the name touches
+            start, end = at - at % 3, min(len(patch), -(-(at + size) // 3) * 3)
+            chunk = binascii.b2a_base64(patch[start:end], newline=False)
+            where = self.b64_at + start // 3 * 4
+            out[where:where + len(chunk)] = chunk
+        return bytes(out)
 
 
 #: The volume the ServiceAccount admission plugin adds to every pod (before any webhook), named
@@ -181,7 +206,7 @@ TOKEN_PLACEHOLDER = b'"kube-api-access-@memo@"'
 
 @dataclass(frozen=True)
 class MemoKey:
-    digest: bytes
+    exact: bytes  # namespace, apiVersion and the pod's JSON, its token volume as the placeholder
     token_volume: bytes  # the pod's quoted token volume name (b"" when it has none)
 
 
@@ -219,9 +244,10 @@ class AnswerMemo:
     name as an opaque name, so the key leaves out the one and writes a placeholder for the other,
     and a hit gets the remembered answer with its own volume name put back. The core is a pure
     function of the pod, its namespace and the config, so that is the answer the core would
-    give. Whatever else differs makes a miss. Keys are BLAKE2b digests (no pod is kept); a name
-    that also occurs in other text is not memoised; the memo is emptied when the config object
-    changes (reload, cluster version) and bounded in entries and bytes; pods larger than
+    give. Whatever else differs makes a miss. Keys are the exact bytes, not digests: a dict
+    compares them on a hit, so no two pods can share a key. A name that also occurs in other
+    text is not memoised; the memo is emptied when the config object changes (reload, cluster
+    version) and bounded in entries and bytes, keys included; pods larger than
     ``max_pod_bytes`` are not memoised. Not thread-safe: one memo per event loop.
     """
 
@@ -233,7 +259,7 @@ class AnswerMemo:
         self._config: Any = None
         self.hits = self.misses = 0
 
-    def key(self, config: Any, namespace: str, pod: Mapping[str, Any]) -> MemoKey | None:
+    def key(self, config: Any, namespace: str, api_version: str, pod: Mapping[str, Any]) -> MemoKey | None:
         """The pod's key under ``config``; None when it is not to be memoised."""
         if config is not self._config:
             self._answers.clear()
@@ -251,30 +277,29 @@ class AnswerMemo:
         normal = _renamed(encoded, token, TOKEN_PLACEHOLDER)
         if normal is None:
             return None
-        digest = hashlib.blake2b(normal, digest_size=32)
-        digest.update(b"\0" + namespace.encode())
-        return MemoKey(digest.digest(), token)
+        return MemoKey(orjson.dumps([namespace, api_version]) + normal, token)  # a JSON array ends itself
 
     def get(self, key: MemoKey) -> _Answer | None:
-        answer = self._answers.get(key.digest)
+        answer = self._answers.get(key.exact)
         if answer is None:
             self.misses += 1
             return None
-        self._answers.move_to_end(key.digest)
+        self._answers.move_to_end(key.exact)
         self.hits += 1
         return answer
 
     def put(self, key: MemoKey, answer: _Answer) -> None:
-        if answer.size > self.max_bytes // 4:
+        size = answer.size + len(key.exact)
+        if size > self.max_bytes // 4:
             return
-        old = self._answers.pop(key.digest, None)
+        old = self._answers.pop(key.exact, None)
         if old is not None:
-            self._bytes -= old.size
-        self._answers[key.digest] = answer
-        self._bytes += answer.size
+            self._bytes -= old.size + len(key.exact)
+        self._answers[key.exact] = answer
+        self._bytes += size
         while len(self._answers) > self.max_entries or self._bytes > self.max_bytes:
-            _, evicted = self._answers.popitem(last=False)
-            self._bytes -= evicted.size
+            exact, evicted = self._answers.popitem(last=False)
+            self._bytes -= evicted.size + len(exact)
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -351,12 +376,12 @@ def review_request(
                       f"{MALFORMED_OBJECT}: the AdmissionReview request for a pod CREATE carries no pod "
                       "object", 400)
 
-    key = memo.key(config, out.namespace, pod) if memo is not None else None
+    key = memo.key(config, out.namespace, api_version, pod) if memo is not None else None
     if memo is not None and key is not None:
         known = memo.get(key)
         if known is not None:
             out.memo = "hit"
-            return _answer_again(api_version, uid, pod, out, known, key)
+            return _answer_again(uid, pod, out, known, key)
         out.memo = "miss"
 
     try:
@@ -385,40 +410,59 @@ def review_request(
     if result.warnings:
         response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]
         out.pod = pod
+    encoded = encode_response(api_version, response)
     if memo is not None and key is not None:
-        _remember(memo, key, response, patch, out)
-    return encode_response(api_version, response), out
+        _remember(memo, key, encoded, response, patch, out)
+    return encoded, out
 
 
-def _remember(memo: AnswerMemo, key: MemoKey, response: AdmissionResponse, patch: bytes | None,
-              out: Outcome) -> None:
-    """Keep this answer for the pod's replicas, the token volume's name as the placeholder
-    (unless the name also occurs in other text: then the answer is not kept)."""
-    name = key.token_volume[1:-1].decode()
-    # The status message, if any, is made of out.message: checking that covers both.
-    if name and any(name in text for text in (out.message, *(w.message for w in out.warnings))):
+def _remember(memo: AnswerMemo, key: MemoKey, encoded: bytes, response: AdmissionResponse,
+              patch: bytes | None, out: Outcome) -> None:
+    """Keep this answer for the pod's replicas, cut around its uid and with the places of the
+    token volume's name in its patch; not kept when the name occurs anywhere else in it."""
+    name = key.token_volume[1:-1]
+    text = name.decode()
+    if text and any(text in other for other in (out.message, *(w.message for w in out.warnings))):
         return
-    normal = _renamed(patch, key.token_volume, TOKEN_PLACEHOLDER) if patch is not None else None
-    if patch is not None and normal is None:
+    uid = orjson.dumps(response["uid"])
+    marker = b'"response":{"uid":' + uid
+    at = encoded.find(marker)
+    if at < 0 or encoded.find(marker, at + 1) >= 0:
         return
-    kept = {k: ("" if k == "patch" else v) for k, v in response.items() if k != "uid"}  # patch: per hit
-    memo.put(key, _Answer(kept, normal, out.decision, out.reason, out.message, tuple(out.warnings),
-                          out.patched, len(normal or b"") + len(out.message) + 256))
+    head, tail = encoded[:at + len(marker) - len(uid)], encoded[at + len(marker):]
+    b64 = response.get("patch", "").encode()
+    b64_at = tail.find(b'"patch":"' + b64 + b'"') + len(b'"patch":"') if b64 else 0
+    offsets: tuple[int, ...] = ()
+    if name and patch is not None:
+        quoted = patch.count(key.token_volume)
+        if patch.count(name) != quoted or b64_at < len(b'"patch":"'):
+            return
+        offsets = tuple(i + 1 for i in _occurrences(patch, key.token_volume))
+    outside = (head, tail[:b64_at], tail[b64_at + len(b64):]) if b64 else (head, tail)
+    if name and any(name in part for part in outside):
+        return
+    memo.put(key, _Answer(head, tail, patch if offsets else None, name, offsets, b64_at, out.decision,
+                          out.reason, out.message, tuple(out.warnings), out.patched,
+                          len(encoded) + (len(patch) if offsets and patch else 0) + len(out.message) + 256))
 
 
-def _answer_again(api_version: str, uid: str, pod: Mapping[str, Any], out: Outcome,
-                  known: _Answer, key: MemoKey) -> tuple[bytes, Outcome]:
+def _occurrences(data: bytes, part: bytes) -> list[int]:
+    found, at = [], data.find(part)
+    while at >= 0:
+        found.append(at)
+        at = data.find(part, at + len(part))
+    return found
+
+
+def _answer_again(uid: str, pod: Mapping[str, Any], out: Outcome, known: _Answer,
+                  key: MemoKey) -> tuple[bytes, Outcome]:
     """A memoised answer under this request's uid and with this pod's token volume name, with
     its own Outcome (logs, metrics, Events)."""
     out.decision, out.reason, out.message = known.decision, known.reason, known.message
     out.warnings, out.patched = list(known.warnings), known.patched
     if known.warnings or known.decision == Decision.REJECT.value:
         out.pod = pod
-    response: AdmissionResponse = {"uid": uid, **known.response}  # type: ignore[typeddict-item]
-    if known.patch is not None:
-        patch = known.patch.replace(TOKEN_PLACEHOLDER, key.token_volume) if key.token_volume else known.patch
-        response["patch"] = base64.b64encode(patch).decode()
-    return encode_response(api_version, response), out
+    return known.head + orjson.dumps(uid) + known.tail_for(key.token_volume[1:-1]), out
 
 
 def _core_inject() -> InjectFn:

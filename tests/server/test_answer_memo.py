@@ -149,3 +149,27 @@ def test_a_token_volume_name_that_also_occurs_elsewhere_is_not_memoised() -> Non
     sneaky = replica("abcde", annotations={"note": "kube-api-access-@memo@"})
     _, out = answer(review(sneaky), config, memo)
     assert out.memo == ""
+
+
+def test_a_hit_is_byte_for_byte_the_cores_answer_for_any_name_and_uid() -> None:
+    """A hit is spliced from the first answer: the uid put in, and only the base64 over the
+    token volume's name encoded again. Whatever the name's place in the patch's 3-byte groups,
+    its length, or the uid's JSON escaping, the bytes are the core's."""
+    config, memo = default_config(), admission.AnswerMemo()
+    answer(review(replica("q5cjn"), uid="first"), config, memo)
+    names = ["bbmk8", "zzzzz", "22222", "x7k2p", "q5cjn", "abcdefg", "abc", "mnbvc"]
+    uids = ["b", 'uid with "quotes" and \\ and ü', "705ab4f5-6393-11e8-b7cc-42010a800002"]
+    for n, name in enumerate(names):
+        body = json.dumps(review(replica(name, second=n % 10), uid=uids[n % len(uids)])).encode()
+        got, out = admission.review(body, config=config, memo=memo)
+        assert out.memo == "hit"
+        assert got == admission.review(body, config=config)[0], name
+
+
+def test_the_api_version_is_part_of_the_key() -> None:
+    config, memo = default_config(), admission.AnswerMemo()
+    answer(review(replica("q5cjn")), config, memo)
+    old = review(replica("bbmk8"))
+    old["apiVersion"] = "admission.k8s.io/v1beta1"
+    got, out = answer(old, config, memo)
+    assert out.memo == "miss" and got["apiVersion"] == "admission.k8s.io/v1beta1"
