@@ -220,6 +220,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
+        self._idle = False  # the deadline is the keep-alive one
         self._in_headers = True
         self._phase_since = time.monotonic()
         self._raw_header_bytes = 0
@@ -232,11 +235,37 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- timers and refusals
 
+    # One deadline per connection (idle, headers or body), on one timer set lazily: moving the
+    # deadline is an assignment, and a timer that fires before it sets itself again for what
+    # is left. Setting and cancelling a loop timer per phase cost three timers per request.
+
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, callback)
+        deadline = self.loop.time() + seconds
+        self._deadline, self._on_deadline = deadline, callback
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._deadline_reached)
 
     def _disarm(self) -> None:
+        self._on_deadline = None  # a pending timer fires later and finds nothing due
+        self._idle = False
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        callback = self._on_deadline
+        if callback is None:
+            return
+        if self.loop.time() < self._deadline - 0.001:  # moved since the timer was set
+            self._timer = self.loop.call_at(self._deadline, self._deadline_reached)
+            return
+        self._on_deadline = None
+        self._idle = False
+        callback()
+
+    def _stop_timer(self) -> None:
+        self._disarm()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -247,7 +276,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: bytes, message: str, limit: str) -> None:
         """Answer ``status`` naming the limit and drop the connection."""
-        self._disarm()
+        self._stop_timer()
         self._count(limit)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -256,20 +285,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if cycle is None or not cycle.response_started:
+        # On a kept-alive connection the last cycle is the previous request's, answered: this
+        # one has no answer yet either.
+        if cycle is None or cycle.response_complete or not cycle.response_started:
             transport.write(_status_response(status, reason, message))
         transport.close()
         # A client that does not read cannot hold the descriptor through a TLS shutdown.
         self.loop.call_later(1.0, transport.abort)
 
     def _drop(self, limit: str) -> None:
-        self._disarm()
+        self._stop_timer()
         self._count(limit)
         if self.transport is not None:
             self.transport.abort()
 
     def _header_timeout(self) -> None:
-        self._timer = None
         if self._raw_header_bytes == 0:  # never sent a byte of this request: just close
             self._drop("header_timeout")
             return
@@ -278,7 +308,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                      "(limit --header-timeout)", "header_timeout")
 
     def _body_timeout(self) -> None:
-        self._timer = None
         self._refuse(408, b"Request Timeout",
                      f"request body not complete within {self.limits.body_timeout:g} s "
                      "(limit --body-timeout)", "body_timeout")
@@ -315,7 +344,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._stop_timer()
         if self.transport is None:  # refused in connection_made
             return
         if self.shares is not None:
@@ -327,7 +356,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self._in_headers:
-            if self._timer is None:  # first bytes of a request on a kept-alive connection
+            if self._on_deadline is None:  # first bytes of a request on a kept-alive connection
                 self._phase_since = time.monotonic()
                 self._arm(self.limits.header_timeout, self._header_timeout)
             self._raw_header_bytes += len(data)
@@ -396,6 +425,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        # The next bytes on this connection begin the next request's headers: they get the
+        # header timeout, even on a kept-alive connection whose first request was honest.
+        self._in_headers = True
         super().on_message_complete()
         cycle = self.cycle
         if cycle is not None and cycle is self._inline_turn:
@@ -467,8 +499,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         handler.bookkeeping(status, token)
 
     def on_response_complete(self) -> None:
+        """uvicorn's, with its keep-alive timeout as this connection's deadline (unless the next
+        request's headers have begun: their own deadline bounds the connection then)."""
         self._phase_since = time.monotonic()
-        super().on_response_complete()
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:  # pipelined requests start in order
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._on_deadline is None:
+            self._arm(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self._idle = True
+
+    def _unset_keepalive_if_required(self) -> None:
+        if self._idle:
+            self._disarm()
+        super()._unset_keepalive_if_required()
 
     def idle_for(self, now: float) -> float:
         """Seconds since this connection last did anything (0 while a request is under way)."""

@@ -54,6 +54,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory, fake_api: FakeApiServer) ->
     workdir = tmp_path_factory.mktemp("strict")
     server = start_server(workdir, nofile=256, extra_args=[
         "--header-timeout", "1", "--body-timeout", "1", "--max-requests-per-connection", "3",
+        "--keepalive-timeout", "2",
         "--kubeconfig", str(fake_api.kubeconfig(workdir / "kubeconfig")),
     ])
     yield server
@@ -106,6 +107,42 @@ def test_a_body_that_stalls_gets_408_after_the_body_timeout(strict: RunningServe
     conn.sendall(inject_request(body)[: -len(body) // 2])  # headers and half the body
     answer = read_response(conn, timeout=10)
     assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer
+
+
+def read_one_answer(conn: ssl.SSLSocket) -> bytes:
+    """One whole response (headers and Content-Length body) from a kept-alive connection."""
+    conn.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(strict: RunningServer) -> None:
+    conn = tls_connect(strict)
+    conn.sendall(inject_request(json.dumps(review(typical_pod())).encode()))
+    assert read_one_answer(conn).startswith(b"HTTP/1.1 200")
+    answered = time.monotonic()
+    assert read_response(conn, timeout=10) == b""  # nothing more, then the server closes
+    assert 1.5 < time.monotonic() - answered < 9  # --keepalive-timeout 2: not before, not never
+
+
+def test_a_request_begun_on_a_kept_alive_connection_has_the_header_timeout(strict: RunningServer) -> None:
+    """After an answer the connection's deadline is the keep-alive one (2 s); the first bytes of
+    the next request make it the header timeout (1 s), which answers 408 naming itself."""
+    conn = tls_connect(strict)
+    conn.sendall(inject_request(json.dumps(review(typical_pod())).encode()))
+    assert read_one_answer(conn).startswith(b"HTTP/1.1 200")
+    conn.sendall(b"POST /inject HTTP/1.1\r\nhost: x\r\n")  # and then nothing
+    started = time.monotonic()
+    answer = read_response(conn, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 408") and b"--header-timeout" in answer
+    assert 0.5 < time.monotonic() - started < 1.9  # before the keep-alive deadline would have come
 
 
 def test_keepalive_connection_is_closed_after_its_request_limit(strict: RunningServer) -> None:
