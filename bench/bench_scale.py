@@ -20,7 +20,9 @@ this tree's server started with extra ``serve`` flags (an A/B of one setting on 
 e.g. ``--variant shared=--no-reuse-port``.
 
 Each point also prints how wrk's connections were spread over the workers, 0.5 s into the run
-and half-way (``ss``): a worker holding more than its share serves each of them more slowly.
+and half-way (``ss``): a worker holding more than its share serves each of them more slowly;
+and the VM's steal time (``/proc/stat``): the share of the machine's CPU time the hypervisor
+gave to other guests while the point ran.
 
 Targets (issue 17, 2 cores, 2 workers): p99 <= 20 ms at 64 connections; reviews/s at 16
 connections >= 1.6x the one-worker figure.
@@ -69,13 +71,22 @@ def connections_per_worker(port: int, server: Any) -> list[int]:
     return []
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(all, stolen) CPU time of the machine so far, from /proc/stat: on a VM the hypervisor's
+    other guests take cores away (steal), and every point should say how much."""
+    with contextlib.suppress(OSError, ValueError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[7]
+    return 0, 0
+
+
 def _measure(wrk: str, url: str, ctx: ssl.SSLContext, script: Path, server: Any, duration: int,
              conns: int, threads: int = 2) -> dict[str, Any]:
     """One wrk run against one server: wrk's numbers plus the server's CPU per review, the
     cores each worker used and how wrk's connections were spread over the workers."""
     cpu_before, count_before = bs.cpu_seconds(server.pid), bs.answered(url, ctx)
     workers_before, started = bs.worker_cpu_seconds(server.pid), time.monotonic()
-    port, spread = int(url.rsplit(":", 1)[1]), []
+    port, spread, jiffies_before = int(url.rsplit(":", 1)[1]), [], cpu_jiffies()
 
     def sample() -> None:
         for at in (0.5, duration / 2):
@@ -89,6 +100,8 @@ def _measure(wrk: str, url: str, ctx: ssl.SSLContext, script: Path, server: Any,
     wall = time.monotonic() - started
     sampler.join(5)
     m["spread"] = spread
+    total, stolen = (after - before for after, before in zip(cpu_jiffies(), jiffies_before, strict=True))
+    m["steal"] = 100.0 * stolen / total if total else float("nan")
     answered = max(bs.answered(url, ctx) - count_before, 1)
     m["answered"], m["cpu"] = float(answered), bs.cpu_seconds(server.pid) - cpu_before
     m["worker_cores"] = [(after - before) / wall for before, after in
@@ -104,6 +117,7 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["errors"] = sum(r["non2xx"] + r["sockerr"] for r in runs)
     out["server_ms"] = sum(r["cpu"] for r in runs) * 1000 / sum(r["answered"] for r in runs)
     out["wrk_cores"] = sum(r["wrk_cores"] for r in runs) / len(runs)
+    out["steal"] = sum(r["steal"] for r in runs) / len(runs)
     width = max(len(r["worker_cores"]) for r in runs)
     out["worker_cores"] = [sum(r["worker_cores"][i] for r in runs if i < len(r["worker_cores"])) / len(runs)
                            for i in range(width)]
@@ -153,7 +167,8 @@ def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rou
                             print(f"  {code} workers {workers} connections {conns:3d}: {m['rps']:7.0f} "
                                   f"reviews/s, p99 {m['p99']:6.2f} ms, "
                                   f"{m['cpu'] * 1000 / m['answered']:.3f} ms CPU/review, connections "
-                                  f"{spread}, load {os.getloadavg()[0]:.1f}", flush=True)
+                                  f"{spread}, load {os.getloadavg()[0]:.1f}, steal {m['steal']:.1f}%",
+                                  flush=True)
             finally:
                 for _, server, log in servers.values():
                     bs.stop(server)
@@ -175,14 +190,14 @@ def print_webhook(results: dict[Point, dict[str, Any]], duration: int, rounds: i
           + ("; new = this tree, alternating" if baseline or variants else "") + "):")
     print("| code | workers | connections | reviews/s | p50 ms | p99 ms | p99.9 ms | errors "
           "| server CPU ms/review | cores per worker | connections per worker (0.5 s -> mid) "
-          "| wrk CPU (cores) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
+          "| wrk CPU (cores) | VM steal % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |")
     for (code, workers, conns), m in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2],
                                                                              codes.index(kv[0][0]))):
         split = "+".join(f"{c:.2f}" for c in m["worker_cores"])
         print(f"| {code} | {workers} | {conns} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | "
               f"{m['p999']:.2f} | {m['errors']:.0f} | {m['server_ms']:.3f} | {split} | {m['spread']} | "
-              f"{m['wrk_cores']:.2f} |")
+              f"{m['wrk_cores']:.2f} | {m['steal']:.1f} |")
     for code in codes:
         print(f"{code}:")
         for workers in WORKERS:

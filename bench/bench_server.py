@@ -210,7 +210,7 @@ def run_wrk(
 
 
 #: Stands for the request number in the body of ``write_fixtures(distinct=True)``.
-DISTINCT_MARK = "@@N@@"
+DISTINCT_MARK = "@@N@@"  # as long as TOKEN_MARK
 #: Stands for the token volume's per-pod suffix in the body of ``write_fixtures``.
 TOKEN_MARK = "@@T@@"
 
@@ -242,16 +242,34 @@ def write_fixtures(tmp: Path, distinct: bool = False) -> tuple[Path, Path]:
         pod["metadata"]["labels"]["version"] = DISTINCT_MARK
     body.write_text(json.dumps(review))
     script = tmp / ("post-distinct.lua" if distinct else "post.lua")
-    version = f'  body = body:gsub("{DISTINCT_MARK}", "v" .. id .. "-" .. sent)\n' if distinct else ""
+    # The body is cut at its marks once per wrk thread; a request joins the pieces with its own
+    # values (a gsub over the whole body per request cost wrk, and so the shared cores, ~10%).
     numbered = (
         'local template = wrk.body\n'
+        'local pieces, marks, at = {}, {}, 1\n'
+        'while true do\n'
+        f'  local t = string.find(template, "{TOKEN_MARK}", at, true)\n'
+        f'  local n = string.find(template, "{DISTINCT_MARK}", at, true)\n'
+        '  local found = (t and n and math.min(t, n)) or t or n\n'
+        '  if not found then break end\n'
+        '  pieces[#pieces + 1] = string.sub(template, at, found - 1)\n'
+        '  marks[#marks + 1] = found == t\n'
+        f'  at = found + {len(TOKEN_MARK)}\n'
+        'end\n'
+        'local tail = string.sub(template, at)\n'
         'local threads, sent = 0, 0\n'
         'setup = function(thread) threads = threads + 1; thread:set("id", threads) end\n'
         'request = function()\n'
         '  sent = sent + 1\n'
-        f'  local body = template:gsub("{TOKEN_MARK}", string.format("%d%05d", id, sent % 100000))\n'
-        + version +
-        '  return wrk.format(nil, nil, nil, body)\n'
+        '  local token = string.format("%d%05d", id, sent % 100000)\n'
+        '  local version = "v" .. id .. "-" .. sent\n'
+        '  local out = {}\n'
+        '  for i = 1, #pieces do\n'
+        '    out[2 * i - 1] = pieces[i]\n'
+        '    out[2 * i] = marks[i] and token or version\n'
+        '  end\n'
+        '  out[2 * #pieces + 1] = tail\n'
+        '  return wrk.format(nil, nil, nil, table.concat(out))\n'
         'end\n'
     )
     script.write_text(
