@@ -11,7 +11,7 @@ Other sections, each run when its file exists (interface 6 of the team contracts
 
     .venv/bin/python bench/bench_scale.py [--duration 5] [--only webhook|audit|kube-inject]
         [--baseline REV] [--variant NAME=FLAGS ...] [--rounds N] [--connections 1,16,64,256]
-        [--wrk-threads 2] [--pods replicas|distinct]
+        [--wrk-threads 1] [--pods replicas|distinct]
 
 ``--baseline REV`` runs that revision's server beside this tree's, alternating at every point,
 and prints the ratio of their server CPU per review: on a shared machine wall-clock numbers
@@ -128,7 +128,7 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rounds: int = 1,
                   baseline: str | None = None,
                   variants: tuple[tuple[str, tuple[str, ...]], ...] = (),
-                  wrk_threads: int = 2, distinct: bool = False) -> dict[Point, dict[str, Any]]:
+                  wrk_threads: int = 1, distinct: bool = False) -> dict[Point, dict[str, Any]]:
     """Every (code, workers, connections) point; with ``baseline`` (that revision's server) or
     ``variants`` (this tree's with extra flags), the servers run side by side and each point
     alternates between them (``rounds`` runs each, the order flipped every round), so all see
@@ -178,7 +178,7 @@ def webhook_curve(duration: int, connections: tuple[int, ...] = CONNECTIONS, rou
 
 def print_webhook(results: dict[Point, dict[str, Any]], duration: int, rounds: int,
                   baseline: str | None, variants: tuple[tuple[str, tuple[str, ...]], ...] = (),
-                  wrk_threads: int = 2, distinct: bool = False) -> None:
+                  wrk_threads: int = 1, distinct: bool = False) -> None:
     load = os.getloadavg()
     codes = sorted({code for code, _, _ in results}, key=lambda c: (c != "base", c != "new", c))
     print(f"\nWebhook curve ({os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min), "
@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="webhook: also run this tree's server with these extra serve flags, "
                              "alternating (repeatable; e.g. shared=--no-reuse-port)")
-    parser.add_argument("--wrk-threads", type=int, default=2,
-                        help="webhook: wrk threads (each one more runnable thread on the shared cores) "
-                             "(default: %(default)s)")
+    parser.add_argument("--wrk-threads", type=int, default=1,
+                        help="webhook: wrk threads (each one more runnable thread on the shared cores; "
+                             "one drives 12k reviews/s at ~0.4 cores) (default: %(default)s)")
     parser.add_argument("--pods", choices=["replicas", "distinct"], default="replicas",
                         help="webhook: every review the same pod but for its token volume's name, as a "
                              "workload's replicas arrive from kube-apiserver "

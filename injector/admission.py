@@ -9,7 +9,6 @@ raises becomes ``allowed: false`` naming the problem, never an HTTP 500.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
@@ -158,7 +157,7 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
     return isinstance(resource, dict) and resource.get("resource") == "pods" and not resource.get("group")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Answer:
     """One answer as the core gave it, kept so that a replica's answer is made by splicing:
     the encoded AdmissionReview around its uid, and the patch's base64 in ``tail``, where only
@@ -401,41 +400,61 @@ def review_request(
         response["status"] = {"code": 400, "reason": "BadRequest", "message": message}
         out.pod = pod
     patch: bytes | None = None
+    b64 = b""
     if result.decision is not Decision.REJECT and result.patch:
         response["patchType"] = "JSONPatch"
         # The core's own encoding when it made one (it measured it against its patch limit).
         patch = result.patch_json or dumps(result.patch)
-        response["patch"] = base64.b64encode(patch).decode()
+        b64 = binascii.b2a_base64(patch, newline=False)
+        response["patch"] = _PATCH_MARK  # the base64 goes in after encoding (it needs no escaping)
         out.patched = True
     if result.warnings:
         response["warnings"] = [f"{w.code.value}: {w.message}" for w in result.warnings]
         out.pod = pod
-    encoded = encode_response(api_version, response)
+    encoded, b64_at = _encode_with_patch(api_version, response, b64)
     if memo is not None and key is not None:
-        _remember(memo, key, encoded, response, patch, out)
+        _remember(memo, key, encoded, uid, patch, b64, b64_at, out)
     return encoded, out
 
 
-def _remember(memo: AnswerMemo, key: MemoKey, encoded: bytes, response: AdmissionResponse,
-              patch: bytes | None, out: Outcome) -> None:
+#: Stands for the patch's base64 while the response is encoded ('@' is not in base64).
+_PATCH_MARK = "@mesh-injector-patch@"
+_QUOTED_PATCH_MARK = b'"' + _PATCH_MARK.encode() + b'"'
+
+
+def _encode_with_patch(api_version: str, response: AdmissionResponse, b64: bytes) -> tuple[bytes, int]:
+    """The encoded AdmissionReview with ``b64`` as the patch, and where the base64 starts."""
+    encoded = encode_response(api_version, response)
+    if not b64:
+        return encoded, -1
+    at = encoded.find(_QUOTED_PATCH_MARK)
+    if at < 0 or encoded.find(_QUOTED_PATCH_MARK, at + 1) >= 0:  # the mark in other text too
+        response["patch"] = b64.decode()
+        encoded = encode_response(api_version, response)
+        return encoded, encoded.find(b'"patch":"' + b64 + b'"') + len(b'"patch":"')
+    return encoded[:at + 1] + b64 + encoded[at + len(_QUOTED_PATCH_MARK) - 1:], at + 1
+
+
+def _remember(memo: AnswerMemo, key: MemoKey, encoded: bytes, uid: str, patch: bytes | None, b64: bytes,
+              b64_start: int, out: Outcome) -> None:
     """Keep this answer for the pod's replicas, cut around its uid and with the places of the
     token volume's name in its patch; not kept when the name occurs anywhere else in it."""
     name = key.token_volume[1:-1]
     text = name.decode()
     if text and any(text in other for other in (out.message, *(w.message for w in out.warnings))):
         return
-    uid = orjson.dumps(response["uid"])
-    marker = b'"response":{"uid":' + uid
-    at = encoded.find(marker)
-    if at < 0 or encoded.find(marker, at + 1) >= 0:
+    quoted_uid = orjson.dumps(uid)
+    marker = b'"response":{"uid":' + quoted_uid
+    at = encoded.find(marker, 0, 128 + len(marker))  # after apiVersion and kind, in our own order
+    if at < 0:
         return
-    head, tail = encoded[:at + len(marker) - len(uid)], encoded[at + len(marker):]
-    b64 = response.get("patch", "").encode()
-    b64_at = tail.find(b'"patch":"' + b64 + b'"') + len(b'"patch":"') if b64 else 0
+    head, tail = encoded[:at + len(marker) - len(quoted_uid)], encoded[at + len(marker):]
+    b64_at = b64_start - (at + len(marker)) if b64 else 0
+    if b64 and (b64_at < 0 or tail[b64_at:b64_at + len(b64)] != b64):
+        return
     offsets: tuple[int, ...] = ()
     if name and patch is not None:
-        quoted = patch.count(key.token_volume)
-        if patch.count(name) != quoted or b64_at < len(b'"patch":"'):
+        if patch.count(name) != patch.count(key.token_volume):
             return
         offsets = tuple(i + 1 for i in _occurrences(patch, key.token_volume))
     outside = (head, tail[:b64_at], tail[b64_at + len(b64):]) if b64 else (head, tail)

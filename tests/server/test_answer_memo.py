@@ -173,3 +173,22 @@ def test_the_api_version_is_part_of_the_key() -> None:
     old["apiVersion"] = "admission.k8s.io/v1beta1"
     got, out = answer(old, config, memo)
     assert out.memo == "miss" and got["apiVersion"] == "admission.k8s.io/v1beta1"
+
+
+def test_the_patch_spliced_into_the_encoded_answer_is_what_the_encoder_would_write() -> None:
+    """The base64 goes into the encoded AdmissionReview after encoding (no 12 KiB string through
+    the encoder, and the memo knows where it is): the bytes are those of encoding it directly,
+    also when the stand-in for it occurs in other text of the answer."""
+    import base64
+
+    import orjson
+
+    payload, _ = admission.review(json.dumps(review(replica("q5cjn"))).encode(), config=default_config())
+    assert orjson.dumps(orjson.loads(payload)) == payload
+    b64 = base64.b64encode(b'[{"op":"add","path":"/metadata/labels/a","value":"b"}]')
+    mark = admission._PATCH_MARK
+    response = {"uid": "u", "allowed": True, "patchType": "JSONPatch", "patch": mark, "warnings": [mark]}
+    encoded, at = admission._encode_with_patch("admission.k8s.io/v1", dict(response), b64)
+    expected = orjson.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                             "response": {**response, "patch": b64.decode()}})
+    assert encoded == expected and encoded[at:at + len(b64)] == b64
