@@ -159,16 +159,17 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
 
 @dataclass(slots=True)
 class _Answer:
-    """One answer as the core gave it, kept so that a replica's answer is made by splicing:
-    the encoded AdmissionReview around its uid, and the patch's base64 in ``tail``, where only
-    the 4-character groups over the token volume's name are encoded again for another name."""
+    """One answer as the core gave it, kept whole (the very bytes sent: nothing is copied to
+    keep it) so that a replica's answer is spliced from it: its own uid in place of the first
+    one's, and of the patch's base64 only the 4-character groups over the token volume's name
+    encoded again for the replica's name."""
 
-    head: bytes  # the encoded AdmissionReview up to the response's uid
-    tail: bytes  # the rest of it after the uid: the patch's base64 is at ``b64_at``
-    patch: bytes | None  # the patch's JSON, with the first pod's token volume name
-    name: bytes  # that name (b"" when the pod had none)
-    offsets: tuple[int, ...]  # where it starts in ``patch``
-    b64_at: int  # where the patch's base64 starts in ``tail``
+    encoded: memoryview  # the encoded AdmissionReview
+    uid_at: tuple[int, int]  # where the response's quoted uid is in it
+    b64_at: tuple[int, int]  # where the patch's base64 is in it ((0, 0): no patch)
+    name: bytes  # the first pod's token volume name (b"" when it had none)
+    groups: tuple[tuple[int, int, bytes, bytes], ...]  # per name in the patch: where its base64
+    # groups are in ``encoded``, and the patch's bytes of those groups before and after the name
     decision: str
     reason: str
     message: str
@@ -176,24 +177,24 @@ class _Answer:
     patched: bool
     size: int  # bytes held, for the memo's budget
 
-    def tail_for(self, name: bytes) -> bytes:
-        """``tail`` as if the pod's token volume were called ``name``."""
-        if not self.offsets or name == self.name or self.patch is None:
-            return self.tail
-        size, tail = len(self.name), self.tail
-        old_end = self.b64_at + 4 * -(-len(self.patch) // 3)
-        if len(name) != size:  # another length shifts every later group: encode it all again
-            renamed = self.patch.replace(b'"' + self.name + b'"', b'"' + name + b'"')
-            return tail[:self.b64_at] + binascii.b2a_base64(renamed, newline=False) + tail[old_end:]
-        patch, out = bytearray(self.patch), bytearray(tail)
-        for at in self.offsets:
-            patch[at:at + size] = name
-        for at in self.offsets:  # only the 3-byte groups the name touches
-            start, end = at - at % 3, min(len(patch), -(-(at + size) // 3) * 3)
-            chunk = binascii.b2a_base64(patch[start:end], newline=False)
-            where = self.b64_at + start // 3 * 4
-            out[where:where + len(chunk)] = chunk
-        return bytes(out)
+    def encoded_for(self, quoted_uid: bytes, name: bytes) -> bytes:
+        """The answer as if for a pod with this uid and token volume name."""
+        encoded, (uid_start, uid_end) = self.encoded, self.uid_at
+        pieces: list[bytes | memoryview] = [encoded[:uid_start], quoted_uid]
+        done = uid_end
+        if self.groups and name != self.name:
+            if len(name) != len(self.name):  # another length shifts every later group: all again
+                start_b64, end_b64 = self.b64_at
+                patch = binascii.a2b_base64(encoded[start_b64:end_b64])
+                renamed = patch.replace(b'"' + self.name + b'"', b'"' + name + b'"')
+                pieces += (encoded[done:start_b64], binascii.b2a_base64(renamed, newline=False))
+                done = end_b64
+            else:
+                for first, last, before, after in self.groups:
+                    pieces += (encoded[done:first], binascii.b2a_base64(before + name + after, newline=False))
+                    done = last
+        pieces.append(encoded[done:])
+        return b"".join(pieces)
 
 
 #: The volume the ServiceAccount admission plugin adds to every pod (before any webhook), named
@@ -437,8 +438,8 @@ def _encode_with_patch(api_version: str, response: AdmissionResponse, b64: bytes
 
 def _remember(memo: AnswerMemo, key: MemoKey, encoded: bytes, uid: str, patch: bytes | None, b64: bytes,
               b64_start: int, out: Outcome) -> None:
-    """Keep this answer for the pod's replicas, cut around its uid and with the places of the
-    token volume's name in its patch; not kept when the name occurs anywhere else in it."""
+    """Keep this answer for the pod's replicas, with the places of its uid and of the token
+    volume's name in its patch; not kept when the name occurs anywhere else in it."""
     name = key.token_volume[1:-1]
     text = name.decode()
     if text and any(text in other for other in (out.message, *(w.message for w in out.warnings))):
@@ -448,21 +449,25 @@ def _remember(memo: AnswerMemo, key: MemoKey, encoded: bytes, uid: str, patch: b
     at = encoded.find(marker, 0, 128 + len(marker))  # after apiVersion and kind, in our own order
     if at < 0:
         return
-    head, tail = encoded[:at + len(marker) - len(quoted_uid)], encoded[at + len(marker):]
-    b64_at = b64_start - (at + len(marker)) if b64 else 0
-    if b64 and (b64_at < 0 or tail[b64_at:b64_at + len(b64)] != b64):
-        return
-    offsets: tuple[int, ...] = ()
+    uid_at = (at + len(marker) - len(quoted_uid), at + len(marker))
+    b64_at = (b64_start, b64_start + len(b64)) if b64 else (0, 0)
+    groups: list[tuple[int, int, bytes, bytes]] = []
     if name and patch is not None:
         if patch.count(name) != patch.count(key.token_volume):
             return
-        offsets = tuple(i + 1 for i in _occurrences(patch, key.token_volume))
-    outside = (head, tail[:b64_at], tail[b64_at + len(b64):]) if b64 else (head, tail)
-    if name and any(name in part for part in outside):
+        size, end = len(name), len(patch)
+        for at in (i + 1 for i in _occurrences(patch, key.token_volume)):
+            start, stop = at - at % 3, min(end, -(-(at + size) // 3) * 3)  # its 3-byte groups
+            first, last = b64_start + start // 3 * 4, min(b64_at[1], b64_start + -(-stop // 3) * 4)
+            if groups and first < groups[-1][1]:
+                return  # two names in one group: not spliced (JSON strings keep them further apart)
+            groups.append((first, last, patch[start:at], patch[at + size:stop]))
+    if name and (encoded.find(name, 0, b64_at[0] or len(encoded)) >= 0
+                 or (b64 and encoded.find(name, b64_at[1]) >= 0)):
         return
-    memo.put(key, _Answer(head, tail, patch if offsets else None, name, offsets, b64_at, out.decision,
+    memo.put(key, _Answer(memoryview(encoded), uid_at, b64_at, name, tuple(groups), out.decision,
                           out.reason, out.message, tuple(out.warnings), out.patched,
-                          len(encoded) + (len(patch) if offsets and patch else 0) + len(out.message) + 256))
+                          len(encoded) + len(out.message) + 256))
 
 
 def _occurrences(data: bytes, part: bytes) -> list[int]:
@@ -481,7 +486,7 @@ def _answer_again(uid: str, pod: Mapping[str, Any], out: Outcome, known: _Answer
     out.warnings, out.patched = list(known.warnings), known.patched
     if known.warnings or known.decision == Decision.REJECT.value:
         out.pod = pod
-    return known.head + orjson.dumps(uid) + known.tail_for(key.token_volume[1:-1]), out
+    return known.encoded_for(orjson.dumps(uid), key.token_volume[1:-1]), out
 
 
 def _core_inject() -> InjectFn:
