@@ -24,12 +24,21 @@ def answer(body: dict[str, Any], config: Any, memo: admission.AnswerMemo | None)
     return json.loads(payload), outcome
 
 
+def twice(body: dict[str, Any], config: Any, memo: admission.AnswerMemo) -> dict[str, Any]:
+    """Two misses: the memo keeps a pod's answer at its second (a pod that comes once is not
+    worth keeping); the answer of the first."""
+    first, first_out = answer(body, config, memo)
+    _, second_out = answer(body, config, memo)
+    assert (first_out.memo, second_out.memo) == ("miss", "miss")
+    return first
+
+
 def test_a_replica_gets_the_cores_answer_under_its_own_uid() -> None:
     config, memo = default_config(), admission.AnswerMemo()
-    first, first_out = answer(review(typical_pod(), uid="uid-1"), config, memo)
+    first = twice(review(typical_pod(), uid="uid-1"), config, memo)
     second, second_out = answer(review(typical_pod(), uid="uid-2"), config, memo)
     without, _ = answer(review(typical_pod(), uid="uid-2"), config, None)
-    assert (first_out.memo, second_out.memo) == ("miss", "hit")
+    assert second_out.memo == "hit"
     assert second == without
     assert second["response"]["uid"] == "uid-2" and first["response"]["uid"] == "uid-1"
     assert decoded_patch(second) == decoded_patch(first)
@@ -38,7 +47,7 @@ def test_a_replica_gets_the_cores_answer_under_its_own_uid() -> None:
 
 def test_a_different_pod_or_namespace_is_answered_by_the_core() -> None:
     config, memo = default_config(), admission.AnswerMemo()
-    answer(review(typical_pod(), namespace="apps"), config, memo)
+    twice(review(typical_pod(), namespace="apps"), config, memo)
     other_label = typical_pod()
     other_label["metadata"]["labels"]["version"] = "v2"
     got, out = answer(review(other_label, namespace="apps"), config, memo)
@@ -55,8 +64,8 @@ def test_a_different_pod_or_namespace_is_answered_by_the_core() -> None:
 def test_a_new_config_empties_the_memo() -> None:
     memo = admission.AnswerMemo()
     data = default_config().model.model_dump(by_alias=True)
-    answer(review(typical_pod()), compile_config(data), memo)
-    answer(review(typical_pod()), compile_config(data), memo)  # the same files reloaded
+    twice(review(typical_pod()), compile_config(data), memo)
+    twice(review(typical_pod()), compile_config(data), memo)  # the same files reloaded: forgotten
     assert memo.hits == 0 and len(memo) == 1
     data["values"]["proxy"]["image"] = data["values"]["proxy"]["envoyImage"] = "proxy-from-reload"
     reloaded = compile_config(data)
@@ -68,7 +77,7 @@ def test_a_new_config_empties_the_memo() -> None:
 def test_a_refused_pod_is_refused_again_with_its_event_data() -> None:
     config, memo = default_config(), admission.AnswerMemo()
     bad = typical_pod(annotations={"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/33"})
-    first, _ = answer(review(bad), config, memo)
+    first = twice(review(bad), config, memo)
     second, out = answer(review(bad), config, memo)
     assert out.memo == "hit" and out.decision == "reject"
     assert second["response"]["allowed"] is False
@@ -82,7 +91,7 @@ def test_the_memo_is_bounded_in_entries_bytes_and_pod_size() -> None:
     for n in range(10):
         pod = typical_pod()
         pod["metadata"]["labels"]["n"] = str(n)
-        answer(review(pod), config, memo)
+        twice(review(pod), config, memo)
     assert len(memo) == 3
     big = typical_pod(annotations={"note": "x" * (20 << 10)})
     _, out = answer(review(big), config, memo)
@@ -92,7 +101,7 @@ def test_the_memo_is_bounded_in_entries_bytes_and_pod_size() -> None:
     for n in range(40):
         pod = typical_pod()
         pod["metadata"]["labels"]["n"] = str(n)
-        answer(review(pod), config, small_budget)
+        twice(review(pod), config, small_budget)
     assert 0 < len(small_budget) < 40
     assert small_budget._bytes <= 64 << 10
 
@@ -101,11 +110,11 @@ def test_the_server_counts_and_logs_memo_hits(webhook: RunningServer) -> None:
     pod = typical_pod("memo-replica")
     with webhook.client() as client:
         answers = [client.post("/inject", json=review(copy.deepcopy(pod), namespace="memo-ns")).json()
-                   for _ in range(3)]
+                   for _ in range(4)]
         metrics = client.get("/metrics").text
     assert len({json.dumps(decoded_patch(a)) for a in answers}) == 1
     lines = [line for line in webhook.logs() if line.get("pod") == "memo-replica-5d9c7b-"]
-    assert [line.get("memo") for line in lines[-3:]] == ["miss", "hit", "hit"]
+    assert [line.get("memo") for line in lines[-4:]] == ["miss", "miss", "hit", "hit"]
     hits = [line for line in metrics.splitlines()
             if line.startswith('mesh_injector_answer_memo_total{result="hit"}')]
     assert hits and float(hits[0].split()[-1]) >= 2
@@ -132,6 +141,7 @@ def test_replicas_differing_in_token_volume_name_and_managed_fields_hit() -> Non
     own volume name throughout the patch, none of the first's."""
     config, memo = default_config(), admission.AnswerMemo()
     first, _ = answer(review(replica("q5cjn"), uid="a"), config, memo)
+    answer(review(replica("x7k2p", second=2), uid="c"), config, memo)  # kept at the second miss
     second, out = answer(review(replica("bbmk8", second=1), uid="b"), config, memo)
     assert out.memo == "hit"
     assert second == answer(review(replica("bbmk8", second=1), uid="b"), config, None)[0]
@@ -156,7 +166,7 @@ def test_a_hit_is_byte_for_byte_the_cores_answer_for_any_name_and_uid() -> None:
     token volume's name encoded again. Whatever the name's place in the patch's 3-byte groups,
     its length, or the uid's JSON escaping, the bytes are the core's."""
     config, memo = default_config(), admission.AnswerMemo()
-    answer(review(replica("q5cjn"), uid="first"), config, memo)
+    twice(review(replica("q5cjn"), uid="first"), config, memo)
     names = ["bbmk8", "zzzzz", "22222", "x7k2p", "q5cjn", "abcdefg", "abc", "mnbvc"]
     uids = ["b", 'uid with "quotes" and \\ and ü', "705ab4f5-6393-11e8-b7cc-42010a800002"]
     for n, name in enumerate(names):
@@ -168,7 +178,7 @@ def test_a_hit_is_byte_for_byte_the_cores_answer_for_any_name_and_uid() -> None:
 
 def test_the_api_version_is_part_of_the_key() -> None:
     config, memo = default_config(), admission.AnswerMemo()
-    answer(review(replica("q5cjn")), config, memo)
+    twice(review(replica("q5cjn")), config, memo)
     old = review(replica("bbmk8"))
     old["apiVersion"] = "admission.k8s.io/v1beta1"
     got, out = answer(old, config, memo)
@@ -192,3 +202,15 @@ def test_the_patch_spliced_into_the_encoded_answer_is_what_the_encoder_would_wri
     expected = orjson.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                              "response": {**response, "patch": b64.decode()}})
     assert encoded == expected and encoded[at:at + len(b64)] == b64
+
+
+def test_a_pod_that_comes_once_is_not_kept() -> None:
+    """Pods of no workload with replicas (each one different) never fill the memo: an answer
+    is kept at its pod's second miss, and what is remembered of first misses is bounded."""
+    config, memo = default_config(), admission.AnswerMemo(max_entries=4)
+    for n in range(40):
+        pod = typical_pod()
+        pod["metadata"]["labels"]["n"] = str(n)
+        _, out = answer(review(pod), config, memo)
+        assert out.memo == "miss"
+    assert len(memo) == 0 and len(memo._seen) == 16
