@@ -109,6 +109,43 @@ def read_response(conn: ssl.SSLSocket, timeout: float = 10.0) -> bytes:
     return data
 
 
+def inject_bytes(body: bytes, target: str = "/inject", extra: str = "") -> bytes:
+    return (f"POST {target} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+Response = tuple[bytes, dict[bytes, bytes], bytes]
+
+
+def split_response(data: bytes) -> tuple[Response, bytes] | None:
+    """The first whole response in ``data`` (status line, headers, body) and what follows it,
+    or None while it is incomplete (responses are Content-Length framed)."""
+    head, found, rest = data.partition(b"\r\n\r\n")
+    if not found:
+        return None
+    status, *lines = head.split(b"\r\n")
+    headers = {k.lower(): v for k, v in (line.split(b": ", 1) for line in lines)}
+    length = int(headers[b"content-length"])
+    if len(rest) < length:
+        return None
+    return (status, headers, rest[:length]), rest[length:]
+
+
+def read_n(conn: ssl.SSLSocket, count: int) -> list[Response]:
+    """Read until ``count`` whole responses arrived (the connection stays open)."""
+    out: list[Response] = []
+    data = b""
+    while True:
+        while (found := split_response(data)) is not None:
+            response, data = found
+            out.append(response)
+        if len(out) >= count:
+            return out
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed after {len(out)} responses and {data[:300]!r}"
+        data += chunk
+
+
 def duplex(conn: ssl.SSLSocket, payload: bytes, done: Callable[[bytes], bool],
            timeout: float = 60.0) -> bytes:
     """Send ``payload`` while reading what comes back, from this one thread, until

@@ -21,6 +21,8 @@ from tests.server.fake_apiserver import DEV_TOKEN, FakeApiServer
 from tests.server.helpers import (
     RunningServer,
     duplex,
+    inject_bytes,
+    read_n,
     read_response,
     review,
     start_server,
@@ -29,11 +31,6 @@ from tests.server.helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def inject_request(body: bytes, extra: str = "") -> bytes:
-    return (f"POST /inject HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
 def honest_inject(server: RunningServer, client: httpx.Client | None = None) -> bool:
@@ -80,7 +77,7 @@ def test_64_mib_header_is_refused_and_never_reaches_a_token_review(
 def test_too_many_headers_is_431_naming_the_limit(webhook: RunningServer) -> None:
     conn = tls_connect(webhook)
     extra = "".join(f"x-h{i}: v\r\n" for i in range(150))
-    conn.sendall(inject_request(json.dumps(review(typical_pod())).encode(), extra))
+    conn.sendall(inject_bytes(json.dumps(review(typical_pod())).encode(), extra=extra))
     answer = read_response(conn)
     assert answer.startswith(b"HTTP/1.1 431") and b"--max-headers" in answer
 
@@ -104,29 +101,15 @@ def test_a_connection_that_sends_nothing_is_closed(strict: RunningServer) -> Non
 def test_a_body_that_stalls_gets_408_after_the_body_timeout(strict: RunningServer) -> None:
     conn = tls_connect(strict)
     body = json.dumps(review(typical_pod())).encode()
-    conn.sendall(inject_request(body)[: -len(body) // 2])  # headers and half the body
+    conn.sendall(inject_bytes(body)[: -len(body) // 2])  # headers and half the body
     answer = read_response(conn, timeout=10)
     assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer
 
 
-def read_one_answer(conn: ssl.SSLSocket) -> bytes:
-    """One whole response (headers and Content-Length body) from a kept-alive connection."""
-    conn.settimeout(10)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        body += conn.recv(65536)
-    return head + b"\r\n\r\n" + body
-
-
 def test_an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(strict: RunningServer) -> None:
     conn = tls_connect(strict)
-    conn.sendall(inject_request(json.dumps(review(typical_pod())).encode()))
-    assert read_one_answer(conn).startswith(b"HTTP/1.1 200")
+    conn.sendall(inject_bytes(json.dumps(review(typical_pod())).encode()))
+    assert read_n(conn, 1)[0][0] == b"HTTP/1.1 200 OK"
     answered = time.monotonic()
     assert read_response(conn, timeout=10) == b""  # nothing more, then the server closes
     assert 1.5 < time.monotonic() - answered < 9  # --keepalive-timeout 2: not before, not never
@@ -136,8 +119,8 @@ def test_a_request_begun_on_a_kept_alive_connection_has_the_header_timeout(stric
     """After an answer the connection's deadline is the keep-alive one (2 s); the first bytes of
     the next request make it the header timeout (1 s), which answers 408 naming itself."""
     conn = tls_connect(strict)
-    conn.sendall(inject_request(json.dumps(review(typical_pod())).encode()))
-    assert read_one_answer(conn).startswith(b"HTTP/1.1 200")
+    conn.sendall(inject_bytes(json.dumps(review(typical_pod())).encode()))
+    assert read_n(conn, 1)[0][0] == b"HTTP/1.1 200 OK"
     conn.sendall(b"POST /inject HTTP/1.1\r\nhost: x\r\n")  # and then nothing
     started = time.monotonic()
     answer = read_response(conn, timeout=10)
