@@ -223,14 +223,18 @@ def _token_volume(pod: Mapping[str, Any]) -> bytes | None:
     return b'"' + names[0].encode() + b'"' if names else b""
 
 
+def _only_whole(data: bytes, quoted: bytes) -> bool:
+    """True when the name in ``quoted`` occurs in ``data`` only as that whole JSON string (so
+    renaming it there is exact)."""
+    return data.count(quoted[1:-1]) == data.count(quoted)
+
+
 def _renamed(data: bytes, quoted: bytes, to: bytes) -> bytes | None:
     """``data`` with every JSON string ``quoted`` replaced by ``to``; None when the name also
     occurs inside other text (then renaming would not be exact)."""
     if not quoted:
         return data
-    if data.count(quoted[1:-1]) != data.count(quoted):
-        return None
-    return data.replace(quoted, to)
+    return data.replace(quoted, to) if _only_whole(data, quoted) else None
 
 
 class AnswerMemo:
@@ -471,7 +475,7 @@ def _remember(memo: AnswerMemo, key: MemoKey, encoded: bytes, uid: str, patch: b
     b64_at = (b64_start, b64_start + len(b64)) if b64 else (0, 0)
     groups: list[tuple[int, int, bytes, bytes]] = []
     if name and patch is not None:
-        if patch.count(name) != patch.count(key.token_volume):
+        if not _only_whole(patch, key.token_volume):
             return
         size, end = len(name), len(patch)
         for at in (i + 1 for i in _occurrences(patch, key.token_volume)):

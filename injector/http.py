@@ -260,8 +260,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.loop.time() < self._deadline - 0.001:  # moved since the timer was set
             self._timer = self.loop.call_at(self._deadline, self._deadline_reached)
             return
-        self._on_deadline = None
-        self._idle = False
+        self._disarm()
         callback()
 
     def _stop_timer(self) -> None:
